@@ -1,0 +1,138 @@
+"""ChatService: one conversation's turns, the engine and the store, tied together.
+
+Both the browser UI and the `chat` command go through here, so a reply is
+stored the same way whichever way it was asked for. A `ChatSession` is the
+per-user state (the UI keeps it in `gr.State`); the service itself holds only
+shared, thread-safe services.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .engine import ChatEngine, GenerationParams, Reply
+from .personas import LoadedPersona, PersonaLibrary
+from .prompting import build_messages
+from .store import ChatStore
+
+
+class ChatError(Exception):
+    """Something the user asked for cannot be done; the message says why."""
+
+
+@dataclass
+class Turn:
+    role: str
+    content: str
+    message_id: int | None = None  # None until stored
+
+
+@dataclass
+class ChatSession:
+    """The active branch of one conversation, as the user sees it."""
+
+    user_id: int
+    persona: LoadedPersona  # pinned: a running chat keeps the persona version it started with
+    conversation_id: int | None = None  # created by the first message, so idle visits store nothing
+    turns: list[Turn] = field(default_factory=list)
+
+    def history(self) -> list[dict]:
+        return [{"role": t.role, "content": t.content} for t in self.turns]
+
+
+def params_for(persona: LoadedPersona, **overrides) -> GenerationParams:
+    """The persona's generation settings, with any non-None overrides on top."""
+    base = persona.persona.generation.model_dump()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerationParams(**base)
+
+
+class ChatService:
+    def __init__(self, engine: ChatEngine, personas: PersonaLibrary, store: ChatStore):
+        self.engine = engine
+        self.personas = personas
+        self.store = store
+        self.model_version_id = store.get_or_create_model_version(engine.model_id)
+
+    def user_id(self, name: str) -> int:
+        return self.store.get_or_create_user(name)
+
+    def new_session(self, user_id: int, persona_id: str) -> ChatSession:
+        persona = self.personas.get(persona_id)
+        return ChatSession(user_id=user_id, persona=persona,
+                           turns=[Turn("assistant", persona.persona.greeting)])
+
+    def send(self, session: ChatSession, text: str, params: GenerationParams,
+             stop: threading.Event | None = None) -> Iterator[Reply]:
+        """Store the user's message, then stream and store the reply."""
+        text = text.strip()
+        if not text:
+            raise ChatError("the message is empty")
+        # Check the context before storing anything: a message that cannot fit is refused whole.
+        messages = build_messages(session.persona.persona.system_prompt,
+                                  session.history() + [{"role": "user", "content": text}])
+        self.engine.fit(messages, params.max_new_tokens)
+        self._ensure_conversation(session)
+        message_id = self.store.add_message(session.conversation_id, "user", text,
+                                            parent_id=session.turns[-1].message_id)
+        session.turns.append(Turn("user", text, message_id))
+        yield from self._reply(session, params, stop)
+
+    def retry(self, session: ChatSession, params: GenerationParams,
+              stop: threading.Event | None = None) -> Iterator[Reply]:
+        """Regenerate the last reply; the new one is stored as a sibling of the old."""
+        if len(session.turns) < 2 or session.turns[-1].role != "assistant" \
+                or session.turns[-2].role != "user":
+            raise ChatError("there is no reply to retry yet")
+        session.turns.pop()
+        yield from self._reply(session, params, stop)
+
+    def undo(self, session: ChatSession) -> str:
+        """Take back the last exchange; returns the user's text so it can be edited.
+
+        Nothing is deleted: the stored messages stay in the conversation tree,
+        and the next message branches from the turn before them.
+        """
+        if len(session.turns) < 3 or session.turns[-2].role != "user":
+            raise ChatError("there is nothing to undo")
+        session.turns.pop()
+        return session.turns.pop().content
+
+    def vote(self, session: ChatSession, turn_index: int, rating: int | None) -> None:
+        """Record, change (+1/-1) or clear (None) the user's vote on one reply of this session."""
+        if not 0 <= turn_index < len(session.turns) or session.turns[turn_index].role != "assistant":
+            raise ChatError(f"message {turn_index} is not a reply in this conversation")
+        message_id = session.turns[turn_index].message_id
+        if message_id is None:  # the greeting of a chat that has no messages yet
+            self._ensure_conversation(session)
+            message_id = session.turns[turn_index].message_id
+        self.store.set_feedback(message_id, session.user_id, rating)
+
+    def _ensure_conversation(self, session: ChatSession) -> None:
+        if session.conversation_id is not None:
+            return
+        persona = session.persona
+        self.store.record_persona_version(persona.id, persona.version, persona.text)
+        session.conversation_id = self.store.create_conversation(
+            session.user_id, persona.id, persona.version)
+        greeting = session.turns[0]
+        greeting.message_id = self.store.add_message(
+            session.conversation_id, "assistant", greeting.content, finish_reason="greeting")
+
+    def _reply(self, session: ChatSession, params: GenerationParams,
+               stop: threading.Event | None) -> Iterator[Reply]:
+        messages = build_messages(session.persona.persona.system_prompt, session.history())
+        reply = None
+        for reply in self.engine.stream(messages, params, stop):
+            yield reply
+        assert reply is not None and reply.done
+        message_id = self.store.add_message(
+            session.conversation_id, "assistant", reply.text,
+            parent_id=session.turns[-1].message_id, model_version_id=self.model_version_id,
+            generation_params=reply.params.to_dict(), prompt=reply.prompt,
+            prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+            latency_ms=reply.latency_ms, first_token_ms=reply.first_token_ms,
+            finish_reason=reply.finish_reason)
+        session.turns.append(Turn("assistant", reply.text, message_id))

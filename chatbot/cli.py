@@ -1,0 +1,141 @@
+"""The `persona-studio` command.
+
+    persona-studio serve [--host H] [--port P] [--model M] [--db-url URL]
+                         [--data-dir DIR] [--personas-dir DIR] [--dtype D]
+    persona-studio chat --persona ID [--max-new-tokens N] [--seed S] "message"
+
+Every option also reads an environment variable PERSONA_STUDIO_<NAME>
+(PERSONA_STUDIO_MODEL, PERSONA_STUDIO_DB_URL, ...); a flag wins over it.
+Start-up problems (a busy port, an unwritable data directory, an unreachable
+database, a model that cannot load) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .settings import Settings
+
+EXIT_STARTUP = 2
+
+
+class StartupError(Exception):
+    """A problem found before serving; printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persona-studio", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the web app")
+    chat = commands.add_parser("chat", help="send one message and stream the reply to the terminal")
+    for sub in (serve, chat):
+        for f in fields(Settings):
+            if sub is chat and f.name in ("host", "port"):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            sub.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+    chat.add_argument("--persona", required=True, help="persona id (file name without .yaml)")
+    chat.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit in tokens")
+    chat.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed")
+    chat.add_argument("message", help="the message to send")
+    return parser
+
+
+def check_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"data directory {path} is not writable: {exc.strerror or exc}") from None
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"port {port} on {host} is already in use; "
+                                   "pick another with --port") from None
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def build_service(settings: Settings):
+    """Open the store, load the personas and the model: the shared services."""
+    from .chat import ChatService
+    from .default_model import ModelLoadError
+    from .engine import ChatEngine
+    from .personas import PersonaError, PersonaLibrary
+    from .store import ChatStore, StoreError
+
+    try:
+        store = ChatStore.open(settings.database_url)
+        personas = PersonaLibrary(settings.personas_dir)
+        for problem in personas.errors:
+            print(f"warning: persona skipped: {problem}", file=sys.stderr)
+        engine = ChatEngine.load(settings.model, settings.data_dir, settings.dtype, settings.context_tokens)
+    except (StoreError, PersonaError, ModelLoadError) as exc:
+        raise StartupError(str(exc)) from None
+    return ChatService(engine, personas, store)
+
+
+def serve(settings: Settings) -> None:
+    check_data_dir(settings.data_dir)
+    check_port(settings.host, settings.port)
+    service = build_service(settings)
+    from .ui import build_app
+
+    app = build_app(service, settings.user)
+    print(f"Persona Studio on http://{settings.host}:{settings.port} "
+          f"(model {service.engine.model_id}, {service.engine.model.dtype}, db {settings.database_url})",
+          flush=True)
+    app.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+
+
+def chat(settings: Settings, args) -> None:
+    from .chat import ChatError, params_for
+    from .personas import PersonaError
+    from .prompting import PromptTooLong
+
+    check_data_dir(settings.data_dir)
+    service = build_service(settings)
+    try:
+        session = service.new_session(service.user_id(settings.user), args.persona)
+        params = params_for(session.persona, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, seed=args.seed)
+        shown = ""
+        for reply in service.send(session, args.message, params):
+            print(reply.text[len(shown):], end="", flush=True)
+            shown = reply.text
+        print()
+    except (ChatError, PersonaError, PromptTooLong) as exc:
+        raise StartupError(str(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    try:
+        settings = Settings.from_sources(overrides)
+        if args.command == "serve":
+            serve(settings)
+        else:
+            chat(settings, args)
+    except (StartupError, ValueError) as exc:
+        print(f"persona-studio: error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

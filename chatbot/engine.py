@@ -1,0 +1,219 @@
+"""ChatEngine: one model per process, streaming replies to many users.
+
+The model is loaded once and shared. Generation runs in a worker thread that
+pushes token ids into a queue; `stream()` decodes them and yields the reply
+so far. Replies are generated one at a time (a lock): on a 2-core CPU two
+concurrent generations are no faster than two in a row, and serializing keeps
+a seeded reply reproducible (the torch RNG is process-wide).
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from . import default_model
+from .default_model import ModelLoadError
+from .prompting import Message, fit_to_context
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 0.9
+    top_k: int = 50  # 0 disables top-k
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 256
+    seed: int | None = None  # None: a random seed, recorded with the reply
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Reply:
+    """The reply so far; the last one yielded by `stream()` has `done=True`."""
+
+    text: str = ""
+    done: bool = False
+    finish_reason: str | None = None  # "eos", "length" or "stopped"
+    prompt: list[Message] = field(default_factory=list)  # what the model was given, after truncation
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_ms: float | None = None
+    latency_ms: float | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)  # seed filled in
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """`auto`: bfloat16 where the hardware runs it natively (measured faster on AMX/AVX512-bf16 CPUs)."""
+    if name != "auto":
+        try:
+            return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
+        except KeyError:
+            raise ModelLoadError(f"unknown dtype {name!r}: use auto, bfloat16, float32 or float16") from None
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # oneDNN reports whether the CPU has bf16 instructions (AVX512-BF16 or AMX).
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_model(spec: str, data_dir: Path, dtype: str = "auto"):
+    """Load (model, tokenizer, model_id) from the bundled model, a local folder or a hub id."""
+    if spec:
+        source, model_id = spec, spec
+    else:
+        source, model_id = default_model.ensure_checkpoint(Path(data_dir)), default_model.MODEL_ID
+    torch_dtype = pick_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        where = "is not a checkpoint folder" if Path(str(source)).exists() else \
+            "is neither a local folder nor a model the Hugging Face hub could provide (offline?)"
+        raise ModelLoadError(f"cannot load model {spec or source!r}: it {where}. "
+                             f"({str(exc).splitlines()[0][:200]})") from None
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"model {model_id!r} has no chat template; use an instruction-tuned "
+                             "(chat) model, or add a chat_template to its tokenizer_config.json")
+    model.eval()
+    return model, tokenizer, model_id
+
+
+class _StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once `event` is set (the Stop button)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
+                          device=input_ids.device)
+
+
+class _TokenQueue(BaseStreamer):
+    """Receives new token ids from `generate` (the first `put` is the prompt)."""
+
+    DONE = object()
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.queue.put(self.DONE)
+
+
+class ChatEngine:
+    def __init__(self, model, tokenizer, model_id: str, context_tokens: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        model_max = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.context_tokens = min(context_tokens, model_max) if context_tokens > 0 else model_max
+        self._generate_lock = threading.Lock()
+        eos = model.generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if tokenizer.eos_token_id is not None:
+            self._eos_ids.add(tokenizer.eos_token_id)
+
+    @classmethod
+    def load(cls, spec: str, data_dir: Path, dtype: str = "auto", context_tokens: int = 0) -> "ChatEngine":
+        model, tokenizer, model_id = load_model(spec, data_dir, dtype)
+        return cls(model, tokenizer, model_id, context_tokens)
+
+    def _encode(self, messages: list[Message]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        return list(ids)
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self._encode(messages))
+
+    def fit(self, messages: list[Message], max_new_tokens: int) -> list[Message]:
+        """Raises PromptTooLong when the newest message cannot fit at all."""
+        return fit_to_context(messages, self.count_tokens, self.context_tokens, max_new_tokens)
+
+    def stream(self, messages: list[Message], params: GenerationParams,
+               stop: threading.Event | None = None) -> Iterator[Reply]:
+        """Yield the reply as it grows; the last item has `done=True` and the statistics.
+
+        `stop` ends generation within a token; the partial reply is kept and
+        reported with finish_reason "stopped".
+        """
+        stop = stop or threading.Event()
+        prompt = self.fit(messages, params.max_new_tokens)
+        if params.seed is None:
+            params = GenerationParams(**{**params.to_dict(), "seed": random.randrange(2**31)})
+        input_ids = torch.tensor([self._encode(prompt)], device=self.model.device)
+        reply = Reply(prompt=prompt, prompt_tokens=input_ids.shape[1], params=params)
+        streamer = _TokenQueue()
+        errors: list[BaseException] = []
+        started = time.perf_counter()
+
+        with self._generate_lock:
+            torch.manual_seed(params.seed)
+            worker = threading.Thread(
+                target=self._generate, args=(input_ids, params, streamer, stop, errors), daemon=True)
+            worker.start()
+            tokens: list[int] = []
+            try:
+                while (item := streamer.queue.get()) is not _TokenQueue.DONE:
+                    tokens.extend(item)
+                    if reply.first_token_ms is None:
+                        reply.first_token_ms = (time.perf_counter() - started) * 1000
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    # A multi-byte character split across tokens decodes to U+FFFD: wait for the rest.
+                    if text != reply.text and not text.endswith("\ufffd"):
+                        reply.text = text
+                        yield reply
+            finally:
+                stop.set()  # if our consumer went away, end the worker too
+                worker.join()
+        if errors:
+            raise errors[0]
+        reply.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        reply.completion_tokens = len(tokens)
+        reply.latency_ms = (time.perf_counter() - started) * 1000
+        if tokens and tokens[-1] in self._eos_ids:
+            reply.finish_reason = "eos"
+        elif len(tokens) >= params.max_new_tokens:
+            reply.finish_reason = "length"
+        else:
+            reply.finish_reason = "stopped"
+        reply.done = True
+        yield reply
+
+    def _generate(self, input_ids, params: GenerationParams, streamer, stop, errors) -> None:
+        sampling = params.temperature > 0
+        kwargs = dict(do_sample=sampling, max_new_tokens=params.max_new_tokens,
+                      repetition_penalty=params.repetition_penalty)
+        if sampling:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:  # keep generation_config's sampling defaults from warning about unused settings
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                    pad_token_id=self.tokenizer.pad_token_id or next(iter(self._eos_ids), None),
+                    **kwargs)
+        except BaseException as exc:  # surfaced by stream() in the caller's thread
+            errors.append(exc)
+            streamer.end()

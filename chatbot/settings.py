@@ -1,0 +1,64 @@
+"""One Settings object for the app, built from environment variables and CLI flags.
+
+Precedence: command-line flag > environment variable > default. Nothing here
+is global: `Settings` is built once in `main()` and passed to what needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "PERSONA_STUDIO_"
+REPO_PERSONAS = Path(__file__).resolve().parent.parent / "personas"
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "persona-studio"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=7860, metadata={"help": "port to listen on"})
+    model: str = field(default="", metadata={
+        "help": "Hugging Face model id or local checkpoint directory; empty = the bundled SmolLM2-135M-Instruct"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto, bfloat16, float32 or float16; auto picks bfloat16 where the CPU/GPU runs it natively"})
+    data_dir: Path = field(default_factory=_default_data_dir, metadata={
+        "help": "where the database and the converted model live"})
+    db_url: str = field(default="", metadata={
+        "help": "SQLAlchemy URL; empty = SQLite file chat.db in the data directory"})
+    personas_dir: Path = field(default=REPO_PERSONAS, metadata={"help": "folder of persona YAML files"})
+    context_tokens: int = field(default=0, metadata={
+        "help": "context window in tokens; 0 = the model's own maximum"})
+    user: str = field(default="local", metadata={"help": "user name recorded with messages and votes"})
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{Path(self.data_dir) / 'chat.db'}"
+
+    @classmethod
+    def from_sources(cls, overrides: dict | None = None, environ: dict | None = None) -> "Settings":
+        """Defaults, then PERSONA_STUDIO_* environment variables, then non-None overrides."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = raw
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(**{k: _coerce(f, values[k]) for f in fields(cls) for k in [f.name] if k in values})
+
+
+def _coerce(f, value):
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "Path":
+            return Path(value).expanduser()
+    except ValueError:
+        raise ValueError(f"setting {f.name}: expected an integer, got {value!r}") from None
+    return value

@@ -1,0 +1,5 @@
+"""The browser UI: `build_app(service, user)` returns the Gradio Blocks."""
+
+from .app import build_app
+
+__all__ = ["build_app"]
