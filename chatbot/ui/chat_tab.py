@@ -86,6 +86,7 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
     app.load(start, persona_picker, start_outputs)
     persona_picker.change(start, persona_picker, start_outputs)
     new_chat.click(start, persona_picker, start_outputs)
+    chatbot.clear(start, persona_picker, start_outputs)  # the chatbot's trash icon = a new chat
 
     def stream(replies, session):
         """Chat histories as the reply grows. Refusals surface on the first step,

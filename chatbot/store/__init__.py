@@ -1,0 +1,32 @@
+"""The chat store: what was said, by which model and persona, and the votes.
+
+``ChatStore.open(url)`` is the entry point; the schema is managed by the
+Alembic migrations shipped in ``migrations/`` and applied by ``migrate``.
+"""
+
+from chatbot.store.db import StoreError, make_engine, migrate
+from chatbot.store.models import (
+    Base,
+    Conversation,
+    Feedback,
+    Message,
+    ModelVersion,
+    PersonaVersion,
+    User,
+)
+from chatbot.store.repository import ChatStore, MessageRecord
+
+__all__ = [
+    "Base",
+    "ChatStore",
+    "Conversation",
+    "Feedback",
+    "Message",
+    "MessageRecord",
+    "ModelVersion",
+    "PersonaVersion",
+    "StoreError",
+    "User",
+    "make_engine",
+    "migrate",
+]

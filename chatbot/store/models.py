@@ -1,0 +1,214 @@
+"""SQLAlchemy models of the chat store.
+
+These classes describe the schema the code expects; the schema a database
+actually has is built by the Alembic migrations in ``migrations/versions``
+(never by ``create_all``), and a test checks that the two agree.
+
+Text columns with a small set of values (roles, statuses) are plain strings
+guarded by CHECK constraints rather than ``Enum`` types: adding a value later
+is then a one-line migration on both SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+USER_ROLES = ("user", "admin")
+MESSAGE_ROLES = ("system", "user", "assistant")
+MODEL_STATUSES = ("candidate", "serving", "retired")
+FINISH_REASONS = ("eos", "length", "stopped", "greeting")
+RATINGS = (1, -1)
+
+# Deterministic constraint names: Alembic's batch mode (how SQLite alters a
+# table) can only drop or change a constraint it can name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time as a timezone-aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python.
+
+    SQLite has no time zones: SQLAlchemy stores its datetimes as text and
+    reads them back naive. This type stores UTC and re-attaches the zone on
+    the way out, so callers see the same kind of value on SQLite and on
+    PostgreSQL (where the column is ``timestamptz``). Naive datetimes are
+    refused on the way in because their zone is a guess.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware one")
+        value = value.astimezone(timezone.utc)
+        # SQLite compares timestamps as text: keep one zone and no offset
+        # suffix so that ordering and range filters stay correct.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _created_at() -> Mapped[datetime]:
+    # server_default as well, so rows inserted by plain SQL still get a time.
+    return mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+
+
+def _updated_at() -> Mapped[datetime]:
+    return mapped_column(
+        UTCDateTime(), default=utcnow, onupdate=utcnow, server_default=func.now()
+    )
+
+
+def _in(column: str, values: tuple[Any, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint(_in("role", USER_ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(20), default="user", server_default="user")
+    created_at: Mapped[datetime] = _created_at()
+
+
+class PersonaVersion(Base):
+    """A persona's YAML text as it was when some conversation used it."""
+
+    __tablename__ = "persona_versions"
+    __table_args__ = (UniqueConstraint("persona_id", "content_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    persona_id: Mapped[str] = mapped_column(String(200))
+    content_hash: Mapped[str] = mapped_column(String(128))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class ModelVersion(Base):
+    """A base model plus an optional LoRA adapter: what wrote a reply.
+
+    Identity is (base_model, adapter_path). A plain unique constraint would
+    not do: NULLs are distinct there, so the bare base model could be
+    recorded twice. The unique index is on ``coalesce(adapter_path, '')``.
+    """
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        CheckConstraint(_in("status", MODEL_STATUSES), name="status"),
+        Index(
+            "uq_model_versions_identity",
+            "base_model",
+            text("coalesce(adapter_path, '')"),
+            unique=True,
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_model: Mapped[str] = mapped_column(String(500))
+    adapter_path: Mapped[str | None] = mapped_column(String(1000))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    persona_id: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(
+        String(20), default="serving", server_default="serving"
+    )
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    persona_id: Mapped[str] = mapped_column(String(200))
+    persona_hash: Mapped[str] = mapped_column(String(128))
+    title: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Message(Base):
+    """One chat message; ``parent_id`` makes retries and edits siblings."""
+
+    __tablename__ = "messages"
+    __table_args__ = (CheckConstraint(_in("role", MESSAGE_ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id"), index=True
+    )
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), index=True)
+    role: Mapped[str] = mapped_column(String(20))
+    content: Mapped[str] = mapped_column(Text)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    generation_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The exact chat messages ({role, content}) the model was given: the
+    # context that training data is rebuilt from.
+    prompt: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    first_token_ms: Mapped[float | None] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(String(20))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Feedback(Base):
+    """A user's current vote on an assistant message (NULL: vote cleared)."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("message_id", "user_id"),
+        CheckConstraint(_in("rating", RATINGS), name="rating"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    rating: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()

@@ -1,0 +1,314 @@
+"""ChatStore: every read and write the chat app makes, behind one small class.
+
+Each method runs in its own short transaction and returns plain values or
+frozen records, never ORM objects, so one ChatStore can be shared by all of
+Gradio's worker threads and nothing it returns goes stale or lazy-loads.
+
+"Get or create" and upsert methods are race-safe without locks of their own:
+they try, and when a concurrent writer wins the unique constraint they
+retry, finding that writer's row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from chatbot.store.db import make_engine, migrate
+from chatbot.store.models import (
+    MESSAGE_ROLES,
+    RATINGS,
+    USER_ROLES,
+    Conversation,
+    Feedback,
+    Message,
+    ModelVersion,
+    PersonaVersion,
+    User,
+    utcnow,
+)
+
+TITLE_LENGTH = 60
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class MessageRecord:
+    """A message as stored; a detached copy of its row."""
+
+    id: int
+    conversation_id: int
+    parent_id: int | None
+    role: str
+    content: str
+    model_version_id: int | None
+    generation_params: dict[str, Any] | None
+    prompt: list[dict[str, Any]] | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float | None
+    first_token_ms: float | None
+    finish_reason: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Message) -> MessageRecord:
+        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
+
+
+def _title_from(content: str) -> str | None:
+    """First TITLE_LENGTH characters of a message, on one line."""
+    flat = " ".join(content.split())
+    return flat[:TITLE_LENGTH] or None
+
+
+class ChatStore:
+    """Users, persona and model versions, conversations, messages, votes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Read-only methods skip SQLite's write lock (see db.py): in WAL mode
+        # they then never wait behind a writer. Other backends ignore this.
+        self._reads = sessionmaker(
+            engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
+        )
+
+    @classmethod
+    def open(cls, url: str) -> ChatStore:
+        """Connect to ``url`` and migrate it to the newest schema.
+
+        Raises StoreError (one line, password hidden) if that fails.
+        """
+        engine = make_engine(url)
+        try:
+            migrate(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- shared helpers -------------------------------------------------
+
+    def _write_retrying(self, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in a transaction; once more if a unique key raced.
+
+        The second run sees the competing writer's committed row. A second
+        IntegrityError is a real error and propagates.
+        """
+        try:
+            with self._sessions.begin() as session:
+                return work(session)
+        except IntegrityError:
+            with self._sessions.begin() as session:
+                return work(session)
+
+    # -- users, personas, models ----------------------------------------
+
+    def get_or_create_user(self, name: str, role: str = "user") -> int:
+        """The id of user ``name``, created with ``role`` if new.
+
+        An existing user keeps the role it has: changing roles is an admin
+        action, not a side effect of logging in.
+        """
+        if not name or not name.strip():
+            raise ValueError("user name must not be empty")
+        if role not in USER_ROLES:
+            raise ValueError(f"user role must be one of {USER_ROLES}, not {role!r}")
+
+        def work(session: Session) -> int:
+            found = session.scalar(select(User.id).where(User.name == name))
+            if found is not None:
+                return found
+            user = User(name=name, role=role)
+            session.add(user)
+            session.flush()
+            return user.id
+
+        return self._write_retrying(work)
+
+    def record_persona_version(self, persona_id: str, content_hash: str, text: str) -> None:
+        """Keep the persona text a conversation was started with (idempotent)."""
+
+        def work(session: Session) -> None:
+            exists = session.scalar(
+                select(PersonaVersion.id).where(
+                    PersonaVersion.persona_id == persona_id,
+                    PersonaVersion.content_hash == content_hash,
+                )
+            )
+            if exists is None:
+                session.add(
+                    PersonaVersion(persona_id=persona_id, content_hash=content_hash, text=text)
+                )
+                session.flush()
+
+        self._write_retrying(work)
+
+    def get_or_create_model_version(
+        self, base_model: str, adapter_path: str | None = None
+    ) -> int:
+        """The id of the (base model, adapter) pair, recorded if new."""
+
+        def work(session: Session) -> int:
+            found = session.scalar(
+                select(ModelVersion.id).where(
+                    ModelVersion.base_model == base_model,
+                    ModelVersion.adapter_path.is_(None)
+                    if adapter_path is None
+                    else ModelVersion.adapter_path == adapter_path,
+                )
+            )
+            if found is not None:
+                return found
+            version = ModelVersion(base_model=base_model, adapter_path=adapter_path)
+            session.add(version)
+            session.flush()
+            return version.id
+
+        return self._write_retrying(work)
+
+    # -- conversations and messages -------------------------------------
+
+    def create_conversation(
+        self, user_id: int, persona_id: str, persona_hash: str, title: str | None = None
+    ) -> int:
+        with self._sessions.begin() as session:
+            if session.get(User, user_id) is None:
+                raise ValueError(f"user {user_id} does not exist")
+            conversation = Conversation(
+                user_id=user_id, persona_id=persona_id, persona_hash=persona_hash, title=title
+            )
+            session.add(conversation)
+            session.flush()
+            return conversation.id
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        parent_id: int | None = None,
+        model_version_id: int | None = None,
+        generation_params: dict[str, Any] | None = None,
+        prompt: list[dict[str, Any]] | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        latency_ms: float | None = None,
+        first_token_ms: float | None = None,
+        finish_reason: str | None = None,
+    ) -> int:
+        """Append a message; returns its id.
+
+        Also bumps the conversation's ``updated_at`` and, while it has no
+        title, names it after its first user message.
+        """
+        if role not in MESSAGE_ROLES:
+            raise ValueError(f"message role must be one of {MESSAGE_ROLES}, not {role!r}")
+        with self._sessions.begin() as session:
+            conversation = session.get(Conversation, conversation_id)
+            if conversation is None:
+                raise ValueError(f"conversation {conversation_id} does not exist")
+            if parent_id is not None:
+                parent = session.get(Message, parent_id)
+                if parent is None or parent.conversation_id != conversation_id:
+                    raise ValueError(
+                        f"parent message {parent_id} is not in conversation {conversation_id}"
+                    )
+            message = Message(
+                conversation_id=conversation_id,
+                role=role,
+                content=content,
+                parent_id=parent_id,
+                model_version_id=model_version_id,
+                generation_params=generation_params,
+                prompt=prompt,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                latency_ms=latency_ms,
+                first_token_ms=first_token_ms,
+                finish_reason=finish_reason,
+            )
+            session.add(message)
+            conversation.updated_at = utcnow()
+            if conversation.title is None and role == "user":
+                conversation.title = _title_from(content)
+            session.flush()
+            return message.id
+
+    def get_message(self, message_id: int) -> MessageRecord:
+        """The stored message; KeyError if there is none."""
+        with self._reads.begin() as session:
+            row = session.get(Message, message_id)
+            if row is None:
+                raise KeyError(f"message {message_id} does not exist")
+            return MessageRecord.from_row(row)
+
+    def conversation_messages(self, conversation_id: int) -> list[MessageRecord]:
+        """All messages of a conversation, every branch, in insertion order."""
+        with self._reads.begin() as session:
+            rows = session.scalars(
+                select(Message)
+                .where(Message.conversation_id == conversation_id)
+                .order_by(Message.id)
+            )
+            return [MessageRecord.from_row(row) for row in rows]
+
+    # -- feedback --------------------------------------------------------
+
+    def set_feedback(self, message_id: int, user_id: int, rating: int | None) -> None:
+        """Set (or with ``None`` clear) a user's vote on an assistant reply.
+
+        One row per (message, user): a changed vote overwrites it, a cleared
+        vote keeps it with a NULL rating, and ``updated_at`` says when.
+        """
+        # bool is an int subclass: True would otherwise be stored as +1.
+        if rating is not None and (isinstance(rating, bool) or rating not in RATINGS):
+            raise ValueError(f"rating must be +1, -1 or None, not {rating!r}")
+
+        def work(session: Session) -> None:
+            message = session.get(Message, message_id)
+            if message is None:
+                raise ValueError(f"message {message_id} does not exist")
+            if message.role != "assistant":
+                raise ValueError(
+                    f"message {message_id} is a {message.role} message; "
+                    "only assistant messages can be rated"
+                )
+            if session.get(User, user_id) is None:
+                raise ValueError(f"user {user_id} does not exist")
+            vote = session.scalar(
+                select(Feedback).where(
+                    Feedback.message_id == message_id, Feedback.user_id == user_id
+                )
+            )
+            if vote is None:
+                session.add(Feedback(message_id=message_id, user_id=user_id, rating=rating))
+            else:
+                vote.rating = rating
+                # Set explicitly: onupdate does not fire when the rating is
+                # unchanged, yet a repeated vote is still a fresh event.
+                vote.updated_at = utcnow()
+            session.flush()
+
+        self._write_retrying(work)
+
+    def get_feedback(self, message_id: int, user_id: int) -> int | None:
+        """The user's current rating of a message; None if none or cleared."""
+        with self._reads.begin() as session:
+            return session.scalar(
+                select(Feedback.rating).where(
+                    Feedback.message_id == message_id, Feedback.user_id == user_id
+                )
+            )

@@ -1,0 +1,408 @@
+"""The chat store against a real SQLite file: schema, records, votes, threads."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import warnings
+from datetime import timezone
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import event, func, inspect, select
+from sqlalchemy.orm import Session
+
+from chatbot.store import (
+    Base,
+    ChatStore,
+    Conversation,
+    Feedback,
+    Message,
+    ModelVersion,
+    StoreError,
+    make_engine,
+    migrate,
+)
+from chatbot.store.db import alembic_config
+
+EXPECTED_COLUMNS = {
+    "users": {"id", "name", "role", "created_at"},
+    "persona_versions": {"id", "persona_id", "content_hash", "text", "created_at"},
+    "model_versions": {
+        "id", "base_model", "adapter_path", "parent_id", "persona_id", "status",
+        "metrics", "created_at",
+    },
+    "conversations": {
+        "id", "user_id", "persona_id", "persona_hash", "title", "created_at", "updated_at",
+    },
+    "messages": {
+        "id", "conversation_id", "parent_id", "role", "content", "model_version_id",
+        "generation_params", "prompt", "prompt_tokens", "completion_tokens", "latency_ms",
+        "first_token_ms", "finish_reason", "created_at",
+    },
+    "feedback": {"id", "message_id", "user_id", "rating", "created_at", "updated_at"},
+}
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'chat.db'}"
+
+
+@pytest.fixture
+def store(db_url: str):
+    chat_store = ChatStore.open(db_url)
+    yield chat_store
+    chat_store.close()
+
+
+@pytest.fixture
+def conversation(store: ChatStore) -> tuple[int, int]:
+    """(user id, conversation id) of a fresh conversation."""
+    user_id = store.get_or_create_user("alice")
+    return user_id, store.create_conversation(user_id, "pirate", "hash1")
+
+
+def _schema(url: str) -> list[tuple]:
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as raw:
+        return raw.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+
+
+# -- migrations ------------------------------------------------------------
+
+
+def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        migrate(engine)
+        inspector = inspect(engine)
+        assert set(inspector.get_table_names()) == set(EXPECTED_COLUMNS) | {"alembic_version"}
+        for table, columns in EXPECTED_COLUMNS.items():
+            assert {c["name"] for c in inspector.get_columns(table)} == columns, table
+        assert {c["name"] for c in inspector.get_unique_constraints("feedback")} == {
+            "uq_feedback_message_id_user_id"
+        }
+        assert "ix_messages_conversation_id" in {
+            i["name"] for i in inspector.get_indexes("messages")
+        }
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
+                ("0001_initial",)
+            ]
+    finally:
+        engine.dispose()
+
+
+def test_models_agree_with_migrations(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        migrate(engine)
+        with engine.connect() as conn, warnings.catch_warnings():
+            # SQLite cannot reflect the expression index on model_versions.
+            warnings.simplefilter("ignore")
+            context = MigrationContext.configure(
+                conn, opts={"compare_type": True, "compare_server_default": True}
+            )
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_migrate_twice_is_a_no_op(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        migrate(engine)
+        before = _schema(db_url)
+        migrate(engine)
+        assert _schema(db_url) == before
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_base_and_back(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        migrate(engine)
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "base")
+        assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+        migrate(engine)
+        assert set(inspect(engine).get_table_names()) >= set(EXPECTED_COLUMNS)
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(store: ChatStore) -> None:
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_unreachable_database_raises_store_error() -> None:
+    with pytest.raises(StoreError) as info:
+        ChatStore.open("sqlite:////nonexistent-dir-xyz/sub/x.db")
+    message = str(info.value)
+    assert message.startswith("cannot open database sqlite:////nonexistent-dir-xyz/sub/x.db: ")
+    assert "\n" not in message
+
+
+def test_store_error_hides_the_password() -> None:
+    # No PostgreSQL driver or server here; either failure must hide the secret.
+    with pytest.raises(StoreError) as info:
+        ChatStore.open("postgresql://bob:s3cret@127.0.0.1:1/chat")
+    assert str(info.value).startswith("cannot open database postgresql://bob:***@")
+    assert "s3cret" not in str(info.value)
+
+
+def test_newer_schema_than_the_code_raises_store_error(db_url: str) -> None:
+    ChatStore.open(db_url).close()
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as raw:
+        raw.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    with pytest.raises(StoreError, match="^cannot open database .*9999_future"):
+        ChatStore.open(db_url)
+
+
+def test_in_memory_database_keeps_its_schema() -> None:
+    store = ChatStore.open("sqlite://")
+    try:
+        user_id = store.get_or_create_user("alice")
+        conv = store.create_conversation(user_id, "pirate", "hash1")
+        assert store.get_message(store.add_message(conv, "user", "hi")).content == "hi"
+    finally:
+        store.close()
+
+
+# -- messages --------------------------------------------------------------
+
+
+def test_retries_make_siblings_under_one_parent(
+    store: ChatStore, conversation: tuple[int, int]
+) -> None:
+    _, conv = conversation
+    question = store.add_message(conv, "user", "Ahoy?")
+    first = store.add_message(conv, "assistant", "Arr.", parent_id=question)
+    retry = store.add_message(conv, "assistant", "Yo ho!", parent_id=question)
+
+    messages = store.conversation_messages(conv)
+    assert [m.id for m in messages] == [question, first, retry]
+    assert [m.parent_id for m in messages] == [None, question, question]
+    assert store.get_message(retry).content == "Yo ho!"
+
+
+def test_parent_must_be_in_the_same_conversation(
+    store: ChatStore, conversation: tuple[int, int]
+) -> None:
+    user_id, conv = conversation
+    other = store.create_conversation(user_id, "pirate", "hash1")
+    foreign = store.add_message(other, "user", "hi")
+    with pytest.raises(ValueError, match="not in conversation"):
+        store.add_message(conv, "assistant", "x", parent_id=foreign)
+
+
+def test_generation_details_round_trip(store: ChatStore, conversation: tuple[int, int]) -> None:
+    _, conv = conversation
+    model = store.get_or_create_model_version("smollm2-135m", "/adapters/v1")
+    prompt = [
+        {"role": "system", "content": "You are a pirate. ünïcødé ☠"},
+        {"role": "user", "content": "Ahoy?"},
+    ]
+    params = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128, "stop": ["\n\n"]}
+    message_id = store.add_message(
+        conv, "assistant", "Arr!", model_version_id=model, generation_params=params,
+        prompt=prompt, prompt_tokens=31, completion_tokens=2, latency_ms=812.5,
+        first_token_ms=95.25, finish_reason="eos",
+    )
+
+    record = store.get_message(message_id)
+    assert record.prompt == prompt
+    assert record.generation_params == params
+    assert (record.prompt_tokens, record.completion_tokens) == (31, 2)
+    assert (record.latency_ms, record.first_token_ms) == (812.5, 95.25)
+    assert (record.finish_reason, record.model_version_id) == ("eos", model)
+    assert record.created_at.tzinfo == timezone.utc
+
+
+def test_title_comes_from_the_first_user_message(
+    store: ChatStore, conversation: tuple[int, int]
+) -> None:
+    user_id, conv = conversation
+    store.add_message(conv, "assistant", "Welcome aboard!", finish_reason="greeting")
+    store.add_message(conv, "user", "Tell me\nabout   " + "the sea " * 20)
+    store.add_message(conv, "user", "Second question")
+    titled = store.create_conversation(user_id, "pirate", "hash1", title="Mine")
+    store.add_message(titled, "user", "Something else")
+
+    with Session(store.engine) as session:
+        first = session.get(Conversation, conv)
+        assert first.title == ("Tell me about " + "the sea " * 20)[:60]
+        assert len(first.title) == 60
+        assert first.updated_at > first.created_at
+        assert session.get(Conversation, titled).title == "Mine"
+
+
+def test_missing_message_raises_key_error(store: ChatStore) -> None:
+    with pytest.raises(KeyError):
+        store.get_message(12345)
+
+
+# -- feedback --------------------------------------------------------------
+
+
+def test_feedback_upsert_keeps_one_row_with_the_latest_vote(
+    store: ChatStore, conversation: tuple[int, int]
+) -> None:
+    user_id, conv = conversation
+    reply = store.add_message(conv, "assistant", "Arr.")
+
+    stamps = []
+    for rating in (1, -1, None):
+        store.set_feedback(reply, user_id, rating)
+        assert store.get_feedback(reply, user_id) == rating
+        with Session(store.engine) as session:
+            rows = session.scalars(select(Feedback)).all()
+        assert len(rows) == 1 and rows[0].rating == rating
+        stamps.append(rows[0].updated_at)
+
+    assert stamps[0] < stamps[1] < stamps[2]
+    assert all(stamp.tzinfo == timezone.utc for stamp in stamps)
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("rating 2", "rating must be"),
+        ("rating True", "rating must be"),
+        ("missing message", "message 9999 does not exist"),
+        ("user message", "only assistant messages can be rated"),
+        ("missing user", "user 9999 does not exist"),
+    ],
+)
+def test_invalid_feedback_names_the_problem(
+    store: ChatStore, conversation: tuple[int, int], case: str, error: str
+) -> None:
+    user_id, conv = conversation
+    reply = store.add_message(conv, "assistant", "Arr.")
+    question = store.add_message(conv, "user", "Ahoy?")
+    message_id, voter, rating = {
+        "rating 2": (reply, user_id, 2),
+        "rating True": (reply, user_id, True),
+        "missing message": (9999, user_id, 1),
+        "user message": (question, user_id, 1),
+        "missing user": (reply, 9999, 1),
+    }[case]
+    with pytest.raises(ValueError, match=error):
+        store.set_feedback(message_id, voter, rating)
+    assert store.get_feedback(message_id, voter) is None
+
+
+# -- idempotent records ----------------------------------------------------
+
+
+def test_record_persona_version_is_idempotent(store: ChatStore) -> None:
+    store.record_persona_version("pirate", "h1", "name: Pirate\n")
+    store.record_persona_version("pirate", "h1", "name: Pirate\n")
+    store.record_persona_version("pirate", "h2", "name: Pirate v2\n")
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT persona_id, content_hash FROM persona_versions ORDER BY id"
+        ).all()
+    assert rows == [("pirate", "h1"), ("pirate", "h2")]
+
+
+def test_model_and_user_get_or_create_are_idempotent(store: ChatStore) -> None:
+    base = store.get_or_create_model_version("smollm2")
+    adapted = store.get_or_create_model_version("smollm2", "/a/v1")
+    assert store.get_or_create_model_version("smollm2") == base
+    assert store.get_or_create_model_version("smollm2", "/a/v1") == adapted
+    assert base != adapted
+    assert store.get_or_create_user("bob", "admin") == store.get_or_create_user("bob")
+    with pytest.raises(ValueError, match="role"):
+        store.get_or_create_user("carol", "root")
+
+
+def test_reads_do_not_wait_for_a_writer(store: ChatStore, conversation, db_url: str) -> None:
+    _, conv = conversation
+    message_id = store.add_message(conv, "user", "hi")
+    writer = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        assert store.get_message(message_id).content == "hi"
+        assert len(store.conversation_messages(conv)) == 1
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_upsert_retries_after_losing_a_unique_key_race(
+    store: ChatStore, conversation: tuple[int, int]
+) -> None:
+    """PostgreSQL's race, staged on SQLite (whose writers queue instead).
+
+    Just before the store inserts the vote, a "competitor" inserts the same
+    (message, user) row: the insert hits the unique key, and the store must
+    retry rather than surface the IntegrityError.
+    """
+    user_id, conv = conversation
+    reply = store.add_message(conv, "assistant", "Arr.")
+    raced: list[str] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def compete(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.startswith("INSERT INTO feedback") and not raced:
+            raced.append(statement)
+            conn.connection.driver_connection.execute(
+                "INSERT INTO feedback (message_id, user_id, rating) VALUES (?, ?, 1)",
+                (reply, user_id),
+            )
+
+    store.set_feedback(reply, user_id, -1)
+    assert raced
+    assert store.get_feedback(reply, user_id) == -1
+
+
+# -- concurrency -----------------------------------------------------------
+
+
+def test_threads_sharing_one_store_lose_nothing(store: ChatStore) -> None:
+    threads, per_thread = 8, 25
+    owner = store.get_or_create_user("owner")
+    shared = store.create_conversation(owner, "pirate", "hash1")
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def work(index: int) -> None:
+        try:
+            start.wait()
+            user_id = store.get_or_create_user(f"user{index}")
+            store.get_or_create_user("everyone")  # all threads race on one name
+            model = store.get_or_create_model_version("smollm2")  # and on one model
+            store.record_persona_version("pirate", "hash1", "name: Pirate\n")
+            parent = None
+            for turn in range(per_thread):
+                parent = store.add_message(
+                    shared, "assistant", f"{index}:{turn}", parent_id=parent,
+                    model_version_id=model,
+                )
+                store.set_feedback(parent, user_id, 1 if turn % 2 else -1)
+        except BaseException as exc:  # surfaced below, with the thread's error
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not errors, errors
+
+    with Session(store.engine) as session:
+        count = lambda model: session.scalar(select(func.count()).select_from(model))  # noqa: E731
+        assert count(Message) == threads * per_thread
+        assert count(Feedback) == threads * per_thread
+        assert count(ModelVersion) == 1
+        # Odd turns voted +1, even turns -1: 12 - 13 per thread.
+        assert session.scalar(select(func.sum(Feedback.rating))) == -threads
+    assert len(store.conversation_messages(shared)) == threads * per_thread
