@@ -13,7 +13,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -180,8 +180,8 @@ class ChatEngine:
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                     # A multi-byte character split across tokens decodes to U+FFFD: wait for the rest.
                     if text != reply.text and not text.endswith("\ufffd"):
-                        reply.text = text
-                        yield reply
+                        reply.text, reply.completion_tokens = text, len(tokens)
+                        yield replace(reply)  # a snapshot: the caller may keep it
             finally:
                 stop.set()  # if our consumer went away, end the worker too
                 worker.join()

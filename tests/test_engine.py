@@ -1,0 +1,89 @@
+"""The engine on the real bundled model (converted once per test session)."""
+
+import threading
+
+import pytest
+
+from chatbot.engine import ChatEngine, GenerationParams
+
+pytestmark = pytest.mark.model
+
+PIRATE = [{"role": "system", "content": "You are a pirate. Talk like a pirate."},
+          {"role": "user", "content": "Where is the treasure?"}]
+CHEF = [{"role": "system", "content": "You are a chef."},
+        {"role": "user", "content": "How do I boil an egg?"}]
+GREEDY = GenerationParams(temperature=0, max_new_tokens=24)
+
+
+def final(replies):
+    replies = list(replies)
+    assert replies[-1].done and all(not r.done for r in replies[:-1])
+    return replies[-1]
+
+
+def test_stream_grows_and_is_bounded_by_max_new_tokens(engine):
+    replies = list(engine.stream(PIRATE, GenerationParams(max_new_tokens=16, seed=3)))
+    texts = [r.text for r in replies]
+    assert len(replies) > 3, "the reply arrives piece by piece"
+    assert all(b.startswith(a) for a, b in zip(texts[:-2], texts[1:-1])), "each update extends the last"
+    last = replies[-1]
+    assert last.text.strip()
+    assert 0 < last.completion_tokens <= 16
+    assert last.finish_reason in ("eos", "length")
+    assert last.prompt == PIRATE and last.prompt_tokens == engine.count_tokens(PIRATE)
+    assert last.first_token_ms > 0 and last.latency_ms >= last.first_token_ms
+    assert last.params.seed == 3
+
+
+def test_reply_cut_at_max_new_tokens_reports_length_and_its_random_seed(engine):
+    last = final(engine.stream(CHEF, GenerationParams(max_new_tokens=8)))
+    assert last.completion_tokens == 8 and last.finish_reason == "length"
+    assert isinstance(last.params.seed, int), "the seed actually used is reported for reproducibility"
+
+
+def test_same_seed_same_reply(engine):
+    params = GenerationParams(temperature=1.0, max_new_tokens=20, seed=1234)
+    assert final(engine.stream(PIRATE, params)).text == final(engine.stream(PIRATE, params)).text
+
+
+def test_stop_ends_generation_within_two_tokens_and_keeps_partial_reply(engine):
+    stop = threading.Event()
+    seen = None
+    for reply in engine.stream(CHEF, GenerationParams(temperature=0, max_new_tokens=200), stop):
+        if seen is None:
+            seen = reply.completion_tokens
+            stop.set()
+    assert reply.done and reply.finish_reason == "stopped"
+    assert reply.text.strip()
+    assert reply.completion_tokens <= seen + 2, f"{reply.completion_tokens} tokens, stop asked at {seen}"
+
+
+def test_two_users_at_once_get_their_own_replies(engine):
+    expected = {"pirate": final(engine.stream(PIRATE, GREEDY)).text,
+                "chef": final(engine.stream(CHEF, GREEDY)).text}
+    got = {}
+
+    def chat(name, messages):
+        got[name] = final(engine.stream(messages, GREEDY)).text
+
+    threads = [threading.Thread(target=chat, args=("pirate", PIRATE)),
+               threading.Thread(target=chat, args=("chef", CHEF))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == expected
+    assert expected["pirate"] != expected["chef"]
+
+
+def test_long_history_is_truncated_to_the_context_window(checkpoint, engine):
+    small = ChatEngine(engine.model, engine.tokenizer, engine.model_id, context_tokens=256)
+    history = [PIRATE[0]]
+    for i in range(20):
+        history += [{"role": "user", "content": f"Tell me story number {i} about the sea."},
+                    {"role": "assistant", "content": "Arr, a long tale of waves and wind. " * 3}]
+    history.append({"role": "user", "content": "And the last one?"})
+    last = final(small.stream(history, GenerationParams(temperature=0, max_new_tokens=16)))
+    assert last.prompt[0] == PIRATE[0] and last.prompt[-1] == history[-1]
+    assert len(last.prompt) < len(history)
+    assert last.prompt_tokens + 16 <= 256
