@@ -1,0 +1,68 @@
+"""The `persona-studio` command as a user runs it: a real process, a real SQLite file."""
+
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+
+def run(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "chatbot.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_chat_streams_a_reply_and_stores_it(data_dir):
+    done = run("chat", "--data-dir", str(data_dir), "--persona", "pirate", "--max-new-tokens", "10",
+               "--seed", "5", "Ahoy, who are ye?")
+    assert done.returncode == 0, done.stderr
+    reply = done.stdout.strip()
+    assert reply
+    with sqlite3.connect(data_dir / "chat.db") as db:
+        rows = db.execute("select role, content, completion_tokens from messages order by id").fetchall()
+    assert [r[0] for r in rows] == ["assistant", "user", "assistant"]
+    assert rows[1][1] == "Ahoy, who are ye?"
+    assert rows[2][1].strip() == reply and rows[2][2] <= 10
+
+
+def one_line_error(done, expected):
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("persona-studio: error: ") and expected in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_port_in_use_is_one_line_error(data_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run("serve", "--data-dir", str(data_dir), "--port", str(port), timeout=60)
+    one_line_error(done, f"port {port} on 127.0.0.1 is already in use")
+
+
+def test_unwritable_data_dir_is_one_line_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    done = run("serve", "--data-dir", str(blocker / "data"), timeout=60)
+    one_line_error(done, f"data directory {blocker / 'data'} is not writable")
+
+
+def test_unreachable_database_is_one_line_error(data_dir, tmp_path):
+    done = run("chat", "--data-dir", str(data_dir), "--db-url", f"sqlite:///{tmp_path}/missing/dir/x.db",
+               "--persona", "pirate", "hi", timeout=60)
+    one_line_error(done, "cannot open database")
+
+
+def test_bad_model_path_is_one_line_error(data_dir, tmp_path):
+    done = run("chat", "--data-dir", str(data_dir), "--model", str(tmp_path), "--persona", "pirate", "hi")
+    one_line_error(done, "is not a checkpoint folder")
+
+
+def test_model_setting_from_environment(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONA_STUDIO_MODEL", str(tmp_path))
+    done = run("chat", "--data-dir", str(data_dir), "--persona", "pirate", "hi")
+    one_line_error(done, f"cannot load model '{tmp_path}'")
