@@ -126,7 +126,7 @@ def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(page, data_dir):
     wait_until(lambda: db_rows(data_dir, "select rating from feedback") == [(-1,)], what="the changed vote")
 
 
-def test_stop_keeps_the_partial_reply_and_retry_makes_a_sibling(page, data_dir):
+def test_stop_keeps_the_partial_reply_retry_makes_a_sibling_undo_gives_the_message_back(page, data_dir):
     send(page, "Write a long story about a dragon and a knight.")
     wait_until(lambda: len(bot_texts(page)) == 2 and bot_texts(page)[1].strip(), what="streaming to start")
     page.locator("#stop").click()
@@ -143,3 +143,17 @@ def test_stop_keeps_the_partial_reply_and_retry_makes_a_sibling(page, data_dir):
 
     first, second = wait_until(two_replies, what="the retried reply")
     assert first == second, "the retry is a sibling of the stopped reply"
+
+    wait_until(lambda: page.get_by_role("button", name="Undo", exact=True).count(), what="the Undo button")
+    page.get_by_role("button", name="Undo", exact=True).click()
+    wait_until(lambda: page.locator("#message textarea").input_value().startswith("Write a long story"),
+               what="the undone message back in the textbox")
+    assert len(bot_texts(page)) == 1, "only the greeting is left on screen"
+    send(page, "Just say hi.")
+
+    def branched():
+        rows = db_rows(data_dir, "select parent_id from messages where role='user' order by id")
+        return rows if len(rows) == 2 else None
+
+    first_user, second_user = wait_until(branched, what="the new message")
+    assert first_user == second_user, "the new message branches from the greeting"

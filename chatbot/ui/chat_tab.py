@@ -33,6 +33,13 @@ def _history(session: ChatSession, partial: str | None = None) -> list[dict]:
     return messages
 
 
+def _loaded(session: ChatSession | None) -> ChatSession:
+    """Events can fire before the page's load event has created the session."""
+    if session is None:
+        raise gr.Error("The chat is still loading; try again in a moment.")
+    return session
+
+
 def _params(session: ChatSession, values) -> GenerationParams:
     """Slider values -> GenerationParams; a negative or empty seed means a random one."""
     temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed = values
@@ -99,8 +106,7 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
         yield _history(session)
 
     def on_send(text, session, signal, *values):
-        if session is None:
-            raise gr.Error("The chat is still loading; try again in a moment.")
+        session = _loaded(session)
         signal.event.clear()
         for history in stream(service.send(session, text, _params(session, values), signal.event), session):
             yield "", history, session
@@ -116,6 +122,7 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
     stop.click(on_stop, stop_state, None, concurrency_limit=None)
 
     def on_retry(session, signal, *values):
+        session = _loaded(session)
         signal.event.clear()
         for history in stream(service.retry(session, _params(session, values), signal.event), session):
             yield history, session
@@ -124,7 +131,7 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
 
     def on_undo(session):
         try:
-            text = service.undo(session)
+            text = service.undo(_loaded(session))
         except ChatError as exc:
             raise gr.Error(str(exc)) from None
         return _history(session), text, session
@@ -135,7 +142,7 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
         # The frontend sends liked=True (thumb up), False (thumb down), "" (vote cleared).
         rating = {True: 1, False: -1}.get(data.liked) if isinstance(data.liked, bool) else None
         try:
-            service.vote(session, data.index, rating)
+            service.vote(_loaded(session), data.index, rating)
         except ChatError as exc:
             raise gr.Error(str(exc)) from None
         return session
