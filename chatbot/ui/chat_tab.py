@@ -15,6 +15,7 @@ from ..chat import ChatError, ChatService, ChatSession, params_for
 from ..engine import GenerationParams
 from ..prompting import PromptTooLong
 
+
 class StopSignal:
     """A per-session threading.Event. gr.State deep-copies initial values and
     an Event cannot be copied, so each copy is simply a fresh signal."""
