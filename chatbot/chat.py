@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .engine import ChatEngine, GenerationParams, Reply
-from .personas import LoadedPersona, PersonaLibrary
-from .prompting import build_messages
+from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, render
+from .prompting import Prompt, build_prompt
 from .store import ChatStore
 
 
@@ -35,11 +35,17 @@ class ChatSession:
 
     user_id: int
     persona: LoadedPersona  # pinned: a running chat keeps the persona version it started with
+    rendered: RenderedPersona  # the persona's text for the model, macros expanded for this user
     conversation_id: int | None = None  # created by the first message, so idle visits store nothing
     turns: list[Turn] = field(default_factory=list)
 
     def history(self) -> list[dict]:
         return [{"role": t.role, "content": t.content} for t in self.turns]
+
+    def prompt(self, extra: list[dict] = ()) -> Prompt:
+        r = self.rendered
+        return build_prompt(r.system_prompt, self.history() + list(extra), r.examples,
+                            r.post_history_instructions)
 
 
 def params_for(persona: LoadedPersona, **overrides) -> GenerationParams:
@@ -59,10 +65,29 @@ class ChatService:
     def user_id(self, name: str) -> int:
         return self.store.get_or_create_user(name)
 
-    def new_session(self, user_id: int, persona_id: str) -> ChatSession:
+    def new_session(self, user_id: int, persona_id: str, user_name: str = "User",
+                    greeting: int = 0) -> ChatSession:
+        """A new chat on the persona's current file (edits on disk are picked up here).
+
+        `greeting` picks the greeting: 0 the main one, 1.. the alternates.
+        """
+        self.personas.refresh()
         persona = self.personas.get(persona_id)
-        return ChatSession(user_id=user_id, persona=persona,
-                           turns=[Turn("assistant", persona.persona.greeting)])
+        rendered = render(persona, user_name)
+        if not 0 <= greeting < len(rendered.greetings):
+            raise ChatError(f"persona {persona_id!r} has no greeting number {greeting}")
+        return ChatSession(user_id=user_id, persona=persona, rendered=rendered,
+                           turns=[Turn("assistant", rendered.greetings[greeting])])
+
+    def try_draft(self, persona: LoadedPersona, text: str, params: GenerationParams,
+                  user_name: str = "User", stop: threading.Event | None = None) -> Iterator[Reply]:
+        """Stream a reply from a persona that is not saved yet; nothing is stored."""
+        session = ChatSession(user_id=0, persona=persona, rendered=render(persona, user_name))
+        session.turns = [Turn("assistant", session.rendered.greetings[0])]
+        if not text.strip():
+            raise ChatError("the message is empty")
+        yield from self.engine.stream(session.prompt([{"role": "user", "content": text.strip()}]),
+                                      params, stop)
 
     def send(self, session: ChatSession, text: str, params: GenerationParams,
              stop: threading.Event | None = None) -> Iterator[Reply]:
@@ -71,9 +96,7 @@ class ChatService:
         if not text:
             raise ChatError("the message is empty")
         # Check the context before storing anything: a message that cannot fit is refused whole.
-        messages = build_messages(session.persona.persona.system_prompt,
-                                  session.history() + [{"role": "user", "content": text}])
-        self.engine.fit(messages, params.max_new_tokens)
+        self.engine.fit(session.prompt([{"role": "user", "content": text}]), params.max_new_tokens)
         self._ensure_conversation(session)
         message_id = self.store.add_message(session.conversation_id, "user", text,
                                             parent_id=session.turns[-1].message_id)
@@ -123,9 +146,8 @@ class ChatService:
 
     def _reply(self, session: ChatSession, params: GenerationParams,
                stop: threading.Event | None) -> Iterator[Reply]:
-        messages = build_messages(session.persona.persona.system_prompt, session.history())
         reply = None
-        for reply in self.engine.stream(messages, params, stop):
+        for reply in self.engine.stream(session.prompt(), params, stop):
             yield reply
         assert reply is not None and reply.done
         message_id = self.store.add_message(

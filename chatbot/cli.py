@@ -19,6 +19,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from . import persona_cli
 from .settings import Settings
 
 EXIT_STARTUP = 2
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     chat.add_argument("--seed", type=int, default=None, help="sampling seed")
     chat.add_argument("message", help="the message to send")
+    persona_cli.add_parser(commands)  # with its own --personas-dir, read into Settings below
     return parser
 
 
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     try:
         settings = Settings.from_sources(overrides)
+        if args.command == "personas":
+            return persona_cli.run(args, settings.personas_dir)
         if args.command == "serve":
             serve(settings)
         else:

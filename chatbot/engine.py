@@ -23,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from . import default_model
 from .default_model import ModelLoadError
-from .prompting import Message, fit_to_context
+from .prompting import Message, Prompt, fit_to_context
 
 
 @dataclass(frozen=True)
@@ -145,11 +145,13 @@ class ChatEngine:
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self._encode(messages))
 
-    def fit(self, messages: list[Message], max_new_tokens: int) -> list[Message]:
-        """Raises PromptTooLong when the newest message cannot fit at all."""
-        return fit_to_context(messages, self.count_tokens, self.context_tokens, max_new_tokens)
+    def fit(self, prompt: Prompt | list[Message], max_new_tokens: int) -> list[Message]:
+        """Raises PromptTooLong when the pinned parts and the newest message cannot fit."""
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt(list(prompt))
+        return fit_to_context(prompt, self.count_tokens, self.context_tokens, max_new_tokens)
 
-    def stream(self, messages: list[Message], params: GenerationParams,
+    def stream(self, messages: Prompt | list[Message], params: GenerationParams,
                stop: threading.Event | None = None) -> Iterator[Reply]:
         """Yield the reply as it grows; the last item has `done=True` and the statistics.
 

@@ -1,57 +1,82 @@
 """Persona + history -> chat-template messages that fit the context window.
 
 The tokenizer's chat template is the only prompt format: nothing here knows
-what a model's special tokens look like. When the conversation is too long,
-whole turns are dropped from the oldest end; the system prompt never is.
+what a model's special tokens look like. The message list is
+
+    system prompt, example dialogue (user/assistant pairs), the conversation
+    (greeting first), with post-history instructions added to the last message
+
+When it is too long, whole turns are dropped from the oldest end of the
+conversation; the system prompt, the examples and the message being
+answered never are.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """Messages for the chat template; the first `head` and last `tail` are never dropped."""
+
+    messages: list[Message]
+    head: int = 1
+    tail: int = 1
+
+
 class PromptTooLong(Exception):
-    """Even the system prompt and the newest message alone do not fit."""
+    """Even the fixed parts and the newest message alone do not fit."""
 
 
-def build_messages(system_prompt: str, history: Sequence[Message]) -> list[Message]:
-    """System prompt first, then the conversation (greeting included) in order."""
-    return [{"role": "system", "content": system_prompt}] + [
-        {"role": m["role"], "content": m["content"]} for m in history
-    ]
+def build_prompt(system_prompt: str, history: Sequence[Message], examples: Sequence[Message] = (),
+                 post_history: str = "") -> Prompt:
+    """`history` ends with the message being answered; `post_history` is added to it.
+
+    Post-history instructions ride on the last user message rather than
+    being a trailing system message: small chat models (SmolLM2 measured)
+    answer a trailing system message instead of the user.
+    """
+    messages = [{"role": "system", "content": system_prompt}]
+    messages += [{"role": m["role"], "content": m["content"]} for m in [*examples, *history]]
+    if post_history and messages[-1]["role"] == "user":
+        messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n\n({post_history})"}
+    return Prompt(messages, head=1 + len(examples))
 
 
 def fit_to_context(
-    messages: list[Message],
+    prompt: Prompt,
     count_tokens: Callable[[list[Message]], int],
     context_tokens: int,
     reply_tokens: int,
 ) -> list[Message]:
-    """Drop the oldest turns after the system prompt until prompt + reply budget fit.
+    """Drop the oldest conversation turns until prompt + reply budget fit.
 
-    `messages[0]` is the system prompt and `messages[-1]` the message being
-    answered; both are always kept. Turns are dropped one message at a time
-    from the front, and a leading assistant message (a greeting or an answer
-    whose question was dropped) goes with them, so the kept history starts
-    with a user turn.
+    The pinned head (system prompt, examples) and tail (the message being
+    answered) are always kept.
+    Turns are dropped one message at a time from the oldest end, and a leading
+    assistant message (a greeting, or an answer whose question was dropped)
+    goes with them, so the kept conversation starts with a user turn.
     """
     budget = context_tokens - reply_tokens
     if budget <= 0:
         raise PromptTooLong(
             f"the reply budget ({reply_tokens} tokens) leaves no room in the "
             f"{context_tokens}-token context; lower max_new_tokens")
-    system, history = messages[:1], list(messages[1:])
+    messages, head, tail = prompt.messages, prompt.head, prompt.tail
+    pinned_head, middle, pinned_tail = messages[:head], messages[head:-tail], messages[-tail:]
     while True:
-        candidate = system + history
+        candidate = pinned_head + middle + pinned_tail
         used = count_tokens(candidate)
         if used <= budget:
             return candidate
-        if len(history) <= 1:
+        if not middle:
             raise PromptTooLong(
-                f"the message is too long: with the system prompt it takes {used} tokens, "
+                f"the message is too long: with the persona's prompt it takes {used} tokens, "
                 f"and only {budget} fit beside a {reply_tokens}-token reply; shorten it")
-        history.pop(0)
-        while len(history) > 1 and history[0]["role"] != "user":
-            history.pop(0)
+        middle.pop(0)
+        while middle and middle[0]["role"] != "user":
+            middle.pop(0)

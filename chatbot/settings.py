@@ -33,7 +33,8 @@ class Settings:
     personas_dir: Path = field(default=REPO_PERSONAS, metadata={"help": "folder of persona YAML files"})
     context_tokens: int = field(default=0, metadata={
         "help": "context window in tokens; 0 = the model's own maximum"})
-    user: str = field(default="local", metadata={"help": "user name recorded with messages and votes"})
+    user: str = field(default="User", metadata={
+        "help": "your name: recorded with chats and votes, and what {{user}} in a persona becomes"})
 
     @property
     def database_url(self) -> str:

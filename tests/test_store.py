@@ -41,7 +41,7 @@ EXPECTED_COLUMNS = {
     "messages": {
         "id", "conversation_id", "parent_id", "role", "content", "model_version_id",
         "generation_params", "prompt", "prompt_tokens", "completion_tokens", "latency_ms",
-        "first_token_ms", "finish_reason", "created_at",
+        "first_token_ms", "finish_reason", "persona_id", "persona_hash", "created_at",
     },
     "feedback": {"id", "message_id", "user_id", "rating", "created_at", "updated_at"},
 }
@@ -90,7 +90,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0001_initial",)
+                ("0002_message_persona_version",)
             ]
     finally:
         engine.dispose()
@@ -406,3 +406,32 @@ def test_threads_sharing_one_store_lose_nothing(store: ChatStore) -> None:
         # Odd turns voted +1, even turns -1: 12 - 13 per thread.
         assert session.scalar(select(func.sum(Feedback.rating))) == -threads
     assert len(store.conversation_messages(shared)) == threads * per_thread
+
+
+def test_upgrade_from_the_0001_schema_keeps_data_and_backfills_persona_versions(db_url: str) -> None:
+    """A database made by the first release: upgraded in place, nothing lost."""
+    from alembic import command
+
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0001_initial")
+            conn.exec_driver_sql("INSERT INTO users (id, name, role) VALUES (1, 'old', 'user')")
+            conn.exec_driver_sql(
+                "INSERT INTO conversations (id, user_id, persona_id, persona_hash) "
+                "VALUES (1, 1, 'pirate', 'abc123')")
+            conn.exec_driver_sql(
+                "INSERT INTO messages (id, conversation_id, role, content) VALUES (1, 1, 'user', 'ahoy')")
+        migrate(engine)
+        columns = {c["name"] for c in inspect(engine).get_columns("messages")}
+        assert columns == EXPECTED_COLUMNS["messages"]
+    finally:
+        engine.dispose()
+    store = ChatStore.open(db_url)
+    try:
+        old = store.get_message(1)
+        assert (old.content, old.persona_id, old.persona_hash) == ("ahoy", "pirate", "abc123")
+        new_id = store.add_message(1, "assistant", "arr", parent_id=1)
+        assert store.get_message(new_id).persona_hash == "abc123"
+    finally:
+        store.close()

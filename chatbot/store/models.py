@@ -194,6 +194,10 @@ class Message(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     first_token_ms: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(20))
+    # The persona version that produced the message (copied from the
+    # conversation when written; nullable only for rows older than 0002).
+    persona_id: Mapped[str | None] = mapped_column(String(200))
+    persona_hash: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = _created_at()
 
 

@@ -56,6 +56,8 @@ class MessageRecord:
     latency_ms: float | None
     first_token_ms: float | None
     finish_reason: str | None
+    persona_id: str | None
+    persona_hash: str | None
     created_at: datetime
 
     @classmethod
@@ -228,6 +230,8 @@ class ChatStore:
                     )
             message = Message(
                 conversation_id=conversation_id,
+                persona_id=conversation.persona_id,
+                persona_hash=conversation.persona_hash,
                 role=role,
                 content=content,
                 parent_id=parent_id,

@@ -1,0 +1,587 @@
+"""Character cards in and out: SillyTavern Card V1/V2/V3 and text-generation-webui characters.
+
+`import_card(path)` reads a card (JSON, or PNG with a `ccv3`/`chara` text chunk)
+or a text-generation-webui character (YAML or JSON) and returns the text of a
+persona file, the suggested id, the avatar (a PNG card is its own avatar) and a
+report of which source field went where. `export_card_v2(loaded)` turns a
+persona back into a Card V2 dict. Specs: github.com/malfoyslastname/character-card-spec-v2,
+github.com/kwaroran/character-card-spec-v3, text-generation-webui `modules/chat.py`.
+
+How a card maps (`data.*` for V2/V3; the same names at the top level for V1):
+
+| card field                  | persona field                                                   |
+|-----------------------------|-----------------------------------------------------------------|
+| name                        | name                                                            |
+| system_prompt               | system_prompt, first; `{{original}}` -> DEFAULT_SYSTEM_PROMPT;  |
+|                             | when empty, DEFAULT_SYSTEM_PROMPT stands in (as a frontend's    |
+|                             | own main prompt would)                                          |
+| description                 | system_prompt, after it (cards send it to the model)            |
+| personality                 | system_prompt, last, as "{{char}}'s personality: ..."           |
+| scenario                    | scenario (rendered as "Scenario: ..." after the system prompt)  |
+| first_mes                   | greeting (empty: the first alternate greeting, else an error)   |
+| alternate_greetings         | alternate_greetings                                             |
+| mes_example                 | example_dialogue: each `{{user}}:` turn with the `{{char}}:`    |
+|                             | turn after it; turns that pair with nothing (a block opening    |
+|                             | with {{char}}, narration) -> extensions.mes_example_unpaired    |
+| post_history_instructions   | post_history_instructions (`{{original}}` -> "", ours is empty) |
+| creator_notes (V1: creatorcomment) | description: its first paragraph, at most 200 characters |
+|                             | (it is the card's text for people); the full text also goes to  |
+|                             | extensions.creator_notes when that is not the same              |
+| tags                        | tags                                                            |
+| creator, character_version, character_book, extensions, and V3's nickname, assets,   |
+| group_only_greetings, source, creator_notes_multilingual, creation_date,              |
+| modification_date, and any other key -> extensions.<same key>                         |
+| V2/V3 top-level keys that are not copies of `data` (SillyTavern's avatar, chat,       |
+| create_date, ...) -> extensions.card_top_level                                         |
+
+text-generation-webui: name (or char_name, bot) -> name; context, or the old
+char_persona as "{{char}}'s Persona: ..." -> system_prompt; greeting (or
+char_greeting) -> greeting; world_scenario -> scenario; example_dialogue ->
+example_dialogue as above; your_name and anything else -> extensions. An image
+with the same stem next to the file becomes the avatar, as in the webui.
+
+Text is normalised: legacy `<BOT>`/`<USER>` and `{{Char}}`-style spellings
+become `{{char}}`/`{{user}}` (the app expands them at send time), line endings
+become `\\n`, trailing spaces go. Values kept in `extensions` are stored as read.
+
+Export (Card V2): system_prompt -> data.system_prompt (it is the whole system
+prompt, so it replaces the frontend's; description and personality stay
+empty), description -> data.creator_notes unless the full notes are in
+extensions, example_dialogue (and extensions.mes_example_unpaired) ->
+mes_example as `<START>` blocks, extensions.<V2 field> -> that field,
+extensions.extensions -> data.extensions, extensions.card_top_level -> the top
+level again, and what Card V2 has no field for (generation, model, adapter,
+other extensions, a description edited away from the notes) ->
+data.extensions.persona_studio, which import reads back: export then import
+gives the same persona, but for the avatar (a JSON card carries no image).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+import re
+import struct
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .personas import (
+    AVATAR_SUFFIXES,
+    MAX_FILE_BYTES,
+    GenerationSettings,
+    LoadedPersona,
+    Persona,
+    PersonaError,
+    check_id,
+    parse_persona,
+)
+
+MAX_SOURCE_BYTES = 32 * 1024 * 1024  # card PNGs are a few MB; refuse anything absurd
+DEFAULT_SYSTEM_PROMPT = ("You are {{char}}. Stay in character and write {{char}}'s next reply "
+                         "in this chat with {{user}}.")
+DESCRIPTION_CHARS = 200
+NAMESPACE = "persona_studio"  # our key in a card's data.extensions
+UNPAIRED = "mes_example_unpaired"
+TOP_LEVEL = "card_top_level"
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CARD_CHUNK_KEYWORDS = ("ccv3", "chara")  # in order of preference (Card V3 spec)
+CARD_SPECS = {"chara_card_v2": "Character Card V2", "chara_card_v3": "Character Card V3"}
+V1_FIELDS = ("name", "description", "personality", "scenario", "first_mes", "mes_example")
+V2_FIELDS = (*V1_FIELDS, "creator_notes", "system_prompt", "post_history_instructions",
+             "alternate_greetings", "character_book", "tags", "creator", "character_version",
+             "extensions")
+WEBUI_NAME_KEYS = ("name", "char_name", "bot", "<|bot|>")
+WEBUI_USER_KEYS = ("your_name", "user_name", "user", "<|user|>")
+
+
+@dataclass
+class ImportResult:
+    persona_id: str  # suggested id: the name made safe for check_id
+    yaml_text: str  # a persona file; validates with parse_persona
+    persona: Persona
+    mapping: list[tuple[str, str]]  # (source field, persona field or "extensions.<key>")
+    source_format: str  # e.g. "Character Card V2 (PNG)"
+    avatar: bytes | None = None  # image to write next to the persona as `avatar_name`
+    avatar_name: str | None = None
+
+
+@dataclass
+class _Draft:
+    """Persona fields being filled from a source, and the report of where each came from."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
+    mapping: list[tuple[str, str]] = field(default_factory=list)
+
+    def put(self, source: str, target: str, value: Any) -> None:
+        if not _blank(value):
+            self.fields[target] = value
+            self.mapping.append((source, target))
+
+    def keep(self, source: str, key: str, value: Any) -> None:
+        if not _blank(value):
+            self.extensions[key] = value
+            self.mapping.append((source, f"extensions.{key}"))
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list, dict)) and not value)
+
+
+# --- text helpers -------------------------------------------------------------------------
+
+_LEGACY = re.compile(r"<(BOT|USER)>|\{\{\s*(char|user)\s*\}\}", re.IGNORECASE)
+
+
+def normalise_text(text: str) -> str:
+    """`<BOT>`, `{{ Char }}` -> `{{char}}` (same for user); `\\n` line ends, no trailing spaces."""
+    text = _LEGACY.sub(lambda m: "{{char}}" if (m.group(1) or m.group(2)).lower() in ("bot", "char")
+                       else "{{user}}", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip()
+
+
+def _text(data: dict, key: str, where: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise PersonaError(f"{where}{key}: expected text, got {type(value).__name__}")
+    return normalise_text(value)
+
+
+def _text_list(data: dict, key: str, where: str) -> list[str]:
+    value = data.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+        raise PersonaError(f"{where}{key}: expected a list of texts")
+    items = [normalise_text(str(v)) for v in value]
+    return list(dict.fromkeys(item for item in items if item))  # no empties (the schema refuses them)
+
+
+def _short_description(notes: str) -> str:
+    """The first paragraph, on one line, cut at a word to DESCRIPTION_CHARS."""
+    first = " ".join(re.split(r"\n\s*\n", notes.strip(), maxsplit=1)[0].split())
+    if len(first) <= DESCRIPTION_CHARS:
+        return first
+    return first[:DESCRIPTION_CHARS - 1].rsplit(" ", 1)[0].rstrip(" ,;:.") + "…"
+
+
+def parse_examples(text: str, char_labels: list[str], user_labels: list[str]):
+    """`<START>` blocks of `{{user}}: ...` / `{{char}}: ...` lines -> (pairs, unpaired blocks).
+
+    A turn runs until the next speaker line; consecutive turns of one speaker are
+    joined. Each user turn pairs with the character turn after it; what pairs
+    with nothing is returned as text, one string per block, so nothing is lost.
+    """
+    labels = [(label, "user") for label in user_labels] + [(label, "char") for label in char_labels]
+    labels.sort(key=lambda item: -len(item[0]))  # "{{char}}" before a name that is its prefix
+    speaker = re.compile(r"^\s*(" + "|".join(re.escape(lbl) for lbl, _ in labels) + r")\s*:[ \t]?(.*)$",
+                         re.IGNORECASE)
+    role_of = {lbl.lower(): role for lbl, role in labels}
+    pairs, unpaired = [], []
+    for block in re.split(r"^\s*<START>\s*$", text, flags=re.IGNORECASE | re.MULTILINE):
+        preamble, turns = [], []  # turns: [role, lines]
+        for line in block.split("\n"):
+            match = speaker.match(line)
+            if match:
+                role = role_of[match.group(1).lower()]
+                if turns and turns[-1][0] == role:
+                    turns[-1][1].append(match.group(2))
+                else:
+                    turns.append([role, [match.group(2)]])
+            elif turns:
+                turns[-1][1].append(line)
+            else:
+                preamble.append(line)
+        turns = [(role, "\n".join(lines).strip()) for role, lines in turns]
+        narration = "\n".join(preamble).strip()
+        left = [narration] if narration else []
+        i = 0
+        while i < len(turns):
+            role, said = turns[i]
+            answer = turns[i + 1] if i + 1 < len(turns) else ("", "")
+            if role == "user" and said and answer[0] == "char" and answer[1]:
+                pairs.append({"user": said, "assistant": answer[1]})
+                i += 2
+                continue
+            if said:
+                left.append(f"{{{{{role}}}}}: {said}")
+            i += 1
+        if left:
+            unpaired.append("\n".join(left))
+    return pairs, unpaired
+
+
+def render_examples(examples: list[dict], unpaired: list[str] = ()) -> str:
+    """Example pairs (and unpaired blocks) as a card's mes_example: one `<START>` block each."""
+    blocks = [f"<START>\n{{{{user}}}}: {ex['user']}\n{{{{char}}}}: {ex['assistant']}" for ex in examples]
+    blocks += [f"<START>\n{text}" for text in unpaired]
+    return "\n".join(blocks)
+
+
+def suggest_id(name: str, fallback: str = "") -> str:
+    """A persona id from a name: ASCII letters and digits joined by `_`, at most 64 characters."""
+    for candidate in (name, fallback, "character"):
+        ascii_text = unicodedata.normalize("NFKD", candidate).encode("ascii", "ignore").decode()
+        slug = re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")[:64].rstrip("_")
+        if slug:
+            return check_id(slug)
+    raise AssertionError("unreachable")
+
+
+# --- reading the source -------------------------------------------------------------------
+
+def png_text_chunks(png: bytes, where: str) -> dict[str, str]:
+    """Keyword -> text of the tEXt, zTXt and iTXt chunks (the first of each keyword)."""
+    if not png.startswith(PNG_SIGNATURE):
+        raise PersonaError(f"{where}: not a PNG file")
+    texts, pos = {}, len(PNG_SIGNATURE)
+    while pos + 8 <= len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        body = png[pos + 8:pos + 8 + length]
+        if len(body) < length:
+            raise PersonaError(f"{where}: PNG is truncated")
+        pos += 12 + length
+        try:
+            if kind == b"tEXt":
+                key, _, value = body.partition(b"\0")
+                text = value.decode("latin-1")
+            elif kind == b"zTXt":
+                key, _, value = body.partition(b"\0")
+                text = zlib.decompress(value[1:]).decode("latin-1")
+            elif kind == b"iTXt":
+                key, _, rest = body.partition(b"\0")
+                compressed, rest = rest[0], rest[2:]
+                _language, _, rest = rest.partition(b"\0")
+                _translated, _, value = rest.partition(b"\0")
+                text = (zlib.decompress(value) if compressed else value).decode("utf-8")
+            elif kind == b"IEND":
+                break
+            else:
+                continue
+        except (zlib.error, UnicodeDecodeError, IndexError) as exc:
+            raise PersonaError(f"{where}: broken {kind.decode()} chunk in PNG: {exc}") from None
+        texts.setdefault(key.decode("latin-1"), text)
+    return texts
+
+
+def strip_card_chunks(png: bytes) -> bytes:
+    """The PNG without its card text chunks: the avatar should not carry a stale copy of the card."""
+    out, pos = [png[:len(PNG_SIGNATURE)]], len(PNG_SIGNATURE)
+    while pos + 8 <= len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        chunk = png[pos:pos + 12 + length]
+        pos += 12 + length
+        keyword = chunk[8:8 + 80].partition(b"\0")[0].decode("latin-1")
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and (
+                keyword in CARD_CHUNK_KEYWORDS or keyword.startswith("chara-ext-asset_")):
+            continue
+        out.append(chunk)
+        if kind == b"IEND":
+            break
+    return b"".join(out)
+
+
+def _card_from_png(png: bytes, where: str) -> tuple[dict, str]:
+    texts = png_text_chunks(png, where)
+    for keyword in CARD_CHUNK_KEYWORDS:
+        if keyword in texts:
+            try:
+                payload = base64.b64decode(texts[keyword].strip(), validate=False)
+                data = json.loads(payload.decode("utf-8"))
+            except (binascii.Error, ValueError) as exc:
+                raise PersonaError(f"{where}: the {keyword!r} chunk is not base64 JSON: {exc}") from None
+            return data, keyword
+    raise PersonaError(f"{where}: PNG has no character card in it (no 'ccv3' or 'chara' text chunk)")
+
+
+def _read_structured(raw: bytes, where: str) -> Any:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PersonaError(f"{where}: neither a PNG nor UTF-8 text") from None
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise PersonaError(f"{where}: not valid JSON: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PersonaError(f"{where}: neither JSON nor valid YAML: {' '.join(str(exc).split())}") from None
+
+
+# --- mapping ------------------------------------------------------------------------------
+
+def _map_card(card: dict, where: str, prefix: str) -> _Draft:
+    """A Card V1/V2/V3 field dict -> persona fields; `prefix` ("data." or "") names source fields."""
+    at = f"{where}: {prefix}"
+    draft, used = _Draft(), set()
+
+    def text(key):
+        used.add(key)
+        return _text(card, key, at)
+
+    name = text("name")
+    if not name:
+        raise PersonaError(f"{at}name: empty; a persona needs a name")
+    draft.put(prefix + "name", "name", name)
+
+    own, description, personality = text("system_prompt"), text("description"), text("personality")
+    parts = [own.replace("{{original}}", DEFAULT_SYSTEM_PROMPT) if own else DEFAULT_SYSTEM_PROMPT]
+    parts += [description] if description else []
+    parts += [f"{{{{char}}}}'s personality: {personality}"] if personality else []
+    draft.fields["system_prompt"] = "\n\n".join(parts)
+    for key, value in (("system_prompt", own), ("description", description), ("personality", personality)):
+        if value:
+            draft.mapping.append((prefix + key, "system_prompt"))
+
+    alternates = _text_list(card, "alternate_greetings", at)
+    used.add("alternate_greetings")
+    greeting = text("first_mes")
+    if greeting:
+        draft.put(prefix + "first_mes", "greeting", greeting)
+    elif alternates:
+        draft.put(prefix + "alternate_greetings[0]", "greeting", alternates.pop(0))
+    else:
+        raise PersonaError(f"{at}first_mes: empty; a persona needs a greeting")
+    draft.put(prefix + "alternate_greetings", "alternate_greetings", alternates)
+    draft.put(prefix + "scenario", "scenario", text("scenario"))
+
+    pairs, unpaired = parse_examples(text("mes_example"), ["{{char}}", name], ["{{user}}"])
+    draft.put(prefix + "mes_example", "example_dialogue", pairs)
+    draft.keep(prefix + "mes_example", UNPAIRED, unpaired)
+
+    post = text("post_history_instructions").replace("{{original}}", "").strip()
+    draft.put(prefix + "post_history_instructions", "post_history_instructions", post)
+    draft.put(prefix + "tags", "tags", _text_list(card, "tags", at))
+    used.add("tags")
+
+    notes_key = "creator_notes" if "creator_notes" in card else "creatorcomment"
+    notes = text(notes_key)
+    draft.put(prefix + notes_key, "description", _short_description(notes))
+    if notes and draft.fields.get("description") != notes:
+        draft.keep(prefix + notes_key, notes_key, card[notes_key])
+
+    extensions = card.get("extensions")
+    used.add("extensions")
+    if isinstance(extensions, dict) and isinstance(extensions.get(NAMESPACE), dict):
+        extensions = dict(extensions)
+        _restore_own_fields(draft, extensions.pop(NAMESPACE), prefix + f"extensions.{NAMESPACE}.")
+    draft.keep(prefix + "extensions", "extensions", extensions)
+    for key, value in card.items():  # creator, character_version, character_book, V3 fields, the rest
+        if key not in used:
+            draft.keep(prefix + key, key, value)
+    return draft
+
+
+def _restore_own_fields(draft: _Draft, saved: dict, source: str) -> None:
+    """Read back what export_card_v2 put under data.extensions.persona_studio."""
+    for key in ("description", "generation", "model", "adapter"):
+        if key in saved:  # set even when empty: an empty description is what was exported
+            draft.fields[key] = saved[key]
+            draft.mapping.append((source + key, key))
+    for key, value in (saved.get("extensions") or {}).items():
+        draft.keep(f"{source}extensions.{key}", key, value)
+
+
+def _map_webui(data: dict, where: str) -> _Draft:
+    at = f"{where}: "
+    draft, used = _Draft(), set()
+    name_key = next((k for k in WEBUI_NAME_KEYS if _text(data, k, at)), "name")
+    name = _text(data, name_key, at)
+    if not name:
+        raise PersonaError(f"{at}name: empty; a persona needs a name")
+    draft.put(name_key, "name", name)
+    used.add(name_key)
+    user_key = next((k for k in WEBUI_USER_KEYS if k in data), None)
+    user_name = _text(data, user_key, at) if user_key else ""
+
+    if "context" in data or "char_persona" not in data:
+        context_key, context = "context", _text(data, "context", at)
+    else:
+        context_key, persona = "char_persona", _text(data, "char_persona", at)
+        context = f"{{{{char}}}}'s Persona: {persona}" if persona else ""
+    used.add(context_key)
+    draft.put(context_key, "system_prompt", context)
+    draft.fields.setdefault("system_prompt", DEFAULT_SYSTEM_PROMPT)
+
+    greeting_key = "greeting" if "greeting" in data or "char_greeting" not in data else "char_greeting"
+    greeting = _text(data, greeting_key, at)
+    if not greeting:
+        raise PersonaError(f"{at}{greeting_key}: empty; a persona needs a greeting")
+    draft.put(greeting_key, "greeting", greeting)
+    used.add(greeting_key)
+    draft.put("world_scenario", "scenario", _text(data, "world_scenario", at))
+    used.add("world_scenario")
+
+    users = ["{{user}}"] + ([user_name] if user_name else [])
+    pairs, unpaired = parse_examples(_text(data, "example_dialogue", at), ["{{char}}", name], users)
+    draft.put("example_dialogue", "example_dialogue", pairs)
+    draft.keep("example_dialogue", UNPAIRED, unpaired)
+    used.add("example_dialogue")
+    for key, value in data.items():  # your_name, other name keys, turn_template, ...
+        if key not in used:
+            draft.keep(key, key, value)
+    return draft
+
+
+def _detect(data: Any, where: str) -> tuple[str, _Draft]:
+    """(format name, draft) for a parsed JSON/YAML document."""
+    if not isinstance(data, dict):
+        raise PersonaError(f"{where}: expected a character card (a JSON object), got {type(data).__name__}")
+    spec = data.get("spec")
+    inner = data.get("data")
+    if isinstance(inner, dict) and (spec in CARD_SPECS or str(spec or "").startswith("chara_card_v")
+                                    or "first_mes" in inner):
+        label = CARD_SPECS.get(spec, f"Character Card ({spec or 'no spec'})")
+        draft = _map_card(inner, where, "data.")
+        # V2/V3 writers copy the V1 fields to the top level; keep only what is not such a copy.
+        extra = {k: v for k, v in data.items()
+                 if k not in ("spec", "spec_version", "data") and not _blank(v) and inner.get(k) != v}
+        draft.keep(", ".join(extra) or "top level", TOP_LEVEL, extra)
+        if "spec_version" in data:
+            draft.mapping.append(("spec_version", "(format version, not kept)"))
+        return label, draft
+    if spec:
+        raise PersonaError(f"{where}: spec {spec!r} without a 'data' object is not a card this can read")
+    if "first_mes" in data or "mes_example" in data or {"description", "personality"} <= data.keys():
+        return "Character Card V1", _map_card(data, where, "")
+    if "system_prompt" in data and not {"context", "char_persona", "char_greeting"} & data.keys():
+        raise PersonaError(f"{where}: this is a persona file, not a character card; copy it into the "
+                           "personas folder (with its avatar) instead of importing it")
+    if {"context", "char_persona", "char_greeting", "greeting"} & data.keys():
+        return "text-generation-webui character", _map_webui(data, where)
+    raise PersonaError(f"{where}: not a character card (no spec, first_mes, context or greeting field)")
+
+
+# --- writing ------------------------------------------------------------------------------
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that writes multi-line strings as `|` blocks, the way people write prompts."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_persona_yaml(fields: dict[str, Any], header: str = "") -> str:
+    """Persona fields in the schema's order, empty ones left out, with `header` as # comments."""
+    ordered = {key: fields[key] for key in Persona.model_fields if not _blank(fields.get(key))}
+    body = yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    return comment + body
+
+
+def import_card(path: Path, persona_id: str | None = None,
+                today: datetime.date | None = None) -> ImportResult:
+    """Read a card or webui character and map it to a persona file; PersonaError names file and field."""
+    path = Path(path)
+    where = str(path)
+    try:
+        if path.stat().st_size > MAX_SOURCE_BYTES:
+            raise PersonaError(f"{where}: file is larger than {MAX_SOURCE_BYTES // 2**20} MiB")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PersonaError(f"{where}: cannot read file: {exc.strerror or exc}") from None
+
+    avatar = avatar_suffix = None
+    if raw.startswith(PNG_SIGNATURE):
+        card, keyword = _card_from_png(raw, where)
+        label, draft = _detect(card, f"{where} ({keyword} chunk)")
+        label += " (PNG)"
+        avatar, avatar_suffix = strip_card_chunks(raw), ".png"
+    else:
+        label, draft = _detect(_read_structured(raw, where), where)
+        label += " (JSON)" if raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") else " (YAML)"
+        if label.startswith("text-generation-webui"):  # the webui shows <name>.png/.jpg next to it
+            images = [path.with_suffix(s) for s in AVATAR_SUFFIXES]
+            image = next((i for i in images if i.is_file()), None)
+            if image is not None:
+                avatar, avatar_suffix = image.read_bytes(), image.suffix.lower()
+                draft.mapping.append((image.name, "avatar"))
+
+    persona_id = check_id(persona_id) if persona_id else suggest_id(draft.fields["name"], path.stem)
+    fields = dict(draft.fields, extensions=draft.extensions)
+    avatar_name = f"{persona_id}{avatar_suffix}" if avatar is not None else None
+    fields["avatar"] = avatar_name
+    if avatar is not None and raw.startswith(PNG_SIGNATURE):
+        draft.mapping.append(("PNG image", "avatar"))
+
+    date = (today or datetime.date.today()).isoformat()
+    header = (f"Imported by `persona-studio personas import` on {date}\n"
+              f"from {path.name} ({label}).\n"
+              "Fields with no persona equivalent are kept under `extensions`; export puts them back.")
+    text = dump_persona_yaml(fields, header)
+    size = len(text.encode("utf-8"))
+    if size > MAX_FILE_BYTES:
+        def size_of(value):
+            return len(json.dumps(value, ensure_ascii=False, default=str))
+
+        biggest = max(fields, key=lambda k: size_of(fields[k]))
+        if biggest == "extensions":
+            biggest += "." + max(draft.extensions, key=lambda k: size_of(draft.extensions[k]))
+        raise PersonaError(f"{where}: the persona would be {size // 1024} KiB, over the "
+                           f"{MAX_FILE_BYTES // 1024} KiB limit of a persona file (largest: {biggest})")
+    persona = parse_persona(text, f"{where} (imported)")
+    return ImportResult(persona_id, text, persona, draft.mapping, label, avatar, avatar_name)
+
+
+def export_card_v2(loaded: LoadedPersona) -> dict:
+    """A persona as a Card V2 dict (spec chara_card_v2, spec_version 2.0); see the module docstring."""
+    p = loaded.persona
+    ext = dict(p.extensions)
+    unpaired = ext.pop(UNPAIRED, None) or []
+    if isinstance(unpaired, str):
+        unpaired = [unpaired]
+    notes = ext.pop("creator_notes", None)
+    if notes is None:
+        notes = ext.pop("creatorcomment", None)  # imported from a V1 card
+    data = {
+        "name": p.name,
+        "description": "",  # the whole prompt is in system_prompt; nothing to split out
+        "personality": "",
+        "scenario": p.scenario,
+        "first_mes": p.greeting,
+        "mes_example": render_examples([ex.model_dump() for ex in p.example_dialogue], unpaired),
+        "creator_notes": notes if isinstance(notes, str) else p.description,
+        "system_prompt": p.system_prompt,
+        "post_history_instructions": p.post_history_instructions,
+        "alternate_greetings": list(p.alternate_greetings),
+        "tags": list(p.tags),
+        "creator": str(ext.pop("creator", "") or ""),
+        "character_version": str(ext.pop("character_version", "") or ""),
+        "extensions": dict(ext.pop("extensions")) if isinstance(ext.get("extensions"), dict) else {},
+    }
+    if "character_book" in ext:
+        data["character_book"] = ext.pop("character_book")
+    top = ext.pop(TOP_LEVEL, None)  # the source file's top-level bookkeeping (avatar, chat, dates)
+    own = {"generation": p.generation.model_dump(exclude_defaults=True)
+           if p.generation != GenerationSettings() else None,
+           "model": p.model, "adapter": p.adapter, "extensions": ext}
+    own = {k: v for k, v in own.items() if not _blank(v)}
+    if p.description != _short_description(normalise_text(data["creator_notes"])):
+        own["description"] = p.description  # import would derive another one from creator_notes
+    if own:
+        data["extensions"][NAMESPACE] = own
+    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": data}
+    if isinstance(top, dict):  # back where it came from; import keeps it again
+        card = {**{k: v for k, v in top.items() if k not in card}, **card}
+    return card

@@ -1,0 +1,197 @@
+"""`persona-studio personas ...`: manage the persona files without starting the app.
+
+    persona-studio personas list                      id, name, version, tags; then the broken files
+    persona-studio personas validate [PATH]           a file or folder; exit 1 on any error (for CI)
+    persona-studio personas new ID                    a commented template to edit
+    persona-studio personas import FILE [--id ID] [--force]
+                                                      Card V1/V2/V3 (JSON or PNG), text-generation-webui YAML
+    persona-studio personas export ID [--out FILE]    Card V2 JSON, to stdout by default
+
+Every subcommand takes --personas-dir (or PERSONA_STUDIO_PERSONAS_DIR). Nothing here
+loads the model or opens the database. Failures print one `persona-studio: error: ...`
+line and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+from .persona_cards import export_card_v2, import_card
+from .personas import PersonaError, PersonaLibrary, atomic_write_text, check_id, load_persona
+from .settings import Settings
+
+EXIT_FAILED = 1
+
+TEMPLATE = """\
+# Persona {id}: edit the text, then check it with `persona-studio personas validate`.
+# {{{{char}}}} and {{{{user}}}} are replaced by the persona's and the user's names when sent.
+name: {name}                        # required: shown in the picker
+description: A one-line summary.    # optional: shown under the picker, never sent to the model
+system_prompt: >-                   # required: sent to the model first
+  You are {{{{char}}}}. Say who {{{{char}}}} is, how they talk and what they care about,
+  and how long their replies should be.
+greeting: Hello, I'm {{{{char}}}}! What shall we talk about?   # required: the first message of a chat
+# alternate_greetings:              # optional: other first messages
+#   - Oh, it's you again, {{{{user}}}}!
+# scenario: Where and when the chat takes place.   # optional: added to the system prompt
+# example_dialogue:                 # optional: sent before the chat as real messages
+#   - user: What do you do?
+#     assistant: An answer in {{{{char}}}}'s voice.
+# post_history_instructions: ...    # optional: a system message after the conversation
+generation:                         # optional: defaults of the settings panel
+  temperature: 0.7                  # 0..2, 0 = greedy
+  top_p: 0.9                        # (0, 1]
+  top_k: 50                         # >= 0, 0 = off
+  repetition_penalty: 1.1           # 1..2
+  max_new_tokens: 256               # 1..4096
+  # seed: 42                        # a fixed seed
+tags: []
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `personas` and its subcommands on the main parser's subparsers."""
+    help_dir = next(f.metadata["help"] for f in fields(Settings) if f.name == "personas_dir")
+    parser = subparsers.add_parser("personas", help="list, validate, create, import and export personas",
+                                   description=__doc__.split("\n\n")[0])
+    # On the group and on each subcommand; SUPPRESS keeps a subcommand from resetting the group's value.
+    parser.add_argument("--personas-dir", dest="personas_dir", default=None, help=help_dir)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--personas-dir", dest="personas_dir", default=argparse.SUPPRESS, help=help_dir)
+    commands = parser.add_subparsers(dest="personas_command", required=True, metavar="COMMAND")
+    commands.add_parser("list", parents=[common], help="id, name, version and tags of each persona")
+    validate = commands.add_parser("validate", parents=[common],
+                                   help="check persona files; exit 1 on any error")
+    validate.add_argument("path", nargs="?", type=Path,
+                          help="a persona file or folder (default: the personas folder)")
+    new = commands.add_parser("new", parents=[common], help="write a commented template persona")
+    new.add_argument("id", help="persona id: the file name without .yaml")
+    imp = commands.add_parser("import", parents=[common],
+                              help="import a character card (JSON or PNG, V1 to V3) "
+                                   "or a text-generation-webui YAML")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--id", default=None, help="persona id (default: from the character's name)")
+    imp.add_argument("--force", action="store_true", help="overwrite an existing persona of that id")
+    export = commands.add_parser("export", parents=[common], help="write a persona as Card V2 JSON")
+    export.add_argument("id")
+    export.add_argument("--out", type=Path, default=None, help="file to write (default: stdout)")
+    return parser
+
+
+def run(args: argparse.Namespace, personas_dir: Path) -> int:
+    """Run one `personas` subcommand; returns the exit status."""
+    handler = {"list": _list, "validate": _validate, "new": _new, "import": _import,
+               "export": _export}[args.personas_command]
+    try:
+        return handler(args, Path(personas_dir))
+    except (PersonaError, OSError) as exc:
+        message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
+        print(f"persona-studio: error: {message}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _list(args, folder: Path) -> int:
+    library = PersonaLibrary(folder)
+    rows = [("ID", "NAME", "VERSION", "TAGS")]
+    rows += [(p.id, p.persona.name, p.version, ", ".join(p.persona.tags)) for p in library.personas.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
+    if library.errors:
+        print(f"\n{len(library.errors)} file(s) failed to load:")
+        for problem in library.errors:
+            print(f"  {problem}")
+    return 0
+
+
+def _validate(args, folder: Path) -> int:
+    target = args.path or folder
+    if target.is_dir():
+        library = PersonaLibrary(target)
+        count, errors = len(library.personas), list(library.errors)
+        # A persona file must end in .yaml; say so rather than skip a .yml silently.
+        errors += [f"{path}: ignored: persona files must end in .yaml"
+                   for path in sorted(target.glob("*.yml"))]
+    else:
+        try:
+            load_persona(target)
+            count, errors = 1, []
+        except PersonaError as exc:
+            count, errors = 0, [str(exc)]
+    for problem in errors:
+        print(problem, file=sys.stderr)
+    print(f"{count} persona(s) valid, {len(errors)} error(s) in {target}")
+    return EXIT_FAILED if errors else 0
+
+
+def _require_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise PersonaError(f"personas folder {folder} does not exist")
+
+
+def _new(args, folder: Path) -> int:
+    _require_folder(folder)
+    persona_id = check_id(args.id)
+    path = folder / f"{persona_id}.yaml"
+    if path.exists():
+        raise PersonaError(f"{path} already exists; pick another id or edit that file")
+    name = json.dumps(persona_id.replace("_", " ").replace("-", " ").title())  # quoted: "123" stays text
+    atomic_write_text(path, TEMPLATE.format(id=persona_id, name=name))
+    load_persona(path)  # the template must always be a valid persona
+    print(f"wrote {path}")
+    return 0
+
+
+def _import(args, folder: Path) -> int:
+    _require_folder(folder)
+    result = import_card(args.file, persona_id=args.id)
+    path = folder / f"{result.persona_id}.yaml"
+    targets = [path] + ([folder / result.avatar_name] if result.avatar_name else [])
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.force:
+        raise PersonaError(f"{' and '.join(existing)} already {'exist' if len(existing) > 1 else 'exists'}; "
+                           "use --force to overwrite or --id to import under another id")
+    if result.avatar is not None:  # first, so the persona never points at a missing image
+        _atomic_write_bytes(folder / result.avatar_name, result.avatar)
+    atomic_write_text(path, result.yaml_text)
+    load_persona(path)
+    print(f"imported {args.file} ({result.source_format}) as persona {result.persona_id!r}: {path}")
+    if result.avatar_name:
+        print(f"avatar: {folder / result.avatar_name}")
+    width = max((len(source) for source, _ in result.mapping), default=0)
+    for source, target in result.mapping:
+        print(f"  {source.ljust(width)} -> {target}")
+    return 0
+
+
+def _export(args, folder: Path) -> int:
+    path = folder / f"{check_id(args.id)}.yaml"
+    if not path.is_file():
+        raise PersonaError(f"no persona {args.id!r} in {folder} (no file {path.name})")
+    loaded = load_persona(path)
+    text = json.dumps(export_card_v2(loaded), ensure_ascii=False, indent=2) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
