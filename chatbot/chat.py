@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .default_model import ModelLoadError
 from .engine import ChatEngine, GenerationParams, Reply
 from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, render
 from .prompting import Prompt, build_prompt
@@ -42,6 +43,12 @@ class ChatSession:
     def history(self) -> list[dict]:
         return [{"role": t.role, "content": t.content} for t in self.turns]
 
+    @property
+    def adapter(self) -> str | None:
+        """The persona's LoRA adapter folder (relative paths are next to the persona file)."""
+        adapter = self.persona.persona.adapter
+        return str((self.persona.path.parent / adapter).resolve()) if adapter else None
+
     def prompt(self, extra: list[dict] = ()) -> Prompt:
         r = self.rendered
         return build_prompt(r.system_prompt, self.history() + list(extra), r.examples,
@@ -60,7 +67,6 @@ class ChatService:
         self.engine = engine
         self.personas = personas
         self.store = store
-        self.model_version_id = store.get_or_create_model_version(engine.model_id)
 
     def user_id(self, name: str) -> int:
         return self.store.get_or_create_user(name)
@@ -86,8 +92,8 @@ class ChatService:
         session.turns = [Turn("assistant", session.rendered.greetings[0])]
         if not text.strip():
             raise ChatError("the message is empty")
-        yield from self.engine.stream(session.prompt([{"role": "user", "content": text.strip()}]),
-                                      params, stop)
+        yield from self._stream(session, session.prompt([{"role": "user", "content": text.strip()}]),
+                                params, stop)
 
     def send(self, session: ChatSession, text: str, params: GenerationParams,
              stop: threading.Event | None = None) -> Iterator[Reply]:
@@ -133,6 +139,13 @@ class ChatService:
             message_id = session.turns[turn_index].message_id
         self.store.set_feedback(message_id, session.user_id, rating)
 
+    def _stream(self, session: ChatSession, prompt: Prompt, params: GenerationParams,
+                stop: threading.Event | None) -> Iterator[Reply]:
+        try:
+            yield from self.engine.stream(prompt, params, stop, adapter=session.adapter)
+        except ModelLoadError as exc:
+            raise ChatError(str(exc)) from None
+
     def _ensure_conversation(self, session: ChatSession) -> None:
         if session.conversation_id is not None:
             return
@@ -147,12 +160,13 @@ class ChatService:
     def _reply(self, session: ChatSession, params: GenerationParams,
                stop: threading.Event | None) -> Iterator[Reply]:
         reply = None
-        for reply in self.engine.stream(session.prompt(), params, stop):
+        for reply in self._stream(session, session.prompt(), params, stop):
             yield reply
         assert reply is not None and reply.done
+        version = self.store.get_or_create_model_version(self.engine.model_id, session.adapter)
         message_id = self.store.add_message(
             session.conversation_id, "assistant", reply.text,
-            parent_id=session.turns[-1].message_id, model_version_id=self.model_version_id,
+            parent_id=session.turns[-1].message_id, model_version_id=version,
             generation_params=reply.params.to_dict(), prompt=reply.prompt,
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
             latency_ms=reply.latency_ms, first_token_ms=reply.first_token_ms,

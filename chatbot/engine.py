@@ -9,6 +9,7 @@ a seeded reply reproducible (the torch RNG is process-wide).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 import threading
@@ -127,6 +128,8 @@ class ChatEngine:
         model_max = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context_tokens = min(context_tokens, model_max) if context_tokens > 0 else model_max
         self._generate_lock = threading.Lock()
+        self._adapters: dict[str, str] = {}  # adapter folder -> PEFT adapter name; loaded once each
+        self._peft = None  # the PeftModel around `model`, once an adapter was asked for
         eos = model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         if tokenizer.eos_token_id is not None:
@@ -151,12 +154,43 @@ class ChatEngine:
             prompt = Prompt(list(prompt))
         return fit_to_context(prompt, self.count_tokens, self.context_tokens, max_new_tokens)
 
+    def _activate(self, adapter: str | None):
+        """(model to generate with, context to generate in) for the base model or an adapter.
+
+        Call with the generation lock held. The base weights are loaded once;
+        LoRA adapters are small, loaded on first use, kept, and switched per
+        request. PEFT injects LoRA layers into the base model's modules, so
+        even the bare base must be asked for with the adapters disabled.
+        """
+        if adapter is None:
+            if self._peft is None:
+                return self.model, contextlib.nullcontext()
+            return self._peft, self._peft.disable_adapter()
+        name = self._adapters.get(adapter)
+        if name is None:
+            from peft import PeftModel
+
+            name = f"adapter_{len(self._adapters)}"
+            try:
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(self.model, adapter, adapter_name=name)
+                    self._peft.eval()
+                else:
+                    self._peft.load_adapter(adapter, adapter_name=name)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelLoadError(f"cannot load LoRA adapter {adapter!r}: "
+                                     f"{str(exc).splitlines()[0][:200]}") from None
+            self._adapters[adapter] = name
+        self._peft.set_adapter(name)
+        return self._peft, contextlib.nullcontext()
+
     def stream(self, messages: Prompt | list[Message], params: GenerationParams,
-               stop: threading.Event | None = None) -> Iterator[Reply]:
+               stop: threading.Event | None = None, adapter: str | None = None) -> Iterator[Reply]:
         """Yield the reply as it grows; the last item has `done=True` and the statistics.
 
         `stop` ends generation within a token; the partial reply is kept and
-        reported with finish_reason "stopped".
+        reported with finish_reason "stopped". `adapter` is a LoRA adapter
+        folder to answer with instead of the bare base model.
         """
         stop = stop or threading.Event()
         prompt = self.fit(messages, params.max_new_tokens)
@@ -168,12 +202,15 @@ class ChatEngine:
         errors: list[BaseException] = []
         started = time.perf_counter()
 
-        with self._generate_lock:
+        tokens: list[int] = []
+        with contextlib.ExitStack() as held:
+            held.enter_context(self._generate_lock)
+            model, context = self._activate(adapter)
+            held.enter_context(context)
             torch.manual_seed(params.seed)
             worker = threading.Thread(
-                target=self._generate, args=(input_ids, params, streamer, stop, errors), daemon=True)
+                target=self._generate, args=(model, input_ids, params, streamer, stop, errors), daemon=True)
             worker.start()
-            tokens: list[int] = []
             try:
                 while (item := streamer.queue.get()) is not _TokenQueue.DONE:
                     tokens.extend(item)
@@ -201,7 +238,7 @@ class ChatEngine:
         reply.done = True
         yield reply
 
-    def _generate(self, input_ids, params: GenerationParams, streamer, stop, errors) -> None:
+    def _generate(self, model, input_ids, params: GenerationParams, streamer, stop, errors) -> None:
         sampling = params.temperature > 0
         kwargs = dict(do_sample=sampling, max_new_tokens=params.max_new_tokens,
                       repetition_penalty=params.repetition_penalty)
@@ -211,7 +248,7 @@ class ChatEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         try:
             with torch.inference_mode():
-                self.model.generate(
+                model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
                     pad_token_id=self.tokenizer.pad_token_id or next(iter(self._eos_ids), None),

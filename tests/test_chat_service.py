@@ -29,7 +29,7 @@ def test_send_stores_greeting_user_message_and_reply_with_everything_to_rebuild_
     assert greeting.content == session.persona.persona.greeting and greeting.finish_reason == "greeting"
     assert asked.content == "Where be the gold?" and asked.parent_id == greeting.id
     assert answer.parent_id == asked.id and answer.content == reply.text and answer.content.strip()
-    assert answer.model_version_id == service.model_version_id
+    assert answer.model_version_id == store.get_or_create_model_version(service.engine.model_id, None)
     assert answer.generation_params["seed"] == 7 and answer.generation_params["max_new_tokens"] == 12
     assert answer.generation_params["temperature"] == session.persona.persona.generation.temperature
     assert answer.prompt[0] == {"role": "system", "content": session.persona.persona.system_prompt}
