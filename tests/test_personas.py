@@ -54,3 +54,74 @@ def test_unknown_persona_and_missing_folder(tmp_path):
         PersonaLibrary(tmp_path).get("nope")
     with pytest.raises(PersonaError, match="does not exist"):
         PersonaLibrary(tmp_path / "missing")
+
+
+def test_unsafe_ids_are_refused(tmp_path):
+    from chatbot.personas import check_id
+
+    for bad in ("../x", "a/b", "..", ".hidden", "with space", "", "x" * 65):
+        with pytest.raises(PersonaError, match="not a safe file name"):
+            check_id(bad)
+    assert check_id("code_reviewer-2") == "code_reviewer-2"
+    write(tmp_path, "good", GOOD)
+    write(tmp_path, "bad name", GOOD)
+    library = PersonaLibrary(tmp_path)
+    assert library.ids() == ["good"]
+    assert "bad name.yaml" in library.errors[0] and "not a safe file name" in library.errors[0]
+
+
+def test_oversized_file_is_refused(tmp_path):
+    write(tmp_path, "huge", GOOD + "description: " + "x" * 300_000 + "\n")
+    library = PersonaLibrary(tmp_path)
+    assert library.ids() == [] and "larger than 256 KiB" in library.errors[0]
+
+
+def test_avatar_must_be_an_image_next_to_the_file(tmp_path):
+    write(tmp_path, "a", GOOD + "avatar: ../secret.png\n")
+    write(tmp_path, "b", GOOD + "avatar: notes.txt\n")
+    write(tmp_path, "c", GOOD + "avatar: missing.png\n")
+    write(tmp_path, "d", GOOD + "avatar: d.png\n")
+    (tmp_path / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    library = PersonaLibrary(tmp_path)
+    assert library.ids() == ["d"] and library.get("d").avatar_path == tmp_path / "d.png"
+    errors = "\n".join(library.errors)
+    assert "avatar: Value error, must be a file name next to the persona file" in errors
+    assert "avatar: Value error, must be an image" in errors
+    assert "avatar: file missing.png not found" in errors
+
+
+def test_full_schema_round_trip(tmp_path):
+    import yaml
+
+    from chatbot.personas import Persona
+
+    data = {
+        "name": "Full", "system_prompt": "sys", "greeting": "hi", "description": "d",
+        "alternate_greetings": ["hey"], "scenario": "s",
+        "example_dialogue": [{"user": "q", "assistant": "a"}], "post_history_instructions": "p",
+        "generation": {"temperature": 0.2, "top_p": 0.8, "top_k": 5, "repetition_penalty": 1.3,
+                       "max_new_tokens": 50, "seed": 9},
+        "tags": ["t"], "avatar": None, "model": "m", "adapter": "lora", "extensions": {"x": {"y": 1}},
+    }
+    persona = Persona(**data)
+    assert persona.model_dump() == data
+    assert Persona(**yaml.safe_load(yaml.safe_dump(persona.model_dump()))) == persona
+
+
+def test_macros_any_case_and_spacing():
+    from chatbot.personas import expand_macros
+
+    assert expand_macros("{{char}} meets {{ USER }} and {{Char}}; {{other}}", "Mira", "Ann") == \
+        "Mira meets Ann and Mira; {{other}}"
+
+
+def test_refresh_notices_changed_added_and_removed_files(tmp_path):
+    write(tmp_path, "a", GOOD)
+    library = PersonaLibrary(tmp_path)
+    assert library.refresh() is False
+    write(tmp_path, "b", GOOD)
+    assert library.refresh() is True and library.ids() == ["a", "b"]
+    write(tmp_path, "a", GOOD.replace("Tester", "Renamed") + "\n")
+    assert library.refresh() is True and library.get("a").persona.name == "Renamed"
+    (tmp_path / "b.yaml").unlink()
+    assert library.refresh() is True and library.ids() == ["a"]
