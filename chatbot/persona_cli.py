@@ -23,37 +23,11 @@ from dataclasses import fields
 from pathlib import Path
 
 from .persona_cards import export_card_v2, import_card
+from .persona_files import create_persona
 from .personas import PersonaError, PersonaLibrary, atomic_write_text, check_id, load_persona
 from .settings import Settings
 
 EXIT_FAILED = 1
-
-TEMPLATE = """\
-# Persona {id}: edit the text, then check it with `persona-studio personas validate`.
-# {{{{char}}}} and {{{{user}}}} are replaced by the persona's and the user's names when sent.
-name: {name}                        # required: shown in the picker
-description: A one-line summary.    # optional: shown under the picker, never sent to the model
-system_prompt: >-                   # required: sent to the model first
-  You are {{{{char}}}}. Say who {{{{char}}}} is, how they talk and what they care about,
-  and how long their replies should be.
-greeting: Hello, I'm {{{{char}}}}! What shall we talk about?   # required: the first message of a chat
-# alternate_greetings:              # optional: other first messages
-#   - Oh, it's you again, {{{{user}}}}!
-# scenario: Where and when the chat takes place.   # optional: added to the system prompt
-# example_dialogue:                 # optional: sent before the chat as real messages
-#   - user: What do you do?
-#     assistant: An answer in {{{{char}}}}'s voice.
-# post_history_instructions: ...    # optional: a system message after the conversation
-generation:                         # optional: defaults of the settings panel
-  temperature: 0.7                  # 0..2, 0 = greedy
-  top_p: 0.9                        # (0, 1]
-  top_k: 50                         # >= 0, 0 = off
-  repetition_penalty: 1.1           # 1..2
-  max_new_tokens: 256               # 1..4096
-  # seed: 42                        # a fixed seed
-tags: []
-"""
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `personas` and its subcommands on the main parser's subparsers."""
@@ -137,14 +111,8 @@ def _require_folder(folder: Path) -> None:
 
 def _new(args, folder: Path) -> int:
     _require_folder(folder)
-    persona_id = check_id(args.id)
-    path = folder / f"{persona_id}.yaml"
-    if path.exists():
-        raise PersonaError(f"{path} already exists; pick another id or edit that file")
-    name = json.dumps(persona_id.replace("_", " ").replace("-", " ").title())  # quoted: "123" stays text
-    atomic_write_text(path, TEMPLATE.format(id=persona_id, name=name))
-    load_persona(path)  # the template must always be a valid persona
-    print(f"wrote {path}")
+    loaded = create_persona(PersonaLibrary(folder), args.id)
+    print(f"wrote {loaded.path}")
     return 0
 
 

@@ -6,98 +6,22 @@ Uses Debian's chromium (`make test` installs it) through Playwright's
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import sqlite3
-import subprocess
-import sys
-import time
-
 import pytest
+from browser_helpers import bot_texts, browser_page, db_rows, pick_persona, plain, running_app, send, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
 def app_url(data_dir, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "server.log", "w+")
-    server = subprocess.Popen(
-        [sys.executable, "app.py", "--data-dir", str(data_dir), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT)
-
-    def listening():
-        if server.poll() is not None:
-            log.seek(0)
-            raise AssertionError(f"the app exited:\n{log.read()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(listening, timeout=120, what="the app to listen")
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    with running_app(data_dir, tmp_path / "server.log") as url:
+        yield url
 
 
 @pytest.fixture
 def page(app_url):
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Chromium is missing: `make test` installs it, or run `apt-get install chromium`")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(app_url)
-        page.wait_for_selector("#chatbot .message.bot")
+    with browser_page(app_url) as page:
         yield page
-        browser.close()
-
-
-def db_rows(data_dir, sql, *params):
-    with sqlite3.connect(data_dir / "chat.db") as db:
-        return db.execute(sql, params).fetchall()
-
-
-def bot_texts(page) -> list[str]:
-    return page.locator("#chatbot .message.bot").all_inner_texts()
-
-
-def pick_persona(page, name: str, greeting_start: str) -> None:
-    page.locator("#persona-picker input").click()
-    page.locator("[role=option]", has_text=name).click()
-    wait_until(lambda: bot_texts(page) and bot_texts(page)[0].startswith(greeting_start),
-               what=f"the {name} greeting")
-
-
-def send(page, text: str) -> None:
-    page.locator("#message textarea").fill(text)
-    page.locator("#send").click()
 
 
 def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(page, data_dir):
@@ -115,7 +39,7 @@ def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(page, data_dir):
 
     [(reply_id, stored)] = wait_until(reply_stored, what="the reply to be stored")
     assert len(seen) >= 2, f"the reply should appear piece by piece, saw {len(seen)} states"
-    wait_until(lambda: bot_texts(page)[1].strip() == stored.strip(), what="the full reply on screen")
+    wait_until(lambda: plain(bot_texts(page)[1]) == plain(stored), what="the full reply on screen")
     assert db_rows(data_dir, "select persona_id from conversations") == [("pirate",)]
 
     page.get_by_role("button", name="Like", exact=True).last.click()
@@ -134,7 +58,7 @@ def test_stop_keeps_the_partial_reply_retry_makes_a_sibling_undo_gives_the_messa
         data_dir, "select content, finish_reason, completion_tokens from messages "
                   "where role='assistant' and parent_id is not null"), what="the stopped reply")
     assert reason == "stopped" and tokens < 200 and content.strip()
-    wait_until(lambda: bot_texts(page)[1].strip() == content.strip(), what="the partial reply kept on screen")
+    wait_until(lambda: plain(bot_texts(page)[1]) == plain(content), what="the partial reply kept on screen")
 
     page.get_by_role("button", name="Retry", exact=True).click()
     def two_replies():

@@ -44,7 +44,10 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_bad_path_and_unknown_hub_id_are_explained(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # Offline, as these machines are; read at import time, so patched where it is kept.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelLoadError, match="is not a checkpoint folder"):

@@ -13,6 +13,7 @@ import gradio as gr
 
 from ..chat import ChatError, ChatService, ChatSession, params_for
 from ..engine import GenerationParams
+from ..personas import PersonaError
 from ..prompting import PromptTooLong
 
 
@@ -49,17 +50,30 @@ def _params(session: ChatSession, values) -> GenerationParams:
                       seed=int(seed) if seed is not None and seed >= 0 else None)
 
 
+def _persona_choices(service: ChatService) -> list[tuple[str, str]]:
+    return [(p.persona.name, p.id) for p in service.personas.personas.values()]
+
+
+def _greeting_choices(session: ChatSession) -> list[tuple[str, int]]:
+    def label(i: int, text: str) -> str:
+        short = " ".join(text.split())
+        return f"{i + 1}. {short[:80]}{'…' if len(short) > 80 else ''}"
+
+    return [(label(i, g), i) for i, g in enumerate(session.rendered.greetings)]
+
+
 def create(app: gr.Blocks, service: ChatService, user: str) -> None:
     user_id = service.user_id(user)
-    persona_choices = [(p.persona.name, p.id) for p in service.personas.personas.values()]
+    persona_choices = _persona_choices(service)
     default_persona = persona_choices[0][1] if persona_choices else None
 
     session_state = gr.State(None)
     stop_state = gr.State(StopSignal())
 
     with gr.Row():
-        persona_picker = gr.Dropdown(persona_choices, value=default_persona, label="Persona", scale=4,
+        persona_picker = gr.Dropdown(persona_choices, value=default_persona, label="Persona", scale=2,
                                      elem_id="persona-picker")
+        greeting_picker = gr.Dropdown([], label="Greeting", scale=3, elem_id="greeting-picker")
         new_chat = gr.Button("New chat", scale=1, elem_id="new-chat")
     persona_info = gr.Markdown(elem_id="persona-info")
     chatbot = gr.Chatbot(label="Chat", height=480, group_consecutive_messages=False,
@@ -80,21 +94,34 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
             seed = gr.Number(-1, precision=0, label="seed (-1 = random)")
     param_inputs = [temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed]
 
-    def start(persona_id):
-        if not persona_id:
-            raise gr.Error("No persona is available: add a YAML file to the personas folder.")
-        session = service.new_session(user_id, persona_id)
-        g = session.persona.persona.generation
-        info = f"**{session.persona.persona.name}** — {session.persona.persona.description} " \
-               f"_(version {session.persona.version})_"
-        return (session, _history(session), info, g.temperature, g.top_p, g.top_k,
-                g.repetition_penalty, g.max_new_tokens, -1 if g.seed is None else g.seed)
+    def start(persona_id, greeting=0):
+        """A new chat; re-reads the personas folder first, so edits on disk show up here."""
+        try:
+            session = service.new_session(user_id, persona_id, user, int(greeting or 0))
+        except (ChatError, PersonaError) as exc:
+            raise gr.Error(str(exc)) from None
+        p = session.persona.persona
+        g = p.generation
+        tags = " ".join(f"`{t}`" for t in p.tags)
+        info = f"**{p.name}** {tags} — {p.description} _(persona version {session.persona.version})_"
+        if p.model and p.model != service.engine.model_id:
+            info += f"\n\nThis persona was made for `{p.model}`; replies come from `{service.engine.model_id}`."
+        if p.adapter:
+            info += f"\n\nServed with the LoRA adapter `{p.adapter}`."
+        avatar = str(session.persona.avatar_path) if session.persona.avatar_path else None
+        return (session, gr.Chatbot(value=_history(session), avatar_images=(None, avatar)), info,
+                gr.Dropdown(choices=_persona_choices(service), value=session.persona.id),
+                gr.Dropdown(choices=_greeting_choices(session), value=int(greeting or 0)),
+                g.temperature, g.top_p, g.top_k, g.repetition_penalty, g.max_new_tokens,
+                -1 if g.seed is None else g.seed)
 
-    start_outputs = [session_state, chatbot, persona_info, *param_inputs]
+    start_outputs = [session_state, chatbot, persona_info, persona_picker, greeting_picker, *param_inputs]
+    # `.input`, not `.change`: start() itself updates both pickers, which must not loop.
     app.load(start, persona_picker, start_outputs)
-    persona_picker.change(start, persona_picker, start_outputs)
-    new_chat.click(start, persona_picker, start_outputs)
-    chatbot.clear(start, persona_picker, start_outputs)  # the chatbot's trash icon = a new chat
+    persona_picker.input(start, persona_picker, start_outputs)
+    greeting_picker.input(start, [persona_picker, greeting_picker], start_outputs)
+    new_chat.click(start, [persona_picker, greeting_picker], start_outputs)
+    chatbot.clear(start, [persona_picker, greeting_picker], start_outputs)  # the trash icon = a new chat
 
     def stream(replies, session):
         """Chat histories as the reply grows. Refusals surface on the first step,
