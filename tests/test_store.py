@@ -29,7 +29,7 @@ from chatbot.store import (
 from chatbot.store.db import alembic_config
 
 EXPECTED_COLUMNS = {
-    "users": {"id", "name", "role", "created_at"},
+    "users": {"id", "name", "role", "password_hash", "created_at"},
     "persona_versions": {"id", "persona_id", "content_hash", "text", "created_at"},
     "model_versions": {
         "id", "base_model", "adapter_path", "parent_id", "persona_id", "status",
@@ -43,7 +43,8 @@ EXPECTED_COLUMNS = {
         "generation_params", "prompt", "prompt_tokens", "completion_tokens", "latency_ms",
         "first_token_ms", "finish_reason", "persona_id", "persona_hash", "created_at",
     },
-    "feedback": {"id", "message_id", "user_id", "rating", "created_at", "updated_at"},
+    "feedback": {"id", "message_id", "user_id", "rating", "reason", "comment", "created_at", "updated_at"},
+    "feedback_events": {"id", "feedback_id", "message_id", "user_id", "rating", "reason", "comment", "created_at"},
 }
 
 
@@ -90,7 +91,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0002_message_persona_version",)
+                ("0003_feedback_details_and_accounts",)
             ]
     finally:
         engine.dispose()
@@ -435,3 +436,41 @@ def test_upgrade_from_the_0001_schema_keeps_data_and_backfills_persona_versions(
         assert store.get_message(new_id).persona_hash == "abc123"
     finally:
         store.close()
+
+
+def test_feedback_reason_comment_and_every_change_kept(store: ChatStore, conversation: tuple[int, int]) -> None:
+    user, conv = conversation
+    reply = store.add_message(conv, "assistant", "Arr!")
+    store.set_feedback(reply, user, 1)
+    store.set_feedback(reply, user, 1, reason="funny,in character", comment="love it")
+    store.set_feedback(reply, user, -1)  # reason and comment stay
+    store.set_feedback(reply, user, None, reason=None)  # cleared, reason removed, comment kept
+    with store.engine.connect() as conn:
+        current = conn.exec_driver_sql("SELECT rating, reason, comment FROM feedback").all()
+        events = conn.exec_driver_sql(
+            "SELECT rating, reason, comment FROM feedback_events ORDER BY id").all()
+    assert current == [(None, None, "love it")]
+    assert events == [(1, None, None), (1, "funny,in character", "love it"),
+                      (-1, "funny,in character", "love it"), (None, None, "love it")]
+
+
+def test_upgrade_from_0002_gives_existing_votes_one_event_each(db_url: str) -> None:
+    from alembic import command
+
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0002_message_persona_version")
+            conn.exec_driver_sql("INSERT INTO users (id, name, role) VALUES (1, 'old', 'user')")
+            conn.exec_driver_sql("INSERT INTO conversations (id, user_id, persona_id, persona_hash) "
+                                 "VALUES (1, 1, 'pirate', 'abc')")
+            conn.exec_driver_sql("INSERT INTO messages (id, conversation_id, role, content) "
+                                 "VALUES (1, 1, 'assistant', 'arr')")
+            conn.exec_driver_sql("INSERT INTO feedback (message_id, user_id, rating) VALUES (1, 1, -1)")
+        migrate(engine)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT message_id, user_id, rating FROM feedback_events").all() == [(1, 1, -1)]
+            assert conn.exec_driver_sql("SELECT reason, comment FROM feedback").all() == [(None, None)]
+    finally:
+        engine.dispose()

@@ -27,6 +27,7 @@ from chatbot.store.models import (
     USER_ROLES,
     Conversation,
     Feedback,
+    FeedbackEvent,
     Message,
     ModelVersion,
     PersonaVersion,
@@ -37,6 +38,9 @@ from chatbot.store.models import (
 TITLE_LENGTH = 60
 
 T = TypeVar("T")
+
+# "leave this field as it is" for optional keyword arguments where None means "clear".
+UNCHANGED = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,11 +275,15 @@ class ChatStore:
 
     # -- feedback --------------------------------------------------------
 
-    def set_feedback(self, message_id: int, user_id: int, rating: int | None) -> None:
+    def set_feedback(self, message_id: int, user_id: int, rating: int | None, *,
+                     reason: str | None | object = UNCHANGED,
+                     comment: str | None | object = UNCHANGED) -> None:
         """Set (or with ``None`` clear) a user's vote on an assistant reply.
 
         One row per (message, user): a changed vote overwrites it, a cleared
         vote keeps it with a NULL rating, and ``updated_at`` says when.
+        ``reason`` and ``comment`` stay as they were unless given. Every call
+        also appends the resulting state to ``feedback_events``.
         """
         # bool is an int subclass: True would otherwise be stored as +1.
         if rating is not None and (isinstance(rating, bool) or rating not in RATINGS):
@@ -298,13 +306,19 @@ class ChatStore:
                 )
             )
             if vote is None:
-                session.add(Feedback(message_id=message_id, user_id=user_id, rating=rating))
-            else:
-                vote.rating = rating
-                # Set explicitly: onupdate does not fire when the rating is
-                # unchanged, yet a repeated vote is still a fresh event.
-                vote.updated_at = utcnow()
+                vote = Feedback(message_id=message_id, user_id=user_id)
+                session.add(vote)
+            vote.rating = rating
+            if reason is not UNCHANGED:
+                vote.reason = reason or None
+            if comment is not UNCHANGED:
+                vote.comment = comment or None
+            # Set explicitly: onupdate does not fire when nothing changed, yet
+            # a repeated vote is still a fresh event.
+            vote.updated_at = utcnow()
             session.flush()
+            session.add(FeedbackEvent(feedback_id=vote.id, message_id=message_id, user_id=user_id,
+                                      rating=vote.rating, reason=vote.reason, comment=vote.comment))
 
         self._write_retrying(work)
 
