@@ -9,14 +9,16 @@ shared, thread-safe services.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+from . import conversation_tree as tree
 from .default_model import ModelLoadError
 from .engine import ChatEngine, GenerationParams, Reply
-from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, render
-from .prompting import Prompt, build_prompt
-from .store import ChatStore
+from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, parse_persona, render
+from .prompting import Prompt, PromptTooLong, build_prompt
+from .store import ChatStore, ConversationRecord, MessageRecord
+from .store.repository import UNCHANGED
 
 
 class ChatError(Exception):
@@ -129,15 +131,119 @@ class ChatService:
         session.turns.pop()
         return session.turns.pop().content
 
-    def vote(self, session: ChatSession, turn_index: int, rating: int | None) -> None:
-        """Record, change (+1/-1) or clear (None) the user's vote on one reply of this session."""
+    def edit(self, session: ChatSession, turn_index: int, text: str, params: GenerationParams,
+             stop: threading.Event | None = None) -> Iterator[Reply]:
+        """Replace one of the user's messages: a new branch from the turn before it, answered anew."""
+        if not 0 < turn_index < len(session.turns) or session.turns[turn_index].role != "user":
+            raise ChatError(f"message {turn_index} is not one of your messages in this conversation")
+        kept = session.turns[:turn_index]
+        removed = session.turns[turn_index:]
+        session.turns = kept
+        try:
+            yield from self.send(session, text, params, stop)
+        except (ChatError, PromptTooLong):
+            session.turns = kept + removed  # refused: the conversation stays as it was
+            raise
+
+    def vote(self, session: ChatSession, turn_index: int, rating: int | None, *,
+             reason: str | None | object = UNCHANGED, comment: str | None | object = UNCHANGED) -> None:
+        """Record, change (+1/-1) or clear (None) the user's vote on one reply of this session.
+
+        `reason` (preset tags) and `comment` are kept as they were unless given.
+        """
         if not 0 <= turn_index < len(session.turns) or session.turns[turn_index].role != "assistant":
             raise ChatError(f"message {turn_index} is not a reply in this conversation")
         message_id = session.turns[turn_index].message_id
         if message_id is None:  # the greeting of a chat that has no messages yet
             self._ensure_conversation(session)
             message_id = session.turns[turn_index].message_id
-        self.store.set_feedback(message_id, session.user_id, rating)
+        self.store.set_feedback(message_id, session.user_id, rating, reason=reason, comment=comment)
+
+    # -- the history of conversations ----------------------------------------
+
+    def conversations(self, user_id: int, search: str = "") -> list[ConversationRecord]:
+        return self.store.list_conversations(user_id, search)
+
+    def _owned(self, user_id: int, conversation_id: int) -> ConversationRecord:
+        """The conversation if it is this user's; others' look exactly like missing ones."""
+        try:
+            conversation = self.store.get_conversation(int(conversation_id))
+        except (KeyError, TypeError, ValueError):
+            conversation = None
+        if conversation is None or conversation.user_id != user_id:
+            raise ChatError(f"conversation {conversation_id} not found")
+        return conversation
+
+    def resume(self, user_id: int, conversation_id: int, user_name: str = "User") -> ChatSession:
+        """Reopen a conversation on its latest branch, with the persona version it was started with."""
+        conversation = self._owned(user_id, conversation_id)
+        library_copy = self.personas.personas.get(conversation.persona_id)
+        if library_copy is not None and library_copy.version == conversation.persona_hash:
+            persona = library_copy
+        else:  # the file changed or is gone: use the text this conversation was started with
+            text = self.store.persona_version_text(conversation.persona_id, conversation.persona_hash)
+            path = self.personas.folder / f"{conversation.persona_id}.yaml"
+            persona = LoadedPersona(conversation.persona_id, parse_persona(text, str(path)), text,
+                                    conversation.persona_hash, path)
+        session = ChatSession(user_id=user_id, persona=persona, rendered=render(persona, user_name),
+                              conversation_id=conversation.id)
+        self._show_branch(session, tree.latest_branch(self.store.conversation_messages(conversation.id)))
+        return session
+
+    def sibling_position(self, session: ChatSession, turn_index: int) -> tuple[int, int]:
+        """(1-based position, count) of a turn among its siblings; (1, 1) when it has none."""
+        turn = session.turns[turn_index]
+        if turn.message_id is None:
+            return 1, 1
+        ids = [m.id for m in tree.siblings(self.store.conversation_messages(session.conversation_id),
+                                           turn.message_id)]
+        return ids.index(turn.message_id) + 1, len(ids)
+
+    def switch_sibling(self, session: ChatSession, turn_index: int, step: int) -> None:
+        """Show the previous (-1) or next (+1) sibling of a turn, continuing along its newest replies."""
+        turn = session.turns[turn_index] if 0 <= turn_index < len(session.turns) else None
+        if turn is None or turn.message_id is None:
+            raise ChatError("that message has no other versions")
+        messages = self.store.conversation_messages(session.conversation_id)
+        ids = [m.id for m in tree.siblings(messages, turn.message_id)]
+        target = ids.index(turn.message_id) + step
+        if not 0 <= target < len(ids):
+            raise ChatError("no more versions in that direction")
+        self._show_branch(session, tree.branch_through(messages, ids[target]))
+
+    def rename(self, user_id: int, conversation_id: int, title: str) -> None:
+        self._owned(user_id, conversation_id)
+        try:
+            self.store.rename_conversation(int(conversation_id), title)
+        except ValueError as exc:
+            raise ChatError(str(exc)) from None
+
+    def delete(self, user_id: int, conversation_id: int) -> None:
+        self._owned(user_id, conversation_id)
+        self.store.delete_conversation(int(conversation_id))
+
+    def export_conversation(self, user_id: int, conversation_id: int) -> dict:
+        """The whole conversation (every branch, with the user's votes) as JSON-ready data."""
+        conversation = self._owned(user_id, conversation_id)
+        votes = self.store.conversation_votes(conversation.id, user_id)
+
+        def message(m: MessageRecord) -> dict:
+            data = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in asdict(m).items()}
+            vote = votes.get(m.id)
+            data["feedback"] = None if vote is None else {
+                "rating": vote.rating, "reason": vote.reason, "comment": vote.comment,
+                "updated_at": vote.updated_at.isoformat()}
+            return data
+
+        return {
+            "conversation": {k: v.isoformat() if hasattr(v, "isoformat") else v
+                             for k, v in asdict(conversation).items()},
+            "persona_text": self.store.persona_version_text(conversation.persona_id, conversation.persona_hash),
+            "messages": [message(m) for m in self.store.conversation_messages(conversation.id)],
+        }
+
+    def _show_branch(self, session: ChatSession, branch: list[MessageRecord]) -> None:
+        session.turns = [Turn(m.role, m.content, m.id) for m in branch]
 
     def _stream(self, session: ChatSession, prompt: Prompt, params: GenerationParams,
                 stop: threading.Event | None) -> Iterator[Reply]:

@@ -15,11 +15,13 @@ from chatbot.store.models import (
     PersonaVersion,
     User,
 )
-from chatbot.store.repository import ChatStore, MessageRecord
+from chatbot.store.repository import ChatStore, ConversationRecord, FeedbackRecord, MessageRecord
 
 __all__ = [
     "Base",
     "ChatStore",
+    "ConversationRecord",
+    "FeedbackRecord",
     "Conversation",
     "Feedback",
     "FeedbackEvent",

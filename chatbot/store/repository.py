@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,6 +41,37 @@ T = TypeVar("T")
 
 # "leave this field as it is" for optional keyword arguments where None means "clear".
 UNCHANGED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationRecord:
+    """A conversation as stored; a detached copy of its row."""
+
+    id: int
+    user_id: int
+    persona_id: str
+    persona_hash: str
+    title: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Conversation) -> ConversationRecord:
+        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackRecord:
+    message_id: int
+    user_id: int
+    rating: int | None
+    reason: str | None
+    comment: str | None
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Feedback) -> FeedbackRecord:
+        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +192,15 @@ class ChatStore:
 
         self._write_retrying(work)
 
+    def persona_version_text(self, persona_id: str, content_hash: str) -> str:
+        """The YAML text of a persona version some conversation used; KeyError if never recorded."""
+        with self._reads.begin() as session:
+            text = session.scalar(select(PersonaVersion.text).where(
+                PersonaVersion.persona_id == persona_id, PersonaVersion.content_hash == content_hash))
+        if text is None:
+            raise KeyError(f"persona {persona_id} version {content_hash} was never recorded")
+        return text
+
     def get_or_create_model_version(
         self, base_model: str, adapter_path: str | None = None
     ) -> int:
@@ -272,6 +312,54 @@ class ChatStore:
                 .order_by(Message.id)
             )
             return [MessageRecord.from_row(row) for row in rows]
+
+    def get_conversation(self, conversation_id: int) -> ConversationRecord:
+        """Raises KeyError if there is no such conversation."""
+        with self._reads.begin() as session:
+            row = session.get(Conversation, conversation_id)
+            if row is None:
+                raise KeyError(f"conversation {conversation_id} does not exist")
+            return ConversationRecord.from_row(row)
+
+    def list_conversations(self, user_id: int, search: str = "", limit: int = 200) -> list[ConversationRecord]:
+        """A user's conversations, most recently active first; `search` matches titles and messages."""
+        query = select(Conversation).where(Conversation.user_id == user_id)
+        if search.strip():
+            pattern = f"%{search.strip()}%"
+            in_messages = select(Message.conversation_id).where(Message.content.ilike(pattern))
+            query = query.where(Conversation.title.ilike(pattern) | Conversation.id.in_(in_messages))
+        query = query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit)
+        with self._reads.begin() as session:
+            return [ConversationRecord.from_row(row) for row in session.scalars(query)]
+
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        title = " ".join(title.split())[:200]
+        if not title:
+            raise ValueError("a conversation title must not be empty")
+        with self._sessions.begin() as session:
+            row = session.get(Conversation, conversation_id)
+            if row is None:
+                raise ValueError(f"conversation {conversation_id} does not exist")
+            row.title = title
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        """Delete a conversation with its messages, votes and vote history, in one transaction."""
+        with self._sessions.begin() as session:
+            message_ids = select(Message.id).where(Message.conversation_id == conversation_id)
+            session.execute(delete(FeedbackEvent).where(FeedbackEvent.message_id.in_(message_ids)))
+            session.execute(delete(Feedback).where(Feedback.message_id.in_(message_ids)))
+            # Children first: messages.parent_id points into the same table.
+            session.execute(update(Message).where(Message.conversation_id == conversation_id)
+                            .values(parent_id=None))
+            session.execute(delete(Message).where(Message.conversation_id == conversation_id))
+            session.execute(delete(Conversation).where(Conversation.id == conversation_id))
+
+    def conversation_votes(self, conversation_id: int, user_id: int) -> dict[int, FeedbackRecord]:
+        """The user's current votes in a conversation, by message id."""
+        query = (select(Feedback).join(Message, Message.id == Feedback.message_id)
+                 .where(Message.conversation_id == conversation_id, Feedback.user_id == user_id))
+        with self._reads.begin() as session:
+            return {row.message_id: FeedbackRecord.from_row(row) for row in session.scalars(query)}
 
     # -- feedback --------------------------------------------------------
 
