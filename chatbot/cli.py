@@ -19,7 +19,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import persona_cli
+from . import feedback_cli, persona_cli
 from .settings import Settings
 
 EXIT_STARTUP = 2
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None, help="sampling seed")
     chat.add_argument("message", help="the message to send")
     persona_cli.add_parser(commands)  # with its own --personas-dir, read into Settings below
+    feedback_cli.add_parser(commands)  # with its own --db-url / --data-dir
     return parser
 
 
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_sources(overrides)
         if args.command == "personas":
             return persona_cli.run(args, settings.personas_dir)
+        if args.command == "feedback":
+            return feedback_cli.run(args, settings)
         if args.command == "serve":
             serve(settings)
         else:

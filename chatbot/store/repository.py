@@ -61,6 +61,17 @@ class ConversationRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class VoteRow:
+    """A vote with the reply it rates (and so the exact prompt that reply answered)."""
+
+    feedback: FeedbackRecord
+    message: MessageRecord
+    user_name: str
+    base_model: str | None
+    adapter_path: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class FeedbackRecord:
     message_id: int
     user_id: int
@@ -409,6 +420,29 @@ class ChatStore:
                                       rating=vote.rating, reason=vote.reason, comment=vote.comment))
 
         self._write_retrying(work)
+
+    def feedback_rows(self, persona_id: str | None = None, since: datetime | None = None,
+                      model_version_id: int | None = None, user_id: int | None = None) -> list[VoteRow]:
+        """Current votes (cleared ones included) joined with their reply and its context, oldest first."""
+        query = (
+            select(Feedback, Message, User.name, ModelVersion.base_model, ModelVersion.adapter_path)
+            .join(Message, Message.id == Feedback.message_id)
+            .join(User, User.id == Feedback.user_id)
+            .outerjoin(ModelVersion, ModelVersion.id == Message.model_version_id)
+            .order_by(Feedback.updated_at, Feedback.id)
+        )
+        if persona_id:
+            query = query.where(Message.persona_id == persona_id)
+        if since is not None:
+            query = query.where(Feedback.updated_at >= since)
+        if model_version_id is not None:
+            query = query.where(Message.model_version_id == model_version_id)
+        if user_id is not None:
+            query = query.where(Feedback.user_id == user_id)
+        with self._reads.begin() as session:
+            return [VoteRow(feedback=FeedbackRecord.from_row(f), message=MessageRecord.from_row(m),
+                            user_name=name, base_model=base, adapter_path=adapter)
+                    for f, m, name, base, adapter in session.execute(query)]
 
     def get_feedback(self, message_id: int, user_id: int) -> int | None:
         """The user's current rating of a message; None if none or cleared."""
