@@ -41,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     common.add_argument("--model-version", type=int, default=None, help="only replies of this model version id")
     export = commands.add_parser("export", parents=[common], help="write feedback as JSON Lines")
     export.add_argument("--format", choices=FORMATS, default="jsonl",
-                        help="jsonl: everything; preference: TRL chosen/rejected pairs; kto: TRL prompt/completion/label")
+                        help="jsonl: everything; preference: TRL chosen/rejected pairs; "
+                             "kto: TRL prompt/completion/label")
     export.add_argument("--out", type=Path, default=None, help="file to write (default: stdout)")
     commands.add_parser("stats", parents=[common], help="like rates per persona and model version")
     return parser
