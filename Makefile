@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench browser clean-venv
+.PHONY: install run test bench bench-store browser postgres clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,11 +36,20 @@ browser:
 	    apt-get update -q && apt-get install -y -q chromium; \
 	  else echo "The browser tests need Chromium: sudo apt-get install chromium"; exit 1; fi; }
 
-test: install browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The store's tests also run on PostgreSQL: a throwaway server on 127.0.0.1:55432
+# (data in /tmp), installed from Debian's package when missing and we are root.
+# A server of your own: PERSONA_STUDIO_TEST_PG_URL=postgresql+psycopg://... make test
+postgres:
+	@.ci/postgres.sh >/dev/null
+
+test: install browser postgres
+	PERSONA_STUDIO_TEST_PG_URL="$$(.ci/postgres.sh --url)" $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/generate.py
+
+bench-store: install postgres
+	PERSONA_STUDIO_TEST_PG_URL="$$(.ci/postgres.sh --url)" $(PY) bench/store.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -41,6 +41,11 @@ class ChatSession:
     rendered: RenderedPersona  # the persona's text for the model, macros expanded for this user
     conversation_id: int | None = None  # created by the first message, so idle visits store nothing
     turns: list[Turn] = field(default_factory=list)
+    read_only: bool = False  # an admin looking at someone else's conversation
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise ChatError("this conversation belongs to another user: you can read it, not add to it")
 
     def history(self) -> list[dict]:
         return [{"role": t.role, "content": t.content} for t in self.turns]
@@ -100,6 +105,7 @@ class ChatService:
     def send(self, session: ChatSession, text: str, params: GenerationParams,
              stop: threading.Event | None = None) -> Iterator[Reply]:
         """Store the user's message, then stream and store the reply."""
+        session.check_writable()
         text = text.strip()
         if not text:
             raise ChatError("the message is empty")
@@ -114,6 +120,7 @@ class ChatService:
     def retry(self, session: ChatSession, params: GenerationParams,
               stop: threading.Event | None = None) -> Iterator[Reply]:
         """Regenerate the last reply; the new one is stored as a sibling of the old."""
+        session.check_writable()
         if len(session.turns) < 2 or session.turns[-1].role != "assistant" \
                 or session.turns[-2].role != "user":
             raise ChatError("there is no reply to retry yet")
@@ -151,6 +158,7 @@ class ChatService:
 
         `reason` (preset tags) and `comment` are kept as they were unless given.
         """
+        session.check_writable()
         if not 0 <= turn_index < len(session.turns) or session.turns[turn_index].role != "assistant":
             raise ChatError(f"message {turn_index} is not a reply in this conversation")
         message_id = session.turns[turn_index].message_id
@@ -159,24 +167,32 @@ class ChatService:
             message_id = session.turns[turn_index].message_id
         self.store.set_feedback(message_id, session.user_id, rating, reason=reason, comment=comment)
 
+    def current_vote(self, session: ChatSession, turn_index: int) -> int | None:
+        message_id = session.turns[turn_index].message_id if 0 <= turn_index < len(session.turns) else None
+        return None if message_id is None else self.store.get_feedback(message_id, session.user_id)
+
     # -- the history of conversations ----------------------------------------
 
     def conversations(self, user_id: int, search: str = "") -> list[ConversationRecord]:
         return self.store.list_conversations(user_id, search)
 
-    def _owned(self, user_id: int, conversation_id: int) -> ConversationRecord:
-        """The conversation if it is this user's; others' look exactly like missing ones."""
+    def _owned(self, user_id: int, conversation_id: int, as_admin: bool = False) -> ConversationRecord:
+        """The conversation if it is this user's (any, for an admin); others' look like missing ones."""
         try:
             conversation = self.store.get_conversation(int(conversation_id))
         except (KeyError, TypeError, ValueError):
             conversation = None
-        if conversation is None or conversation.user_id != user_id:
+        if conversation is None or (conversation.user_id != user_id and not as_admin):
             raise ChatError(f"conversation {conversation_id} not found")
         return conversation
 
-    def resume(self, user_id: int, conversation_id: int, user_name: str = "User") -> ChatSession:
-        """Reopen a conversation on its latest branch, with the persona version it was started with."""
-        conversation = self._owned(user_id, conversation_id)
+    def resume(self, user_id: int, conversation_id: int, user_name: str = "User",
+               as_admin: bool = False) -> ChatSession:
+        """Reopen a conversation on its latest branch, with the persona version it was started with.
+
+        An admin may open anyone's (links from the Feedback tab); what they add is theirs.
+        """
+        conversation = self._owned(user_id, conversation_id, as_admin)
         library_copy = self.personas.personas.get(conversation.persona_id)
         if library_copy is not None and library_copy.version == conversation.persona_hash:
             persona = library_copy
@@ -186,7 +202,7 @@ class ChatService:
             persona = LoadedPersona(conversation.persona_id, parse_persona(text, str(path)), text,
                                     conversation.persona_hash, path)
         session = ChatSession(user_id=user_id, persona=persona, rendered=render(persona, user_name),
-                              conversation_id=conversation.id)
+                              conversation_id=conversation.id, read_only=conversation.user_id != user_id)
         self._show_branch(session, tree.latest_branch(self.store.conversation_messages(conversation.id)))
         return session
 

@@ -3,6 +3,7 @@
     persona-studio serve [--host H] [--port P] [--model M] [--db-url URL]
                          [--data-dir DIR] [--personas-dir DIR] [--dtype D]
     persona-studio chat --persona ID [--max-new-tokens N] [--seed S] "message"
+    persona-studio users add|passwd|list|set-role|remove ...   (see chatbot/users.py)
 
 Every option also reads an environment variable PERSONA_STUDIO_<NAME>
 (PERSONA_STUDIO_MODEL, PERSONA_STUDIO_DB_URL, ...); a flag wins over it.
@@ -14,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import socket
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import feedback_cli, persona_cli
+from . import feedback_cli, persona_cli, users
 from .settings import Settings
 
 EXIT_STARTUP = 2
+AUTH_MODES = ("auto", "on", "off")
 
 
 class StartupError(Exception):
@@ -40,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             flag = "--" + f.name.replace("_", "-")
             sub.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+    serve.add_argument("--auth", choices=AUTH_MODES, default=None,
+                       help="auto (default): ask to sign in when accounts exist; on: refuse to start "
+                            "without accounts; off: run as the one local user (--user) regardless")
     chat.add_argument("--persona", required=True, help="persona id (file name without .yaml)")
     chat.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit in tokens")
     chat.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -47,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("message", help="the message to send")
     persona_cli.add_parser(commands)  # with its own --personas-dir, read into Settings below
     feedback_cli.add_parser(commands)  # with its own --db-url / --data-dir
+    users.add_parser(commands)  # with its own --db-url / --data-dir
     return parser
 
 
@@ -90,17 +97,27 @@ def build_service(settings: Settings):
     return ChatService(engine, personas, store)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, auth: str = "auto") -> None:
     check_data_dir(settings.data_dir)
     check_port(settings.host, settings.port)
     service = build_service(settings)
     from .ui import build_app
+    from .ui.identity import Identity
 
-    app = build_app(service, settings.user)
-    print(f"Persona Studio on http://{settings.host}:{settings.port} "
+    identity = Identity.for_store(service.store, settings.user, auth)
+    app = build_app(service, identity)
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"Persona Studio on {url} "
           f"(model {service.engine.model_id}, {service.engine.model.dtype}, db {settings.database_url})",
           flush=True)
-    app.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    if identity.accounts_enabled:
+        print(f"accounts enabled: sign in at {url}", flush=True)
+    else:
+        print(f"no accounts: everyone is the local user {settings.user!r} "
+              "(`persona-studio users add` creates accounts)", flush=True)
+    app.launch(server_name=settings.host, server_port=settings.port, show_error=True,
+               auth=identity.authenticate_async if identity.accounts_enabled else None,
+               auth_message="Persona Studio: sign in with your account.")
 
 
 def chat(settings: Settings, args) -> None:
@@ -132,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             return persona_cli.run(args, settings.personas_dir)
         if args.command == "feedback":
             return feedback_cli.run(args, settings)
+        if args.command == "users":
+            return users.run(args, settings)
         if args.command == "serve":
-            serve(settings)
+            serve(settings, args.auth or os.environ.get("PERSONA_STUDIO_AUTH") or "auto")
         else:
             chat(settings, args)
     except (StartupError, ValueError) as exc:

@@ -8,6 +8,8 @@ directory and SQLite file under tmp_path, with the converted model linked in.
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,10 @@ from chatbot.store import ChatStore
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = REPO / ".test-cache" / "data"
+# The PostgreSQL server the store tests use (`make test` and .ci/postgres.sh
+# set it). Read at import: _isolated_environment removes PERSONA_STUDIO_*
+# variables from every test's environment.
+TEST_PG_URL = os.environ.get("PERSONA_STUDIO_TEST_PG_URL", "")
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +74,60 @@ def service(engine, personas, store):
     from chatbot.chat import ChatService
 
     return ChatService(engine, personas, store)
+
+
+# -- databases: the store's tests run on SQLite and on PostgreSQL ------------
+
+
+@pytest.fixture(scope="session")
+def _pg_admin():
+    """An autocommit connection to the test server, for CREATE/DROP DATABASE."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if not TEST_PG_URL:
+        pytest.fail(
+            "PERSONA_STUDIO_TEST_PG_URL is not set: the store tests also run on PostgreSQL. "
+            "Run them through `make test`, or start a throwaway server with "
+            '`eval "$(.ci/postgres.sh)"` and run pytest again.',
+            pytrace=False,
+        )
+    engine = create_engine(TEST_PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        connection = engine.connect()
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        pytest.fail(
+            f"cannot reach PERSONA_STUDIO_TEST_PG_URL ({engine.url!r}): {exc.orig or exc}. "
+            "Is the server up? `make postgres` or `.ci/postgres.sh` starts the test server.",
+            pytrace=False,
+        )
+    yield connection
+    connection.close()
+    engine.dispose()
+
+
+@pytest.fixture
+def postgres_url(_pg_admin) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped after the test."""
+    from sqlalchemy import make_url
+
+    name = f"persona_studio_test_{uuid.uuid4().hex[:12]}"
+    _pg_admin.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(TEST_PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        # FORCE: a test that failed half-way may have left a connection open.
+        _pg_admin.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request, tmp_path) -> str:
+    """An empty database on each backend: a SQLite file, then a PostgreSQL database.
+
+    A test that takes it runs twice (ids ``[sqlite]`` and ``[postgresql]``).
+    Without a PostgreSQL server the second run fails, saying how to get one.
+    """
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chat.db'}"
+    return request.getfixturevalue("postgres_url")

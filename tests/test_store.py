@@ -1,4 +1,9 @@
-"""The chat store against a real SQLite file: schema, records, votes, threads."""
+"""The chat store on a real SQLite file and a real PostgreSQL database: schema, records, votes, threads.
+
+Tests that take ``db_url`` (or ``store``) run once per backend; those about
+SQLite's own machinery (WAL, pragmas, in-memory databases, its lock) take
+``sqlite_url`` and run on SQLite only.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import event, func, inspect, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from chatbot.store import (
@@ -49,7 +55,13 @@ EXPECTED_COLUMNS = {
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def db_url(any_db_url: str) -> str:
+    """An empty database, SQLite and then PostgreSQL (see conftest.any_db_url)."""
+    return any_db_url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'chat.db'}"
 
 
@@ -67,9 +79,29 @@ def conversation(store: ChatStore) -> tuple[int, int]:
     return user_id, store.create_conversation(user_id, "pirate", "hash1")
 
 
-def _schema(url: str) -> list[tuple]:
-    with sqlite3.connect(url.removeprefix("sqlite:///")) as raw:
-        return raw.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+def _schema(engine) -> dict[str, tuple]:
+    """Tables with their columns, indexes, constraints and foreign keys, as reflected."""
+    inspector = inspect(engine)
+    schema = {}
+    for table in sorted(inspector.get_table_names()):
+        with warnings.catch_warnings():
+            # SQLite cannot reflect the expression index on model_versions.
+            warnings.filterwarnings("ignore", "Skipped unsupported reflection")
+            schema[table] = _table_schema(inspector, table)
+    return schema
+
+
+def _table_schema(inspector, table: str) -> tuple:
+    return (
+        [(c["name"], str(c["type"]), c["nullable"], c.get("default"))
+         for c in inspector.get_columns(table)],
+        sorted((i["name"], tuple(map(str, i["column_names"])), i["unique"])
+               for i in inspector.get_indexes(table)),
+        sorted((u["name"], tuple(u["column_names"])) for u in inspector.get_unique_constraints(table)),
+        sorted((f["name"], tuple(f["constrained_columns"]), f["referred_table"])
+               for f in inspector.get_foreign_keys(table)),
+        sorted((c["name"], c["sqltext"]) for c in inspector.get_check_constraints(table)),
+    )
 
 
 # -- migrations ------------------------------------------------------------
@@ -102,7 +134,8 @@ def test_models_agree_with_migrations(db_url: str) -> None:
     try:
         migrate(engine)
         with engine.connect() as conn, warnings.catch_warnings():
-            # SQLite cannot reflect the expression index on model_versions.
+            # SQLite cannot reflect the expression index on model_versions
+            # (PostgreSQL can, and it is compared there).
             warnings.simplefilter("ignore")
             context = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": True}
@@ -116,9 +149,9 @@ def test_migrate_twice_is_a_no_op(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
         migrate(engine)
-        before = _schema(db_url)
+        before = _schema(engine)
         migrate(engine)
-        assert _schema(db_url) == before
+        assert _schema(engine) == before
     finally:
         engine.dispose()
 
@@ -136,11 +169,26 @@ def test_downgrade_to_base_and_back(db_url: str) -> None:
         engine.dispose()
 
 
-def test_sqlite_runs_in_wal_mode_with_foreign_keys(store: ChatStore) -> None:
-    with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_url: str) -> None:
+    store = ChatStore.open(sqlite_url)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    finally:
+        store.close()
+
+
+def test_sqlite_busy_timeout_comes_from_the_url(sqlite_url: str) -> None:
+    store = ChatStore.open(sqlite_url + "?timeout=2.5")
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2500
+    finally:
+        store.close()
+    with pytest.raises(StoreError, match="timeout must be a number of seconds"):
+        ChatStore.open(sqlite_url + "?timeout=soon")
 
 
 def test_unreachable_database_raises_store_error() -> None:
@@ -152,22 +200,37 @@ def test_unreachable_database_raises_store_error() -> None:
 
 
 def test_store_error_hides_the_password() -> None:
-    # No PostgreSQL driver or server here; either failure must hide the secret.
+    # Nothing listens on port 1: the connection is refused, the secret stays hidden.
     with pytest.raises(StoreError) as info:
         ChatStore.open("postgresql://bob:s3cret@127.0.0.1:1/chat")
-    assert str(info.value).startswith("cannot open database postgresql://bob:***@")
+    assert str(info.value).startswith("cannot open database postgresql+psycopg://bob:***@")
     assert "s3cret" not in str(info.value)
+
+
+def test_a_bare_postgresql_url_uses_psycopg_3(postgres_url: str) -> None:
+    """SQLAlchemy's default driver for postgresql:// is psycopg2, which is not installed."""
+    bare = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    store = ChatStore.open(bare)
+    try:
+        assert store.engine.dialect.driver == "psycopg"
+        assert store.get_or_create_user("alice") == 1
+    finally:
+        store.close()
 
 
 def test_newer_schema_than_the_code_raises_store_error(db_url: str) -> None:
     ChatStore.open(db_url).close()
-    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as raw:
-        raw.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999_future'")
+    finally:
+        engine.dispose()
     with pytest.raises(StoreError, match="^cannot open database .*9999_future"):
         ChatStore.open(db_url)
 
 
-def test_in_memory_database_keeps_its_schema() -> None:
+def test_in_memory_database_keeps_its_schema() -> None:  # SQLite only
     store = ChatStore.open("sqlite://")
     try:
         user_id = store.get_or_create_user("alice")
@@ -325,44 +388,82 @@ def test_model_and_user_get_or_create_are_idempotent(store: ChatStore) -> None:
         store.get_or_create_user("carol", "root")
 
 
+def test_the_database_refuses_a_second_bare_base_model(store: ChatStore) -> None:
+    """The expression index on coalesce(adapter_path, ''): NULLs count as equal there."""
+    store.get_or_create_model_version("smollm2")
+    with pytest.raises(IntegrityError), store.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO model_versions (base_model, status) VALUES ('smollm2', 'serving')")
+
+
 def test_reads_do_not_wait_for_a_writer(store: ChatStore, conversation, db_url: str) -> None:
     _, conv = conversation
     message_id = store.add_message(conv, "user", "hi")
-    writer = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
-    try:
+    if db_url.startswith("sqlite"):
+        writer = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
         writer.execute("BEGIN IMMEDIATE")
-        assert store.get_message(message_id).content == "hi"
-        assert len(store.conversation_messages(conv)) == 1
+        try:
+            assert store.get_message(message_id).content == "hi"
+            assert len(store.conversation_messages(conv)) == 1
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        return
+    # A writer mid-transaction on the very rows read, holding the strongest
+    # table lock that still lets plain SELECTs through.
+    other = make_engine(db_url)
+    try:
+        with other.connect() as writer:
+            writer.exec_driver_sql("LOCK TABLE messages, conversations IN EXCLUSIVE MODE")
+            writer.exec_driver_sql(f"UPDATE messages SET content = 'changing' WHERE id = {message_id}")
+            assert store.get_message(message_id).content == "hi"
+            assert len(store.conversation_messages(conv)) == 1
+            writer.rollback()
     finally:
-        writer.execute("ROLLBACK")
-        writer.close()
+        other.dispose()
 
 
 def test_upsert_retries_after_losing_a_unique_key_race(
     store: ChatStore, conversation: tuple[int, int]
 ) -> None:
-    """PostgreSQL's race, staged on SQLite (whose writers queue instead).
+    """Just before the store inserts the vote, a competitor inserts the same row.
 
-    Just before the store inserts the vote, a "competitor" inserts the same
-    (message, user) row: the insert hits the unique key, and the store must
-    retry rather than surface the IntegrityError.
+    On PostgreSQL the competitor is another connection that commits first, a
+    real race. SQLite's writers queue instead, so there it is staged on the
+    store's own connection. Either way the insert hits the unique key and the
+    store must retry rather than surface the IntegrityError.
     """
     user_id, conv = conversation
     reply = store.add_message(conv, "assistant", "Arr.")
     raced: list[str] = []
+    competitor = None
+    if store.engine.dialect.name != "sqlite":
+        competitor = make_engine(store.engine.url.render_as_string(hide_password=False))
 
     @event.listens_for(store.engine, "before_cursor_execute")
     def compete(conn, cursor, statement, parameters, context, executemany) -> None:
-        if statement.startswith("INSERT INTO feedback") and not raced:
+        if statement.startswith("INSERT INTO feedback ") and not raced:
             raced.append(statement)
-            conn.connection.driver_connection.execute(
-                "INSERT INTO feedback (message_id, user_id, rating) VALUES (?, ?, 1)",
-                (reply, user_id),
-            )
+            if competitor is None:
+                conn.connection.driver_connection.execute(
+                    "INSERT INTO feedback (message_id, user_id, rating) VALUES (?, ?, 1)",
+                    (reply, user_id),
+                )
+            else:
+                with competitor.begin() as other:
+                    other.exec_driver_sql(
+                        "INSERT INTO feedback (message_id, user_id, rating) "
+                        f"VALUES ({reply}, {user_id}, 1)"
+                    )
 
-    store.set_feedback(reply, user_id, -1)
+    try:
+        store.set_feedback(reply, user_id, -1)
+    finally:
+        if competitor is not None:
+            competitor.dispose()
     assert raced
     assert store.get_feedback(reply, user_id) == -1
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM feedback").scalar() == 1
 
 
 # -- concurrency -----------------------------------------------------------
@@ -417,12 +518,13 @@ def test_upgrade_from_the_0001_schema_keeps_data_and_backfills_persona_versions(
     try:
         with engine.begin() as conn:
             command.upgrade(alembic_config(conn), "0001_initial")
-            conn.exec_driver_sql("INSERT INTO users (id, name, role) VALUES (1, 'old', 'user')")
+            # No explicit ids: PostgreSQL's sequences would not know about them.
+            conn.exec_driver_sql("INSERT INTO users (name, role) VALUES ('old', 'user')")
             conn.exec_driver_sql(
-                "INSERT INTO conversations (id, user_id, persona_id, persona_hash) "
-                "VALUES (1, 1, 'pirate', 'abc123')")
+                "INSERT INTO conversations (user_id, persona_id, persona_hash) "
+                "VALUES (1, 'pirate', 'abc123')")
             conn.exec_driver_sql(
-                "INSERT INTO messages (id, conversation_id, role, content) VALUES (1, 1, 'user', 'ahoy')")
+                "INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'ahoy')")
         migrate(engine)
         columns = {c["name"] for c in inspect(engine).get_columns("messages")}
         assert columns == EXPECTED_COLUMNS["messages"]
@@ -461,11 +563,11 @@ def test_upgrade_from_0002_gives_existing_votes_one_event_each(db_url: str) -> N
     try:
         with engine.begin() as conn:
             command.upgrade(alembic_config(conn), "0002_message_persona_version")
-            conn.exec_driver_sql("INSERT INTO users (id, name, role) VALUES (1, 'old', 'user')")
-            conn.exec_driver_sql("INSERT INTO conversations (id, user_id, persona_id, persona_hash) "
-                                 "VALUES (1, 1, 'pirate', 'abc')")
-            conn.exec_driver_sql("INSERT INTO messages (id, conversation_id, role, content) "
-                                 "VALUES (1, 1, 'assistant', 'arr')")
+            conn.exec_driver_sql("INSERT INTO users (name, role) VALUES ('old', 'user')")
+            conn.exec_driver_sql("INSERT INTO conversations (user_id, persona_id, persona_hash) "
+                                 "VALUES (1, 'pirate', 'abc')")
+            conn.exec_driver_sql("INSERT INTO messages (conversation_id, role, content) "
+                                 "VALUES (1, 'assistant', 'arr')")
             conn.exec_driver_sql("INSERT INTO feedback (message_id, user_id, rating) VALUES (1, 1, -1)")
         migrate(engine)
         with engine.connect() as conn:

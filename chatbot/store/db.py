@@ -11,7 +11,17 @@ SQLite is the default backend and gets two things here:
   concurrent writers queue. Read-only work can ask for a deferred BEGIN with
   the execution option ``sqlite_begin="DEFERRED"`` (WAL readers never wait).
 
-PostgreSQL, reached through the same URL setting, needs neither.
+With those, a write can only meet a lock at its BEGIN. It waits there up to
+the busy timeout (30 s, or ``?timeout=SECONDS`` in the URL); should the lock
+still be held, or SQLite report "locked" without waiting (it does in some
+cases), the BEGIN is retried a few times with backoff, and only then does the
+write fail, with a StoreError saying the database is busy.
+
+PostgreSQL, reached through the same URL setting, needs none of that. A bare
+``postgresql://`` URL uses psycopg 3 (a dependency), not SQLAlchemy's default
+psycopg2. Its pool holds a connection for every worker thread that may write
+at once, and its transient errors (deadlock, serialization failure) are
+retried by the store's write helper; ``is_transient`` recognises them.
 
 ``sqlite://`` (in memory) works for single-threaded tests: one shared
 connection, so concurrent transactions are not supported there.
@@ -19,6 +29,8 @@ connection, so concurrent transactions are not supported there.
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +41,12 @@ from alembic.config import Config
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -37,8 +54,24 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=30000",
 )
+# Seconds a write waits for SQLite's lock before the first retry; a URL's
+# ``?timeout=`` overrides it.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+# Retries of a write that met a transient conflict (a SQLite BEGIN IMMEDIATE
+# that found the database locked, a PostgreSQL deadlock), and the first backoff
+# (doubled each time, with jitter so that queued writers spread out).
+WRITE_RETRIES = 3
+RETRY_BACKOFF_S = 0.1
+
+# PostgreSQL connections kept open, and the extra ones opened under load: 40
+# in all, the number of worker threads Gradio runs handlers on (anyio's default).
+PG_POOL_SIZE = 10
+PG_POOL_OVERFLOW = 30
+
+# PostgreSQL SQLSTATEs after which the transaction was rolled back and running
+# it again is safe: serialization_failure, deadlock_detected.
+PG_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
 
 
 class StoreError(Exception):
@@ -55,6 +88,26 @@ def _short_reason(exc: BaseException) -> str:
 
 def _safe(url: URL) -> str:
     return url.render_as_string(hide_password=True)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed write was rolled back by a passing conflict and may be run again.
+
+    True for PostgreSQL deadlocks and serialization failures and for SQLite's
+    "database is locked" (SQLITE_BUSY). Never for lost connections: a COMMIT whose
+    answer was lost may have happened, and running it again would write twice.
+    """
+    if not isinstance(exc, OperationalError):
+        return False
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in PG_TRANSIENT_SQLSTATES:
+        return True
+    return "database is locked" in str(orig)
+
+
+def sleep_before_retry(attempt: int) -> None:
+    """Back off before retry ``attempt`` (0-based): doubling, with jitter."""
+    time.sleep(RETRY_BACKOFF_S * (2**attempt) * random.uniform(0.5, 1.5))
 
 
 @contextmanager
@@ -79,25 +132,51 @@ def make_engine(url: str) -> Engine:
         # Do not echo the string: it may hold a password.
         raise StoreError("cannot open database: not a valid database URL") from exc
 
-    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; psycopg 3 is the
+        # one this package depends on.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+
+    backend = parsed.get_backend_name()
     kwargs: dict[str, Any] = {}
-    if is_sqlite:
-        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    busy_timeout = SQLITE_BUSY_TIMEOUT_S
+    if backend == "sqlite":
+        try:
+            busy_timeout = float(parsed.query.get("timeout", SQLITE_BUSY_TIMEOUT_S))
+        except (TypeError, ValueError) as exc:
+            raise StoreError(
+                f"cannot open database {_safe(parsed)}: timeout must be a number of seconds"
+            ) from exc
+        parsed = parsed.difference_update_query(["timeout"])
+        kwargs["connect_args"] = {"timeout": busy_timeout, "check_same_thread": False}
         if parsed.database in (None, "", ":memory:"):
             # An in-memory database lives and dies with its connection: share
             # one, or each pooled connection would see an empty database.
             # Good for single-threaded tests only.
             kwargs["poolclass"] = StaticPool
+    elif backend == "postgresql":
+        # A long-lived app outlives server restarts and idle-connection reaping:
+        # check a pooled connection before handing it out.
+        kwargs["pool_pre_ping"] = True
+        # A connection for every worker thread that may write at once. Waiting
+        # for the pool is not first come, first served (a thread that returns
+        # a connection may take it straight back): with 32 writers and
+        # SQLAlchemy's default 5 + 10, one waited past the 30 s pool timeout
+        # and failed (bench/store.py).
+        kwargs["pool_size"] = PG_POOL_SIZE
+        kwargs["max_overflow"] = PG_POOL_OVERFLOW
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as exc:
         raise StoreError(f"cannot open database {_safe(parsed)}: {_short_reason(exc)}") from exc
-    if is_sqlite:
-        _configure_sqlite(engine)
+    if backend == "sqlite":
+        _configure_sqlite(engine, busy_timeout)
     return engine
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, busy_timeout: float) -> None:
+    pragmas = (*SQLITE_PRAGMAS, f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module, which would
@@ -105,7 +184,7 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            for pragma in SQLITE_PRAGMAS:
+            for pragma in pragmas:
                 cursor.execute(pragma)
         finally:
             cursor.close()
@@ -115,7 +194,24 @@ def _configure_sqlite(engine: Engine) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
         if mode not in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
             raise ValueError(f"sqlite_begin must be DEFERRED/IMMEDIATE/EXCLUSIVE, not {mode!r}")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        # Each attempt already waited up to the busy timeout inside SQLite.
+        # Nothing has been done in the transaction yet, so trying again is safe.
+        for attempt in range(WRITE_RETRIES + 1):
+            try:
+                conn.exec_driver_sql(f"BEGIN {mode}")
+                return
+            except OperationalError as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == WRITE_RETRIES:
+                    # StoreError, not OperationalError: the store's write helper
+                    # must not start this whole wait over again.
+                    raise StoreError(
+                        f"database {_safe(engine.url)} is busy: another connection held "
+                        f"its write lock through {WRITE_RETRIES + 1} waits of "
+                        f"{busy_timeout:g} s; try again"
+                    ) from exc
+                sleep_before_retry(attempt)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

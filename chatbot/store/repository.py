@@ -17,10 +17,16 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, delete, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from chatbot.store.db import make_engine, migrate
+from chatbot.store.db import (
+    WRITE_RETRIES,
+    is_transient,
+    make_engine,
+    migrate,
+    sleep_before_retry,
+)
 from chatbot.store.models import (
     MESSAGE_ROLES,
     RATINGS,
@@ -149,17 +155,29 @@ class ChatStore:
     # -- shared helpers -------------------------------------------------
 
     def _write_retrying(self, work: Callable[[Session], T]) -> T:
-        """Run ``work`` in a transaction; once more if a unique key raced.
+        """Run ``work`` in a transaction; again if it lost a race.
 
-        The second run sees the competing writer's committed row. A second
-        IntegrityError is a real error and propagates.
+        A unique key raced (IntegrityError): once more, and that run sees the
+        competing writer's committed row; a second IntegrityError is a real
+        error and propagates. A transient conflict (a PostgreSQL deadlock or
+        serialization failure; see ``db.is_transient``), which rolled the
+        transaction back: up to WRITE_RETRIES more times, with backoff.
         """
-        try:
-            with self._sessions.begin() as session:
-                return work(session)
-        except IntegrityError:
-            with self._sessions.begin() as session:
-                return work(session)
+        unique_raced = False
+        attempt = 0
+        while True:
+            try:
+                with self._sessions.begin() as session:
+                    return work(session)
+            except IntegrityError:
+                if unique_raced:
+                    raise
+                unique_raced = True
+            except OperationalError as exc:
+                if attempt == WRITE_RETRIES or not is_transient(exc):
+                    raise
+                sleep_before_retry(attempt)
+                attempt += 1
 
     # -- users, personas, models ----------------------------------------
 

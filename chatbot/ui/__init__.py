@@ -1,4 +1,4 @@
-"""The browser UI: `build_app(service, user)` returns the Gradio Blocks."""
+"""The browser UI: `build_app(service, identity)` returns the Gradio Blocks."""
 
 from .app import build_app
 

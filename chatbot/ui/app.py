@@ -1,20 +1,41 @@
-"""Assembles the tabs into one Gradio Blocks app; each tab is its own module."""
+"""Assembles the tabs into one Gradio Blocks app; each tab is its own module.
+
+Who is asking is resolved per request by an `Identity` (see identity.py):
+the signed-in account, or the one local user of an app without accounts.
+"""
 
 from __future__ import annotations
+
+import html
 
 import gradio as gr
 
 from ..chat import ChatService
-from . import chat_tab, personas_tab
+from . import chat_tab, feedback_tab, personas_tab
+from .identity import Identity
 
 
-def build_app(service: ChatService, user: str) -> gr.Blocks:
+def build_app(service: ChatService, identity: Identity | str) -> gr.Blocks:
+    """The app; ``identity`` may be a plain name: everyone is that local user (no accounts)."""
+    if isinstance(identity, str):
+        identity = Identity.local(service.store, identity)
     with gr.Blocks(title="Persona Studio") as app:
-        gr.Markdown("## Persona Studio")
+        with gr.Row():
+            gr.Markdown("## Persona Studio")
+            signed_in = gr.Markdown(elem_id="signed-in")
         with gr.Tab("Chat", elem_id="chat-tab"):
-            chat_tab.create(app, service, user)
-        # Editing personas will be an admin action; for now everyone is the one local user.
+            chat_tab.create(app, service, identity)
         with gr.Tab("Personas", elem_id="personas-tab"):
-            personas_tab.create(app, service, user)
+            personas_tab.create(app, service, identity)
+        with gr.Tab("Feedback", elem_id="feedback-tab") as feedback:
+            feedback_tab.create(app, service, identity, feedback)
+
+        def on_load(request: gr.Request) -> str:
+            if not identity.accounts_enabled:
+                return ""
+            who = identity.current(request)
+            return f"Signed in as **{html.escape(who.name)}** ({who.role}) · [Sign out](logout)"
+
+        app.load(on_load, None, signed_in, api_visibility="private")
     app.queue(default_concurrency_limit=4)
     return app

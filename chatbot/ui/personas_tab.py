@@ -5,6 +5,11 @@ file survive, see `persona_files.update_persona_text`); "Save YAML" writes the
 raw text as typed. Both validate first and write atomically. "Try it" streams
 a reply from the persona as it is in the form, without saving or storing
 anything. Per-user state (which persona is open, as read) is a gr.State.
+
+Everyone may browse personas and try them; writing (Save, Save YAML, New,
+Duplicate, Delete) is for admins. The check is in each write handler, on the
+server, so a call to the API is refused like a click is; for non-admins the
+buttons are also disabled when the page loads.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..persona_files import archive_persona, create_persona, duplicate_persona, 
 from ..personas import LoadedPersona, Persona, PersonaError, PersonaLibrary, content_hash, parse_persona, render
 from ..prompting import PromptTooLong
 from .chat_tab import StopSignal
+from .identity import CurrentUser, Identity, NotAllowed
 
 TEXT_FIELDS = ["name", "description", "system_prompt", "greeting", "alternate_greetings", "scenario",
                "example_dialogue", "post_history_instructions", "tags"]
@@ -36,7 +42,9 @@ class Refusal(Exception):
     """A request the tab turns down; the message is shown and nothing changes."""
 
 
-REFUSALS = (Refusal, PersonaError, ChatError, PromptTooLong)
+REFUSALS = (Refusal, NotAllowed, PersonaError, ChatError, PromptTooLong)
+EDIT_ACTION = "edit personas"  # "Only admins can edit personas."
+
 WARNING_SECONDS = 20  # validator messages can be long
 
 
@@ -220,7 +228,7 @@ def _open(library: PersonaLibrary, persona_id: str, broken: dict[str, str]) -> E
 
 # ---------------------------------------------------------------- the tab
 
-def create(app: gr.Blocks, service: ChatService, user: str) -> None:
+def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     library = service.personas
 
     editing_state = gr.State(None)
@@ -241,6 +249,7 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
                 reload = gr.Button("Reload", size="md", min_width=60, elem_id="persona-reload")
                 delete = gr.Button("Delete", variant="stop", size="md", min_width=60, elem_id="persona-delete")
     status = gr.Markdown(elem_id="persona-status")
+    rights = gr.Markdown(visible=False, elem_id="persona-rights")
 
     with gr.Row():
         with gr.Column(scale=3):
@@ -298,8 +307,8 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
             post_history, tags, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed]
     view = [editing_state, gallery, problems, picker, status, *form, raw, try_chat]
 
-    def show(persona_id: str | None) -> list:
-        """Everything the tab shows, with `persona_id` open (re-read from disk)."""
+    def show(persona_id: str | None, who: CurrentUser) -> list:
+        """Everything the tab shows to `who`, with `persona_id` open (re-read from disk)."""
         library.refresh()
         broken = _broken(library)
         ids = list(library.personas) + list(broken)
@@ -315,7 +324,7 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
             state_line = f"⚠ `{editing.id}.yaml` does not load: {_escape(editing.problem)} Fix it in **Raw YAML**."
         else:
             state_line = f"Editing `{loaded.path.name}` (version {loaded.version})"
-        greeting_text = render(loaded, user).greetings[0] if loaded else None
+        greeting_text = render(loaded, who.name).greetings[0] if loaded else None
         return [editing, gr.Gallery(value=thumbs, selected_index=selected), _problems(broken),
                 gr.Dropdown(choices=_choices(library, broken), value=persona_id), state_line,
                 *form_values(loaded.persona if loaded else None), editing.text if editing else "",
@@ -328,27 +337,39 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
             raise Refusal(f"{editing.id}.yaml does not load; fix it in Raw YAML first.")
         return editing
 
-    def on_load():
-        return show(None)
+    def admin(request: gr.Request) -> CurrentUser:
+        """The first line of every write handler: NotAllowed (a warning) for non-admins."""
+        return identity.require_admin(request, EDIT_ACTION)
 
-    def on_pick(persona_id):
-        return show(persona_id)
+    def on_load(request: gr.Request):
+        return show(None, identity.current(request))
 
-    def on_gallery(editing, evt: gr.SelectData):
+    def on_rights(request: gr.Request):
+        """Non-admins get the write buttons disabled and a line saying why."""
+        allowed = identity.current(request).is_admin
+        note = gr.Markdown("Only admins can edit personas; you can browse them and try them.",
+                           visible=not allowed)
+        return [note] + [gr.Button(interactive=allowed) for _ in write_buttons]
+
+    def on_pick(request: gr.Request, persona_id):
+        return show(persona_id, identity.current(request))
+
+    def on_gallery(request: gr.Request, editing, evt: gr.SelectData):
         ids = list(library.personas)
         return show(ids[evt.index] if isinstance(evt.index, int) and evt.index < len(ids) else
-                    (editing.id if editing else None))
+                    (editing.id if editing else None), identity.current(request))
 
-    def on_reload(editing):
-        return show(editing.id if editing else None)
+    def on_reload(request: gr.Request, editing):
+        return show(editing.id if editing else None, identity.current(request))
 
     @refusing(len(view))
-    def on_save(editing, *values):
+    def on_save(request: gr.Request, editing, *values):
+        who = admin(request)
         editing = require(editing, loadable=True)
         changes = form_changes(editing.loaded.persona, list(values))
         if not changes:
             gr.Info("Nothing changed.")
-            return show(editing.id)
+            return show(editing.id, who)
         try:
             current = library.path_for(editing.id).read_text(encoding="utf-8")
         except OSError:
@@ -359,36 +380,40 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
         merged = " (merged with changes made to the file since you opened it)" \
             if content_hash(current) != editing.version else ""
         gr.Info(f"Saved {saved.path.name}: {', '.join(changes)}{merged}. New chats use it.")
-        return show(saved.id)
+        return show(saved.id, who)
 
     @refusing(len(view))
-    def on_save_raw(editing, text):
+    def on_save_raw(request: gr.Request, editing, text):
+        who = admin(request)
         editing = require(editing)
         saved = save_persona(library, editing.id, text or "", expected_version=editing.version)
         gr.Info(f"Saved {saved.path.name}. New chats use it.")
-        return show(saved.id)
+        return show(saved.id, who)
 
     @refusing(1 + len(view))
-    def on_new(persona_id):
+    def on_new(request: gr.Request, persona_id):
+        who = admin(request)
         created = create_persona(library, (persona_id or "").strip())
         gr.Info(f"Created {created.path.name} from the template.")
-        return ["", *show(created.id)]
+        return ["", *show(created.id, who)]
 
     @refusing(1 + len(view))
-    def on_duplicate(editing, persona_id):
+    def on_duplicate(request: gr.Request, editing, persona_id):
+        who = admin(request)
         editing = require(editing, loadable=True)
         copy = duplicate_persona(library, editing.id, (persona_id or "").strip())
         gr.Info(f"Duplicated {editing.id} as {copy.path.name}.")
-        return ["", *show(copy.id)]
+        return ["", *show(copy.id, who)]
 
     @refusing(len(view))
-    def on_delete(persona_id, editing):
+    def on_delete(request: gr.Request, persona_id, editing):
+        who = admin(request)
         if not persona_id:  # the confirmation was cancelled
             return [gr.skip()] * len(view)
         moved = archive_persona(library, persona_id)
         gr.Info(f"Moved {persona_id}.yaml to {moved[0].parent.name}/{moved[0].name}; "
                 "move it back to restore it.")
-        return show(None)
+        return show(None, who)
 
     def draft(editing: Editing | None, values) -> LoadedPersona:
         """The persona as it is in the form, parsed but not saved."""
@@ -398,9 +423,10 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
         return LoadedPersona(id=editing.id, persona=persona, text=text, version=content_hash(text),
                              path=editing.loaded.path)
 
-    def on_try(message, editing, signal, *values):
+    def on_try(request: gr.Request, message, editing, signal, *values):
         signal.event.clear()
         try:
+            user = identity.current(request).name
             loaded = draft(editing, values)
             history = [{"role": "assistant", "content": render(loaded, user).greetings[0]},
                        {"role": "user", "content": (message or "").strip()}]
@@ -413,7 +439,9 @@ def create(app: gr.Blocks, service: ChatService, user: str) -> None:
     def on_stop(signal):
         signal.event.set()
 
+    write_buttons = [save, save_raw, new, duplicate, delete]
     app.load(on_load, None, view)
+    app.load(on_rights, None, [rights, *write_buttons])
     picker.input(on_pick, picker, view)
     gallery.select(on_gallery, editing_state, view)
     reload.click(on_reload, editing_state, view)

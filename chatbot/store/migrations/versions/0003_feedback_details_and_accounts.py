@@ -23,6 +23,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # This revision's id has 34 characters and Alembic's version column holds
+    # 32. SQLite ignores the length; PostgreSQL does not. Widen it first: the
+    # new version is written after this function, in the same transaction.
+    if op.get_bind().dialect.name != "sqlite":
+        op.alter_column(
+            "alembic_version", "version_num",
+            type_=sa.String(128), existing_type=sa.String(32), existing_nullable=False,
+        )
     op.add_column("users", sa.Column("password_hash", sa.String(255), nullable=True))
     op.add_column("feedback", sa.Column("reason", sa.String(200), nullable=True))
     op.add_column("feedback", sa.Column("comment", sa.Text(), nullable=True))
@@ -49,6 +57,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # alembic_version.version_num stays wide: harmless, and shrinking it back
+    # would fail if a longer id were ever stamped.
     op.drop_index("ix_feedback_events_feedback_id", table_name="feedback_events")
     op.drop_table("feedback_events")
     with op.batch_alter_table("feedback") as batch:

@@ -1,0 +1,122 @@
+"""Who is asking: the signed-in account, or the one local user of an app without accounts.
+
+Handlers ask per request, never at build time: the Blocks are built once and
+shared by everyone. Add a ``request: gr.Request`` parameter to the handler
+(Gradio fills it in; clients cannot) and call ``identity.current(request)``.
+
+With accounts, Gradio's login page has put the name in ``request.username``;
+the role and id are read from the database on every call, so
+``persona-studio users set-role`` and ``users remove`` take effect at once,
+even for someone already signed in. Without accounts, everyone is the local
+user, who may do everything (it is their machine), as before accounts existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..store import ChatStore
+from ..store.accounts import AccountStore
+
+# argon2 is slow and memory-hungry on purpose (about 0.3 s and 64 MiB per check
+# on 2 cores): check at most this many passwords at once.
+CONCURRENT_SIGN_INS = 2
+
+
+@dataclass(frozen=True)
+class CurrentUser:
+    id: int
+    name: str  # also what {{user}} in a persona becomes
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class NotAllowed(Exception):
+    """The current user may not do this; the message says what only admins may do."""
+
+
+class Identity:
+    """Resolves ``gr.Request`` -> CurrentUser in one of two modes (see the module docstring)."""
+
+    def __init__(self, accounts: AccountStore | None, local: CurrentUser | None) -> None:
+        if (accounts is None) == (local is None):
+            raise ValueError("give either accounts or a local user")
+        self.accounts = accounts
+        self._local = local
+        self._sign_in_slots = asyncio.Semaphore(CONCURRENT_SIGN_INS)
+
+    @classmethod
+    def local(cls, store: ChatStore, name: str) -> Identity:
+        """Everyone is the user ``name`` (created if new), with every right."""
+        return cls(None, CurrentUser(store.get_or_create_user(name), name, "admin"))
+
+    @classmethod
+    def with_accounts(cls, store: ChatStore) -> Identity:
+        return cls(AccountStore(store.engine), None)
+
+    @classmethod
+    def for_store(cls, store: ChatStore, local_name: str, auth: str = "auto") -> Identity:
+        """``auth``: "auto" = accounts if any exist; "on" = accounts, which must exist; "off" = local.
+
+        ValueError for "on" without accounts: serving open to everyone by
+        mistake is worse than not starting.
+        """
+        if auth not in ("auto", "on", "off"):
+            raise ValueError(f"auth must be auto, on or off, not {auth!r}")
+        if auth == "off":
+            return cls.local(store, local_name)
+        if AccountStore(store.engine).has_accounts():
+            return cls.with_accounts(store)
+        if auth == "on":
+            raise ValueError("--auth on, but there are no accounts yet: "
+                             "add one with `persona-studio users add NAME --role admin`")
+        return cls.local(store, local_name)
+
+    @property
+    def accounts_enabled(self) -> bool:
+        return self.accounts is not None
+
+    @property
+    def local_user(self) -> CurrentUser | None:
+        """The local user without accounts; None with accounts."""
+        return self._local
+
+    def authenticate(self, username: str, password: str) -> bool:
+        """Is this a valid sign-in? (Blocks for the length of a hash check.)"""
+        return self.accounts is not None and self.accounts.verify(username, password) is not None
+
+    async def authenticate_async(self, username: str, password: str) -> bool:
+        """Gradio's ``launch(auth=...)`` callable.
+
+        Gradio awaits a coroutine function but calls a plain one on its event
+        loop, where a hash check would stall every streaming reply; so the
+        check runs in a worker thread, a few at a time.
+        """
+        async with self._sign_in_slots:
+            return await asyncio.to_thread(self.authenticate, username, password)
+
+    def current(self, request: gr.Request | None) -> CurrentUser:
+        """The user making ``request``; gr.Error if they are not (or no longer) signed in."""
+        if self._local is not None:
+            return self._local
+        assert self.accounts is not None
+        username = getattr(request, "username", None)
+        if not username:
+            raise gr.Error("Sign in first.")
+        account = self.accounts.get(username)
+        if account is None or not account.can_sign_in:
+            raise gr.Error("This account no longer exists; sign in again.")
+        return CurrentUser(account.id, account.name, account.role)
+
+    def require_admin(self, request: gr.Request | None, action: str) -> CurrentUser:
+        """The current user if an admin; NotAllowed("only admins can <action>") otherwise."""
+        user = self.current(request)
+        if not user.is_admin:
+            raise NotAllowed(f"Only admins can {action}.")
+        return user
