@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 from .persona_cards import export_card_v2, import_card
 from .persona_files import create_persona
-from .personas import PersonaError, PersonaLibrary, atomic_write_text, check_id, load_persona
+from .personas import PersonaError, PersonaLibrary, atomic_write, atomic_write_text, check_id, load_persona
 from .settings import Settings
 
 EXIT_FAILED = 1
@@ -126,7 +124,7 @@ def _import(args, folder: Path) -> int:
         raise PersonaError(f"{' and '.join(existing)} already {'exist' if len(existing) > 1 else 'exists'}; "
                            "use --force to overwrite or --id to import under another id")
     if result.avatar is not None:  # first, so the persona never points at a missing image
-        _atomic_write_bytes(folder / result.avatar_name, result.avatar)
+        atomic_write(folder / result.avatar_name, result.avatar)
     atomic_write_text(path, result.yaml_text)
     load_persona(path)
     print(f"imported {args.file} ({result.source_format}) as persona {result.persona_id!r}: {path}")
@@ -152,14 +150,3 @@ def _export(args, folder: Path) -> int:
     return 0
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

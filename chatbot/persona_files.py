@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from .personas import (
     Persona,
     PersonaError,
     PersonaLibrary,
+    atomic_write,
     atomic_write_text,
     check_id,
     content_hash,
@@ -528,23 +528,11 @@ def save_persona(library: PersonaLibrary, persona_id: str, yaml_text: str,
 
 
 def _write_new(path: Path, text: str) -> None:
-    """Write a file that must not exist yet: temp file, then a hard link that fails if it does."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write a file that must not exist yet, even if two people create it at once."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise PersonaError(f"{path.name} already exists") from None
-        except OSError:  # a file system without hard links
-            if path.exists():
-                raise PersonaError(f"{path.name} already exists") from None
-            os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        atomic_write(path, text, exclusive=True)
+    except FileExistsError:
+        raise PersonaError(f"{path.name} already exists") from None
 
 
 def create_persona(library: PersonaLibrary, persona_id: str, yaml_text: str | None = None) -> LoadedPersona:

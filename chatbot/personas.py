@@ -187,19 +187,38 @@ def load_persona(path: Path) -> LoadedPersona:
     return LoadedPersona(id=path.stem, persona=persona, text=text, version=content_hash(text), path=path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
+def atomic_write(path: Path, data: str | bytes, exclusive: bool = False) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file.
+
+    `exclusive`: the file must not exist yet (FileExistsError otherwise), also
+    when two writers race: the temporary file is hard-linked into place, which
+    fails if the name is taken.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
+                       **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if not exclusive:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check, then rename
+            if path.exists():
+                raise FileExistsError(path) from None
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text)
 
 
 class PersonaLibrary:

@@ -39,7 +39,8 @@ def test_history_versions_feedback_details_and_feedback_tab(page, data_dir):
     wait_until(lambda: len(history_labels(page)) == 2, what="both chats in the sidebar")
     assert history_labels(page)[0].startswith("Second chat about dogs."), "newest first"
 
-    page.locator("#history-search input, #history-search textarea").first.fill("first chat")  # titles and messages, any case
+    # Search looks at titles and messages, in any case.
+    page.locator("#history-search input, #history-search textarea").first.fill("first chat")
     wait_until(lambda: len(history_labels(page)) == 1, what="the search to filter")
     page.locator("#history-list label").first.click()
     wait_until(lambda: "First chat about cats." in page.locator("#chatbot").inner_text(), what="the resumed chat")

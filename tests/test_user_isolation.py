@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from browser_helpers import db_rows, running_app
 
 pytestmark = pytest.mark.model
