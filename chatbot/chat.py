@@ -124,8 +124,12 @@ class ChatService:
         if len(session.turns) < 2 or session.turns[-1].role != "assistant" \
                 or session.turns[-2].role != "user":
             raise ChatError("there is no reply to retry yet")
-        session.turns.pop()
-        yield from self._reply(session, params, stop)
+        previous = session.turns.pop()
+        try:
+            yield from self._reply(session, params, stop)
+        except ChatError:
+            session.turns.append(previous)  # nothing new was written: keep showing the old reply
+            raise
 
     def undo(self, session: ChatSession) -> str:
         """Take back the last exchange; returns the user's text so it can be edited.
