@@ -48,6 +48,7 @@ def jsonl_rows(votes: Iterable[VoteRow]) -> Iterator[dict]:
             "rating": vote.feedback.rating,
             "reason": vote.feedback.reason,
             "comment": vote.feedback.comment,
+            "simulated": vote.feedback.simulated,
             "user": vote.user_name,
             "voted_at": _json_ready(vote.feedback.updated_at),
             "message": message,

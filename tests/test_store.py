@@ -39,7 +39,7 @@ EXPECTED_COLUMNS = {
     "persona_versions": {"id", "persona_id", "content_hash", "text", "created_at"},
     "model_versions": {
         "id", "base_model", "adapter_path", "parent_id", "persona_id", "status",
-        "metrics", "created_at",
+        "metrics", "run_id", "created_at",
     },
     "conversations": {
         "id", "user_id", "persona_id", "persona_hash", "title", "created_at", "updated_at",
@@ -49,7 +49,10 @@ EXPECTED_COLUMNS = {
         "generation_params", "prompt", "prompt_tokens", "completion_tokens", "latency_ms",
         "first_token_ms", "finish_reason", "persona_id", "persona_hash", "created_at",
     },
-    "feedback": {"id", "message_id", "user_id", "rating", "reason", "comment", "created_at", "updated_at"},
+    "feedback": {"id", "message_id", "user_id", "rating", "reason", "comment", "simulated", "created_at",
+                 "updated_at"},
+    "alignment_runs": {"id", "kind", "persona_id", "config", "dataset_hash", "dataset_stats", "status",
+                       "progress", "metrics", "error", "output_dir", "created_at", "updated_at"},
     "feedback_events": {"id", "feedback_id", "message_id", "user_id", "rating", "reason", "comment", "created_at"},
 }
 
@@ -123,7 +126,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0003_feedback_details_and_accounts",)
+                ("0004_alignment_runs",)
             ]
     finally:
         engine.dispose()

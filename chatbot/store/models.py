@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -38,6 +40,7 @@ MESSAGE_ROLES = ("system", "user", "assistant")
 MODEL_STATUSES = ("candidate", "serving", "retired")
 FINISH_REASONS = ("eos", "length", "stopped", "greeting")
 RATINGS = (1, -1)
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "interrupted")
 
 # Deterministic constraint names: Alembic's batch mode (how SQLite alters a
 # table) can only drop or change a constraint it can name.
@@ -158,6 +161,7 @@ class ModelVersion(Base):
         String(20), default="serving", server_default="serving"
     )
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    run_id: Mapped[int | None] = mapped_column(Integer)  # the alignment run that made it
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -218,6 +222,8 @@ class Feedback(Base):
     rating: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str | None] = mapped_column(String(200))  # preset tags, comma-separated
     comment: Mapped[str | None] = mapped_column(Text)
+    # Cast by `persona-studio simulate` following a declared rule, not by a person.
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -235,3 +241,24 @@ class FeedbackEvent(Base):
     reason: Mapped[str | None] = mapped_column(String(200))
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created_at()
+
+
+class AlignmentRun(Base):
+    """One reward / PPO / KTO job over the feedback store."""
+
+    __tablename__ = "alignment_runs"
+    __table_args__ = (CheckConstraint(_in("status", RUN_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    persona_id: Mapped[str | None] = mapped_column(String(200))
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    dataset_hash: Mapped[str | None] = mapped_column(String(64))
+    dataset_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="queued", server_default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    output_dir: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()

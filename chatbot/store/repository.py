@@ -84,6 +84,7 @@ class FeedbackRecord:
     rating: int | None
     reason: str | None
     comment: str | None
+    simulated: bool
     updated_at: datetime
 
     @classmethod
@@ -394,13 +395,14 @@ class ChatStore:
 
     def set_feedback(self, message_id: int, user_id: int, rating: int | None, *,
                      reason: str | None | object = UNCHANGED,
-                     comment: str | None | object = UNCHANGED) -> None:
+                     comment: str | None | object = UNCHANGED, simulated: bool = False) -> None:
         """Set (or with ``None`` clear) a user's vote on an assistant reply.
 
         One row per (message, user): a changed vote overwrites it, a cleared
         vote keeps it with a NULL rating, and ``updated_at`` says when.
         ``reason`` and ``comment`` stay as they were unless given. Every call
-        also appends the resulting state to ``feedback_events``.
+        also appends the resulting state to ``feedback_events``. ``simulated``
+        marks a vote cast by a rule (`persona-studio simulate`), not a person.
         """
         # bool is an int subclass: True would otherwise be stored as +1.
         if rating is not None and (isinstance(rating, bool) or rating not in RATINGS):
@@ -426,6 +428,7 @@ class ChatStore:
                 vote = Feedback(message_id=message_id, user_id=user_id)
                 session.add(vote)
             vote.rating = rating
+            vote.simulated = simulated
             if reason is not UNCHANGED:
                 vote.reason = reason or None
             if comment is not UNCHANGED:
