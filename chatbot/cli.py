@@ -4,6 +4,7 @@
                          [--data-dir DIR] [--personas-dir DIR] [--dtype D]
     persona-studio chat --persona ID [--max-new-tokens N] [--seed S] "message"
     persona-studio users add|passwd|list|set-role|remove ...   (see chatbot/users.py)
+    persona-studio simulate --persona ID --rule RULE --prompts FILE   (SIMULATED votes; chatbot/simulate.py)
 
 Every option also reads an environment variable PERSONA_STUDIO_<NAME>
 (PERSONA_STUDIO_MODEL, PERSONA_STUDIO_DB_URL, ...); a flag wins over it.
@@ -21,7 +22,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import feedback_cli, persona_cli, users
+from . import feedback_cli, persona_cli, simulate, users
 from .settings import Settings
 
 EXIT_STARTUP = 2
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("message", help="the message to send")
     persona_cli.add_parser(commands)  # with its own --personas-dir, read into Settings below
     feedback_cli.add_parser(commands)  # with its own --db-url / --data-dir
+    simulate.add_parser(commands)  # SIMULATED votes by a rule; with the model settings
     users.add_parser(commands)  # with its own --db-url / --data-dir
     return parser
 
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return feedback_cli.run(args, settings)
         if args.command == "users":
             return users.run(args, settings)
+        if args.command == "simulate":
+            return simulate.run(args, settings)
         if args.command == "serve":
             serve(settings, args.auth or os.environ.get("PERSONA_STUDIO_AUTH") or "auto")
         else:

@@ -1,0 +1,252 @@
+"""`persona-studio simulate`: SIMULATED feedback from a declared rule, for demos, tests and benchmarks.
+
+    persona-studio simulate --persona ID --rule RULE --prompts FILE [--n N] [--samples K]
+                            [--max-new-tokens M] [--seed S] [--data-dir DIR] [--db-url URL] [--model M]
+
+Drives the real chat path (new chat, send, Retry) as the user "simulator" and
+rates every reply by a rule, not by people:
+
+    short:40       likes replies under 40 words
+    question       likes replies that end with a question mark
+    contains:WORD  likes replies that contain WORD (case-insensitive)
+
+Votes are ordinary feedback rows with ``simulated`` set and a reason
+"simulated: <rule>"; conversations are titled "SIMULATED ...". Several
+replies per prompt (``--samples``, default 4) give the liked/disliked siblings
+that reward-model pairs are made of. Prompt files hold one prompt per line;
+blank lines and lines starting with # are skipped (alignment/prompts/general.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .settings import Settings
+
+SIMULATOR_USER = "simulator"
+BANNER = "SIMULATED feedback (a rule, not people)"
+EXIT_FAILED = 1
+
+
+# -- rules ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShortRule:
+    words: int = 40
+
+    def likes(self, text: str) -> bool:
+        return len(text.split()) < self.words
+
+    def describe(self) -> str:
+        return f"likes replies under {self.words} words"
+
+
+@dataclass(frozen=True)
+class QuestionRule:
+    def likes(self, text: str) -> bool:
+        return text.rstrip().endswith("?")
+
+    def describe(self) -> str:
+        return "likes replies that end with a question"
+
+
+@dataclass(frozen=True)
+class ContainsRule:
+    word: str
+
+    def likes(self, text: str) -> bool:
+        return re.search(rf"(?<!\w){re.escape(self.word)}(?!\w)", text, re.IGNORECASE) is not None
+
+    def describe(self) -> str:
+        return f"likes replies that contain {self.word!r}"
+
+
+def _short(arg: str | None) -> ShortRule:
+    if arg is None:
+        return ShortRule()
+    if not arg.isdigit() or int(arg) < 1:
+        raise ValueError(f"rule short:N needs a positive number of words, not {arg!r}")
+    return ShortRule(int(arg))
+
+
+def _question(arg: str | None) -> QuestionRule:
+    if arg is not None:
+        raise ValueError("rule question takes no argument")
+    return QuestionRule()
+
+
+def _contains(arg: str | None) -> ContainsRule:
+    if not arg or not arg.strip():
+        raise ValueError("rule contains:WORD needs a word")
+    return ContainsRule(arg.strip())
+
+
+RULES: dict[str, Callable[[str | None], object]] = {"short": _short, "question": _question, "contains": _contains}
+
+
+def parse_rule(spec: str):
+    """A rule from its spec: "short", "short:40", "question", "contains:WORD"."""
+    name, _, arg = spec.partition(":")
+    if name not in RULES:
+        raise ValueError(f"unknown rule {spec!r}: use short[:N], question or contains:WORD")
+    return RULES[name](arg if _ else None)
+
+
+def rating(rule, text: str) -> int:
+    return 1 if rule.likes(text) else -1
+
+
+def load_prompts(path: Path) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts (one per line)")
+    return prompts
+
+
+# -- the run -------------------------------------------------------------------
+
+
+@dataclass
+class SimulationReport:
+    persona_id: str
+    rule: str  # the rule's description
+    prompts: int = 0
+    replies: int = 0
+    liked: int = 0
+    failed: list[str] = field(default_factory=list)  # "prompt: why", for prompts that got no reply
+    conversation_ids: list[int] = field(default_factory=list)
+    message_ids: list[int] = field(default_factory=list)
+
+    @property
+    def disliked(self) -> int:
+        return self.replies - self.liked
+
+    @property
+    def satisfaction_rate(self) -> float | None:
+        """The share of replies the rule likes."""
+        return self.liked / self.replies if self.replies else None
+
+    def summary(self) -> str:
+        rate = "n/a" if self.satisfaction_rate is None else f"{self.satisfaction_rate:.0%}"
+        text = (f"SIMULATED: {self.replies} replies to {self.prompts} prompts rated by a rule "
+                f"({self.rule}): {self.liked} liked, {self.disliked} disliked, satisfaction rate {rate}")
+        return text + (f"; {len(self.failed)} prompts failed" if self.failed else "")
+
+
+def simulate(service, persona_id: str, rule, prompts: Sequence[str], n: int, samples: int = 4,
+             params=None, progress: Callable[[str], None] | None = None) -> SimulationReport:
+    """Send `n` prompts (cycling through `prompts`), each in a new chat, `samples` replies each
+    (the first, then Retry), and vote on every reply by `rule` as the user "simulator".
+
+    `params` default to the persona's own settings; with a seed, reply k of a prompt uses seed + k
+    so the regenerations differ.
+    """
+    from .chat import ChatError, params_for
+    from .prompting import PromptTooLong
+
+    if n < 1 or samples < 1:
+        raise ValueError("--n and --samples must be at least 1")
+    if not prompts:
+        raise ValueError("no prompts to send")
+    user_id = service.user_id(SIMULATOR_USER)
+    reason = f"simulated: {rule.describe()}"
+    report = SimulationReport(persona_id, rule.describe())
+    for i in range(n):
+        text = prompts[i % len(prompts)]
+        session = service.new_session(user_id, persona_id, user_name=SIMULATOR_USER)
+        base = params or params_for(session.persona)
+        votes = []
+        try:
+            for k in range(samples):
+                sample = base if base.seed is None else replace(base, seed=base.seed + i * samples + k)
+                steps = service.send(session, text, sample) if k == 0 else service.retry(session, sample)
+                for _ in steps:
+                    pass
+                if k == 0:
+                    service.store.rename_conversation(session.conversation_id,
+                                                      f"SIMULATED ({rule.describe()}): {text}")
+                    report.conversation_ids.append(session.conversation_id)
+                reply = session.turns[-1]
+                vote = rating(rule, reply.content)
+                # ChatService.vote cannot mark a vote simulated, so the store is called directly.
+                service.store.set_feedback(reply.message_id, user_id, vote, reason=reason, simulated=True)
+                report.message_ids.append(reply.message_id)
+                report.replies += 1
+                report.liked += vote > 0
+                votes.append(vote)
+        except (ChatError, PromptTooLong) as exc:
+            report.failed.append(f"{text}: {exc}")
+        report.prompts += 1
+        if progress:
+            shown = text if len(text) <= 50 else text[:47] + "..."
+            liked = sum(v > 0 for v in votes)
+            progress(f"SIMULATED [{i + 1}/{n}] {liked}/{len(votes)} liked: {shown}")
+    return report
+
+
+# -- the command ---------------------------------------------------------------
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "simulate", help="SIMULATED feedback: rate replies by a rule, for demos, tests and benchmarks",
+        description="Sends prompts through the real chat path and rates every reply by a declared "
+                    "rule. The votes are marked simulated: they are not people's opinions.")
+    for f in fields(Settings):
+        if f.name in ("host", "port", "user"):
+            continue
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata.get("help"))
+    parser.add_argument("--persona", required=True, help="persona id (file name without .yaml)")
+    parser.add_argument("--rule", required=True, help="short[:N] (default 40 words), question, contains:WORD")
+    parser.add_argument("--prompts", type=Path, required=True, help="file with one prompt per line")
+    parser.add_argument("--n", type=int, default=None, help="prompts to send (default: each prompt once)")
+    parser.add_argument("--samples", type=int, default=4, help="replies per prompt: the first, then Retry")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit in tokens")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (reply k uses seed + k)")
+    return parser
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from .chat import params_for
+    from .cli import StartupError, build_service, check_data_dir
+    from .personas import PersonaError
+
+    try:
+        rule = parse_rule(args.rule)
+        prompts = load_prompts(args.prompts)
+    except ValueError as exc:
+        print(f"persona-studio: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    n = args.n or len(prompts)
+    check_data_dir(settings.data_dir)
+    service = build_service(settings)
+    try:
+        try:
+            persona = service.personas.get(args.persona)
+        except (KeyError, PersonaError) as exc:
+            raise StartupError(str(exc)) from None
+        params = params_for(persona, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        print(f"{BANNER}: persona {args.persona}, rule {args.rule!r} ({rule.describe()}), "
+              f"{n} prompts x {args.samples} replies, user {SIMULATOR_USER!r}; "
+              f"votes are stored marked simulated", flush=True)
+        if params.temperature == 0 and args.samples > 1:
+            print("SIMULATED: warning: the persona decodes greedily (temperature 0), "
+                  "so regenerations repeat the same reply", flush=True)
+        report = simulate(service, args.persona, rule, prompts, n, args.samples, params,
+                          progress=lambda line: print(line, flush=True))
+    finally:
+        service.store.close()
+    print(report.summary(), flush=True)
+    for problem in report.failed:
+        print(f"SIMULATED: failed: {problem}", file=sys.stderr)
+    return 0 if report.replies else EXIT_FAILED

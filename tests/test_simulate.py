@@ -1,0 +1,113 @@
+"""`persona-studio simulate`: rules, a small run on the bundled model, and the command."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatbot.chat import params_for
+from chatbot.simulate import (
+    ContainsRule,
+    QuestionRule,
+    ShortRule,
+    load_prompts,
+    parse_rule,
+    simulate,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_short_rule_counts_words():
+    rule = parse_rule("short:3")
+    assert rule == ShortRule(3) and rule.likes("one two") and not rule.likes("one two three")
+    assert parse_rule("short") == ShortRule(40)
+    assert rule.describe() == "likes replies under 3 words"
+
+
+def test_question_rule_looks_at_the_end():
+    rule = parse_rule("question")
+    assert rule == QuestionRule()
+    assert rule.likes("How are you?  ") and not rule.likes("Why? Because.")
+    assert "question" in rule.describe()
+
+
+def test_contains_rule_matches_whole_words_ignoring_case():
+    rule = parse_rule("contains:Arr")
+    assert rule == ContainsRule("Arr")
+    assert rule.likes("arr, matey") and rule.likes("Well. ARR!") and not rule.likes("carry on")
+    assert "'Arr'" in rule.describe()
+
+
+@pytest.mark.parametrize("spec", ["long", "short:x", "short:0", "contains:", "question:yes"])
+def test_bad_rules_are_refused(spec):
+    with pytest.raises(ValueError):
+        parse_rule(spec)
+
+
+def test_prompt_files_skip_blanks_and_comments(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# comment\nHi\n\n  Bye  \n")
+    assert load_prompts(path) == ["Hi", "Bye"]
+    assert len(load_prompts(REPO / "alignment" / "prompts" / "general.txt")) >= 40
+    path.write_text("# only a comment\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(path)
+
+
+@pytest.mark.model
+def test_simulate_stores_simulated_votes_for_every_regeneration(service, store):
+    persona = service.personas.get("pirate")
+    params = params_for(persona, max_new_tokens=8, seed=3)
+    lines = []
+    rule = parse_rule("short:5")
+    report = simulate(service, "pirate", rule, ["Hi!", "Tell me a joke."], n=2, samples=2, params=params,
+                      progress=lines.append)
+    assert (report.prompts, report.replies, report.liked + report.disliked) == (2, 4, 4)
+    assert len(lines) == 2 and lines[0].startswith("SIMULATED [1/2]")
+    rows = store.feedback_rows(persona_id="pirate")
+    assert len(rows) == 4 and {r.message.id for r in rows} == set(report.message_ids)
+    assert all(r.feedback.simulated and r.user_name == "simulator" for r in rows)
+    assert all(r.feedback.reason == "simulated: likes replies under 5 words" for r in rows)
+    assert all(r.feedback.rating == (1 if len(r.message.content.split()) < 5 else -1) for r in rows)
+    # Regenerations: two replies per prompt, siblings in one conversation, each titled SIMULATED.
+    assert len(report.conversation_ids) == 2
+    for conv in report.conversation_ids:
+        replies = [m for m in store.conversation_messages(conv) if m.prompt]
+        assert len(replies) == 2 and replies[0].parent_id == replies[1].parent_id
+        assert store.get_conversation(conv).title.startswith("SIMULATED (likes replies under 5 words)")
+    assert report.satisfaction_rate == report.liked / 4
+
+
+@pytest.mark.model
+def test_simulate_command_prints_that_it_is_simulated(data_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\n")
+    done = subprocess.run([sys.executable, "-m", "chatbot.cli", "simulate", "--persona", "pirate",
+                           "--rule", "question", "--prompts", str(prompts), "--data-dir", str(data_dir),
+                           "--n", "1", "--samples", "2", "--max-new-tokens", "6", "--seed", "1"],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("SIMULATED feedback (a rule, not people): persona pirate")
+    assert lines[1].startswith("SIMULATED [1/1]")
+    assert lines[-1].startswith("SIMULATED: 2 replies to 1 prompts")
+
+    from chatbot.store import ChatStore
+
+    store = ChatStore.open(f"sqlite:///{data_dir / 'chat.db'}")
+    try:
+        rows = store.feedback_rows()
+    finally:
+        store.close()
+    assert len(rows) == 2 and all(r.feedback.simulated for r in rows)
+
+
+def test_simulate_command_refuses_an_unknown_rule(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n")
+    done = subprocess.run([sys.executable, "-m", "chatbot.cli", "simulate", "--persona", "pirate",
+                           "--rule", "loud", "--prompts", str(prompts), "--data-dir", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and "unknown rule 'loud'" in done.stderr
