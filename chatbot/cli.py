@@ -22,7 +22,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import feedback_cli, persona_cli, simulate, users
+from . import align_cli, feedback_cli, persona_cli, simulate, users
 from .settings import Settings
 
 EXIT_STARTUP = 2
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("message", help="the message to send")
     persona_cli.add_parser(commands)  # with its own --personas-dir, read into Settings below
     feedback_cli.add_parser(commands)  # with its own --db-url / --data-dir
+    align_cli.add_parser(commands)  # with its own --db-url / --data-dir
     simulate.add_parser(commands)  # SIMULATED votes by a rule; with the model settings
     users.add_parser(commands)  # with its own --db-url / --data-dir
     return parser
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return persona_cli.run(args, settings.personas_dir)
         if args.command == "feedback":
             return feedback_cli.run(args, settings)
+        if args.command == "align":
+            return align_cli.run(args, settings)
         if args.command == "users":
             return users.run(args, settings)
         if args.command == "simulate":

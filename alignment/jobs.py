@@ -1,0 +1,150 @@
+"""Alignment runs and the candidate model versions they produce.
+
+A small store class over ``alignment_runs`` and ``model_versions`` (no SQL
+in job code). Registering a candidate and marking its run succeeded happen
+in one transaction: a job killed at any point leaves either no version or a
+version whose run says succeeded, never a half-registered one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from chatbot.store.models import RUN_STATUSES, AlignmentRun, ModelVersion
+
+# The metrics column keeps the latest step's logs plus this many past steps;
+# the full history is in the run's metrics.jsonl / TensorBoard logs.
+HISTORY_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    kind: str
+    persona_id: str | None
+    config: dict[str, Any] | None
+    dataset_hash: str | None
+    dataset_stats: dict[str, Any] | None
+    status: str
+    progress: float
+    metrics: dict[str, Any] | None
+    error: str | None
+    output_dir: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: AlignmentRun) -> RunRecord:
+        return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
+
+
+class RunStore:
+    """Create, update and read alignment runs; register candidate versions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def _run(self, session: Session, run_id: int) -> AlignmentRun:
+        row = session.get(AlignmentRun, run_id)
+        if row is None:
+            raise KeyError(f"alignment run {run_id} does not exist")
+        return row
+
+    def create_run(
+        self,
+        kind: str,
+        *,
+        persona_id: str | None = None,
+        config: dict[str, Any] | None = None,
+        dataset_hash: str | None = None,
+        dataset_stats: dict[str, Any] | None = None,
+        output_dir: str | None = None,
+    ) -> int:
+        with self._sessions.begin() as session:
+            row = AlignmentRun(
+                kind=kind, persona_id=persona_id, config=config, dataset_hash=dataset_hash,
+                dataset_stats=dataset_stats, output_dir=output_dir, status="queued", progress=0.0,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def set_status(self, run_id: int, status: str, error: str | None = None) -> None:
+        """Move a run to ``status``; ``error`` is kept for failed/interrupted runs."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {RUN_STATUSES}, not {status!r}")
+        if status == "succeeded":
+            raise ValueError("a run succeeds only through register_candidate")
+        with self._sessions.begin() as session:
+            row = self._run(session, run_id)
+            row.status = status
+            row.error = error
+
+    def record_step(self, run_id: int, progress: float, logs: dict[str, Any] | None = None) -> None:
+        """Store progress (0..1) and, if given, one step's logs."""
+        with self._sessions.begin() as session:
+            row = self._run(session, run_id)
+            row.progress = max(0.0, min(1.0, float(progress)))
+            if logs:
+                metrics = dict(row.metrics or {})
+                history = list(metrics.get("history", []))[-(HISTORY_LIMIT - 1):]
+                history.append(logs)
+                metrics["history"] = history
+                metrics["last"] = logs
+                # A fresh dict: SQLAlchemy's JSON type only notices reassignment.
+                row.metrics = metrics
+
+    def get_run(self, run_id: int) -> RunRecord:
+        with self._sessions.begin() as session:
+            return RunRecord.from_row(self._run(session, run_id))
+
+    def list_runs(self, kind: str | None = None, limit: int = 100) -> list[RunRecord]:
+        """Newest first."""
+        with self._sessions.begin() as session:
+            query = select(AlignmentRun).order_by(AlignmentRun.id.desc()).limit(limit)
+            if kind is not None:
+                query = query.where(AlignmentRun.kind == kind)
+            return [RunRecord.from_row(row) for row in session.scalars(query)]
+
+    def register_candidate(
+        self,
+        run_id: int,
+        *,
+        base_model: str,
+        adapter_path: str,
+        metrics: dict[str, Any],
+        persona_id: str | None = None,
+        parent_id: int | None = None,
+    ) -> int:
+        """Record the run's adapter as a candidate version and mark the run succeeded.
+
+        One transaction: both happen or neither does. Returns the version id.
+        """
+        with self._sessions.begin() as session:
+            run = self._run(session, run_id)
+            version = ModelVersion(
+                base_model=base_model, adapter_path=adapter_path, parent_id=parent_id,
+                persona_id=persona_id if persona_id is not None else run.persona_id,
+                status="candidate", metrics=metrics, run_id=run_id,
+            )
+            session.add(version)
+            run_metrics = dict(run.metrics or {})
+            run_metrics["eval"] = metrics
+            run.metrics = run_metrics
+            run.status = "succeeded"
+            run.progress = 1.0
+            run.error = None
+            session.flush()
+            return version.id
+
+    def candidate_for_run(self, run_id: int) -> int | None:
+        """The id of the version a run registered, if any."""
+        with self._sessions.begin() as session:
+            return session.scalar(select(ModelVersion.id).where(ModelVersion.run_id == run_id))

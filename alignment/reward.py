@@ -1,0 +1,423 @@
+"""Reward model job: TRL RewardTrainer on the base model, LoRA + score head.
+
+Usage (from Python; the CLI wraps this)::
+
+    recipe = RewardRecipe.from_yaml("alignment/recipes/reward_cpu.yaml")
+    result = train_reward(recipe, train_rows, eval_rows, out_dir,
+                          run_store=RunStore(store.engine), run_id=run_id,
+                          data_dir=data_dir, resume=False)
+    result.metrics["pairwise_accuracy"], result.adapter_dir
+
+Rows are TRL conversational preference rows: ``{"prompt": [messages],
+"chosen": [{"role": "assistant", "content": ...}], "rejected": [...]}``.
+
+Token boundary (DESIGN.md trap): TRL's own conversational tokenization
+renders prompt + reply through the chat template, which ends the sequence
+with ``<|im_end|>`` and a newline; a PPO policy's reply ends at the EOS
+token (``<|im_end|>``) it generated. A reward model scores the last token,
+so the two disagree. This module therefore tokenizes itself, with one
+function, ``encode_pair_side``, used for training and for scoring:
+
+    chat_template(prompt, add_generation_prompt=True) + tokens(reply) + [EOS]
+
+That is exactly the ids a policy produces (prompt, generated reply, EOS), so
+PPO can score ``query + response`` ending at EOS as the reward model was
+trained. The trainer receives ``chosen_ids``/``rejected_ids`` and skips its
+own tokenization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignment.jobs import RunStore
+from alignment.metrics import reward_report
+
+log = logging.getLogger(__name__)
+
+KIND = "reward"
+BUNDLED = "bundled"  # recipe placeholder for the converted bundled SmolLM2 checkpoint
+
+
+@dataclass
+class RewardRecipe:
+    """Settings of one reward-model job; each maps onto RewardConfig/LoraConfig."""
+
+    base_model: str = field(default=BUNDLED, metadata={
+        "help": "Base checkpoint folder, or 'bundled' for the converted bundled SmolLM2."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Linear layers that get LoRA adapters."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train split."})
+    max_steps: int = field(default=-1, metadata={
+        "help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Pairs per step and device."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    max_length: int = field(default=512, metadata={
+        "help": "Longest prompt+reply in tokens; longer pairs are dropped and counted."})
+    eval_fraction: float = field(default=0.2, metadata={
+        "help": "Share of conversations held out for eval; read by the data split, not the trainer."})
+    min_pairs: int = field(default=16, metadata={"help": "Refuse to train on fewer usable train pairs."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (set explicitly)."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations to save memory (set explicitly)."})
+    seed: int = field(default=42, metadata={"help": "Seed for the score-head init and data order."})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> RewardRecipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> RewardRecipe:
+        path = Path(path)
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(values, dict):
+            # ValueError like every other recipe problem: callers catch one type.
+            raise ValueError(f"{path}: a recipe is a mapping of keys to values")  # noqa: TRY004
+        values.update(overrides)
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    metrics: dict[str, Any]
+    adapter_dir: Path
+    global_step: int = 0
+    resumed_from: Path | None = None
+    version_id: int | None = None
+
+
+# -- data ---------------------------------------------------------------------
+
+
+def _reply_text(messages: Any) -> str | None:
+    """The content of a one-message assistant reply, or None if malformed."""
+    if not isinstance(messages, list) or len(messages) != 1 or not isinstance(messages[0], dict):
+        return None
+    message = messages[0]
+    content = message.get("content")
+    if message.get("role") != "assistant" or not isinstance(content, str) or not content.strip():
+        return None
+    return content
+
+
+def validate_rows(rows: Sequence[dict[str, Any]], split: str, min_pairs: int = 1) -> list[dict[str, Any]]:
+    """The usable pairs of ``rows``; ValueError naming the counts otherwise.
+
+    Pairs whose chosen and rejected replies are identical carry no signal
+    and are dropped; malformed rows are an error, not silently skipped.
+    """
+    if not rows:
+        raise ValueError(f"{split}: no preference rows (0 pairs)")
+    malformed: dict[str, int] = {}
+    for row in rows:
+        if not isinstance(row, dict):
+            malformed["not a mapping"] = malformed.get("not a mapping", 0) + 1
+            continue
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                malformed[f"missing {key!r}"] = malformed.get(f"missing {key!r}", 0) + 1
+        if "prompt" in row and (not isinstance(row["prompt"], list) or not row["prompt"]):
+            malformed["empty or non-list 'prompt'"] = malformed.get("empty or non-list 'prompt'", 0) + 1
+        for key in ("chosen", "rejected"):
+            if key in row and _reply_text(row[key]) is None:
+                reason = f"{key!r} is not one non-empty assistant message"
+                malformed[reason] = malformed.get(reason, 0) + 1
+    if malformed:
+        details = "; ".join(f"{count} {reason}" for reason, count in sorted(malformed.items()))
+        raise ValueError(f"{split}: {len(rows)} rows, malformed: {details}")
+    usable = [row for row in rows if _reply_text(row["chosen"]) != _reply_text(row["rejected"])]
+    identical = len(rows) - len(usable)
+    if not usable:
+        raise ValueError(f"{split}: all {len(rows)} pairs have chosen == rejected; nothing to learn")
+    if len(usable) < min_pairs:
+        raise ValueError(
+            f"{split}: {len(usable)} usable pairs ({len(rows)} rows, {identical} with chosen == rejected); "
+            f"the recipe needs min_pairs={min_pairs}")
+    return usable
+
+
+def encode_pair_side(tokenizer: Any, prompt: list[dict[str, Any]], reply: str) -> list[int]:
+    """Token ids of ``prompt`` followed by ``reply`` ending at EOS (see module docstring)."""
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):  # BatchEncoding in some versions
+        prompt_ids = prompt_ids["input_ids"]
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    return list(prompt_ids) + list(reply_ids) + [tokenizer.eos_token_id]
+
+
+def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]],
+                max_length: int | None) -> tuple[list[dict[str, Any]], int]:
+    """``chosen_ids``/``rejected_ids`` per pair, and how many pairs exceeded max_length."""
+    encoded, too_long = [], 0
+    for row in rows:
+        chosen = encode_pair_side(tokenizer, row["prompt"], _reply_text(row["chosen"]))
+        rejected = encode_pair_side(tokenizer, row["prompt"], _reply_text(row["rejected"]))
+        if max_length is not None and max(len(chosen), len(rejected)) > max_length:
+            too_long += 1
+            continue
+        encoded.append({"chosen_ids": chosen, "rejected_ids": rejected,
+                        "chosen_chars": len(_reply_text(row["chosen"])),
+                        "rejected_chars": len(_reply_text(row["rejected"]))})
+    return encoded, too_long
+
+
+def ensure_pad_token(tokenizer: Any, model: Any | None = None) -> None:
+    """Give the tokenizer a pad token distinct from EOS.
+
+    Sequence classification scores the last non-pad token; with pad == EOS a
+    reply ending at EOS would be scored one token early. An existing special
+    token distinct from EOS (SmolLM2's ``<|endoftext|>``) is reused so that
+    the vocabulary, and hence the policy sharing this tokenizer, stays the
+    same size; otherwise ``<|pad|>`` is added and the embeddings resized.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        pass
+    elif tokenizer.unk_token is not None and tokenizer.unk_token_id not in (
+            tokenizer.eos_token_id, tokenizer.bos_token_id):
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        if model is not None:
+            model.resize_token_embeddings(len(tokenizer))
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def score_pairs(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int = 8,
+                max_length: int | None = None) -> tuple[list[float], list[float]]:
+    """Scores of each pair's chosen and rejected reply, tokenized as in training."""
+    encoded, _ = encode_rows(tokenizer, rows, max_length)
+    return _score_encoded(model, tokenizer, encoded, batch_size)
+
+
+def _score_encoded(model: Any, tokenizer: Any, encoded: list[dict[str, Any]],
+                   batch_size: int) -> tuple[list[float], list[float]]:
+    import torch
+
+    sequences = [item["chosen_ids"] for item in encoded] + [item["rejected_ids"] for item in encoded]
+    scores: list[float] = []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start:start + batch_size]
+            width = max(len(ids) for ids in batch)
+            # Right padding: the model pools at the last non-pad token.
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, ids in enumerate(batch):
+                input_ids[i, :len(ids)] = torch.tensor(ids)
+                attention[i, :len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # (B, 1)
+            scores.extend(logits[:, 0].float().cpu().tolist())
+    if was_training:
+        model.train()
+    return scores[:len(encoded)], scores[len(encoded):]
+
+
+# -- training -----------------------------------------------------------------
+
+
+def resolve_base_model(base_model: str, data_dir: Path | None) -> Path:
+    if base_model == BUNDLED:
+        if data_dir is None:
+            raise ValueError("recipe base_model is 'bundled': pass data_dir to find the converted checkpoint")
+        from chatbot import default_model
+
+        return default_model.ensure_checkpoint(Path(data_dir))
+    path = Path(base_model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"base_model {base_model!r} is not a checkpoint folder (no config.json)")
+    return path
+
+
+def tensorboard_available() -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def _job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: Path):
+    from transformers import TrainerCallback
+
+    class JobCallback(TrainerCallback):
+        """Per-step progress and logs to the run store and metrics.jsonl."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if run_store is not None and run_id is not None and state.max_steps:
+                # Leave the last percent for eval and registration.
+                run_store.record_step(run_id, 0.99 * state.global_step / state.max_steps)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs:
+                return
+            entry = {"step": state.global_step, **{k: v for k, v in logs.items()
+                                                     if isinstance(v, (int, float, str))}}
+            with metrics_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+            if run_store is not None and run_id is not None and state.max_steps:
+                run_store.record_step(run_id, 0.99 * state.global_step / state.max_steps, entry)
+
+    return JobCallback()
+
+
+def train_reward(
+    recipe: RewardRecipe,
+    train_rows: Sequence[dict[str, Any]],
+    eval_rows: Sequence[dict[str, Any]],
+    output_dir: str | Path,
+    run_store: RunStore | None = None,
+    run_id: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data_dir: Path | None = None,
+    callbacks: Sequence[Any] = (),
+) -> RewardResult:
+    """Train a reward model, report it on ``eval_rows`` and register a candidate.
+
+    Layout of ``output_dir``: ``checkpoints/checkpoint-N`` (every save_steps),
+    ``adapter/`` (LoRA + score head + tokenizer), ``metrics.jsonl`` (per
+    step), ``checkpoints/runs/`` (TensorBoard, when installed), ``report.json``.
+    A KeyboardInterrupt marks the run interrupted, any other error failed;
+    both re-raise. ``resume=True`` continues from the last checkpoint.
+    """
+    output_dir = Path(output_dir)
+    checkpoints = output_dir / "checkpoints"
+    train_rows = validate_rows(train_rows, "train", recipe.min_pairs)
+    eval_rows = validate_rows(eval_rows, "eval")
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last_checkpoint and not resume:
+        raise ValueError(f"{checkpoints} already has {Path(last_checkpoint).name}: "
+                         "resume it, or use a new output directory")
+    if resume and not last_checkpoint:
+        log.warning("no checkpoint under %s: starting from step 0", checkpoints)
+
+    if run_store is not None and run_id is not None:
+        run_store.set_status(run_id, "running")
+    try:
+        result = _train(recipe, train_rows, eval_rows, output_dir, checkpoints,
+                        Path(last_checkpoint) if last_checkpoint else None,
+                        run_store, run_id, progress, data_dir, callbacks)
+    except KeyboardInterrupt:
+        if run_store is not None and run_id is not None:
+            run_store.set_status(run_id, "interrupted", "interrupted; resume with --resume")
+        raise
+    except BaseException as exc:
+        if run_store is not None and run_id is not None:
+            run_store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    return result
+
+
+def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
+           run_store, run_id, progress, data_dir, callbacks) -> RewardResult:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    base = resolve_base_model(recipe.base_model, data_dir)
+    set_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    ensure_pad_token(tokenizer, model)
+
+    train_encoded, train_too_long = encode_rows(tokenizer, train_rows, recipe.max_length)
+    eval_encoded, eval_too_long = encode_rows(tokenizer, eval_rows, recipe.max_length)
+    if len(train_encoded) < recipe.min_pairs:
+        raise ValueError(f"train: {len(train_encoded)} pairs fit max_length={recipe.max_length} "
+                         f"({train_too_long} too long); the recipe needs min_pairs={recipe.min_pairs}")
+    if not eval_encoded:
+        raise ValueError(f"eval: all {eval_too_long} pairs exceed max_length={recipe.max_length}")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    use_tensorboard = tensorboard_available()
+    if not use_tensorboard:
+        log.info("tensorboard is not installed: per-step metrics go to %s only",
+                 output_dir / "metrics.jsonl")
+    args = RewardConfig(
+        output_dir=str(checkpoints),
+        learning_rate=recipe.learning_rate,
+        num_train_epochs=recipe.num_train_epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        max_length=recipe.max_length,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        logging_steps=1,
+        eval_strategy="no",  # eval metrics are computed per pair below, not by the trainer
+        bf16=recipe.bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        seed=recipe.seed,
+        report_to=["tensorboard"] if use_tensorboard else "none",
+        disable_tqdm=not progress,  # the trainer's bar shows steps and ETA
+        dataset_num_proc=None,
+    )
+    peft_config = LoraConfig(
+        task_type="SEQ_CLS",
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=list(recipe.lora_target_modules),
+        modules_to_save=["score"],  # the head is trained in full and saved with the adapter
+    )
+    columns = ("chosen_ids", "rejected_ids")
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{k: item[k] for k in columns} for item in train_encoded]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_job_callback(run_store, run_id, output_dir / "metrics.jsonl"), *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+
+    chosen, rejected = _score_encoded(trainer.model, tokenizer, eval_encoded, recipe.per_device_train_batch_size * 2)
+    metrics: dict[str, Any] = reward_report(
+        chosen, rejected,
+        [item["chosen_chars"] for item in eval_encoded],
+        [item["rejected_chars"] for item in eval_encoded],
+    )
+    metrics.update(train_pairs=len(train_encoded), train_dropped_too_long=train_too_long,
+                   eval_dropped_too_long=eval_too_long, global_step=trainer.state.global_step,
+                   token_boundary="chat_template(prompt, add_generation_prompt) + reply + eos")
+
+    adapter_dir = output_dir / "adapter"
+    trainer.save_model(str(adapter_dir))  # adapter + score head + tokenizer (with its pad token)
+    (output_dir / "report.json").write_text(json.dumps(
+        {"recipe": recipe.to_dict(), "base_model": str(base), "metrics": metrics}, indent=2), encoding="utf-8")
+
+    version_id = None
+    if run_store is not None and run_id is not None:
+        version_id = run_store.register_candidate(
+            run_id, base_model=str(base), adapter_path=str(adapter_dir.resolve()), metrics=metrics)
+    return RewardResult(metrics=metrics, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
+                        resumed_from=last_checkpoint, version_id=version_id)
