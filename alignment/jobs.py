@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from chatbot.store.models import RUN_STATUSES, AlignmentRun, ModelVersion
+from chatbot.store.repository import DetachedRow
 
 # The metrics column keeps the latest step's logs plus this many past steps;
 # the full history is in the run's metrics.jsonl / TensorBoard logs.
@@ -24,7 +25,7 @@ HISTORY_LIMIT = 1000
 
 
 @dataclass(frozen=True)
-class RunRecord:
+class RunRecord(DetachedRow):
     id: int
     kind: str
     persona_id: str | None
@@ -38,10 +39,6 @@ class RunRecord:
     output_dir: str | None
     created_at: datetime
     updated_at: datetime
-
-    @classmethod
-    def from_row(cls, row: AlignmentRun) -> RunRecord:
-        return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
 
 
 class RunStore:

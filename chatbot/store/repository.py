@@ -49,8 +49,17 @@ T = TypeVar("T")
 UNCHANGED = object()
 
 
+class DetachedRow:
+    """Base of the frozen dataclasses the store hands out: copies of an ORM row's columns,
+    so callers never hold ORM objects across sessions."""
+
+    @classmethod
+    def from_row(cls, row):
+        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass(frozen=True)
-class ConversationRecord:
+class ConversationRecord(DetachedRow):
     """A conversation as stored; a detached copy of its row."""
 
     id: int
@@ -60,10 +69,6 @@ class ConversationRecord:
     title: str | None
     created_at: datetime
     updated_at: datetime
-
-    @classmethod
-    def from_row(cls, row: Conversation) -> ConversationRecord:
-        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +83,7 @@ class VoteRow:
 
 
 @dataclasses.dataclass(frozen=True)
-class FeedbackRecord:
+class FeedbackRecord(DetachedRow):
     message_id: int
     user_id: int
     rating: int | None
@@ -87,13 +92,9 @@ class FeedbackRecord:
     simulated: bool
     updated_at: datetime
 
-    @classmethod
-    def from_row(cls, row: Feedback) -> FeedbackRecord:
-        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
-
 
 @dataclasses.dataclass(frozen=True)
-class MessageRecord:
+class MessageRecord(DetachedRow):
     """A message as stored; a detached copy of its row."""
 
     id: int
@@ -112,10 +113,6 @@ class MessageRecord:
     persona_id: str | None
     persona_hash: str | None
     created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: Message) -> MessageRecord:
-        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
 
 
 def _title_from(content: str) -> str | None:
