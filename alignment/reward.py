@@ -48,8 +48,33 @@ KIND = "reward"
 BUNDLED = "bundled"  # recipe placeholder for the converted bundled SmolLM2 checkpoint
 
 
+class RecipeLoader:
+    """YAML loading for recipe dataclasses; unknown keys are an error."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> Any:
+        path = Path(path)
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(values, dict):
+            # ValueError like every other recipe problem: callers catch one type.
+            raise ValueError(f"{path}: a recipe is a mapping of keys to values")  # noqa: TRY004
+        values.update(overrides)
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class RewardRecipe:
+class RewardRecipe(RecipeLoader):
     """Settings of one reward-model job; each maps onto RewardConfig/LoraConfig."""
 
     base_model: str = field(default=BUNDLED, metadata={
@@ -78,27 +103,6 @@ class RewardRecipe:
         "help": "Recompute activations to save memory (set explicitly)."})
     seed: int = field(default=42, metadata={"help": "Seed for the score-head init and data order."})
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> RewardRecipe:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> RewardRecipe:
-        path = Path(path)
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(values, dict):
-            # ValueError like every other recipe problem: callers catch one type.
-            raise ValueError(f"{path}: a recipe is a mapping of keys to values")  # noqa: TRY004
-        values.update(overrides)
-        return cls.from_dict(values, source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class RewardResult:
@@ -112,7 +116,7 @@ class RewardResult:
 # -- data ---------------------------------------------------------------------
 
 
-def _reply_text(messages: Any) -> str | None:
+def reply_text(messages: Any) -> str | None:
     """The content of a one-message assistant reply, or None if malformed."""
     if not isinstance(messages, list) or len(messages) != 1 or not isinstance(messages[0], dict):
         return None
@@ -142,13 +146,13 @@ def validate_rows(rows: Sequence[dict[str, Any]], split: str, min_pairs: int = 1
         if "prompt" in row and (not isinstance(row["prompt"], list) or not row["prompt"]):
             malformed["empty or non-list 'prompt'"] = malformed.get("empty or non-list 'prompt'", 0) + 1
         for key in ("chosen", "rejected"):
-            if key in row and _reply_text(row[key]) is None:
+            if key in row and reply_text(row[key]) is None:
                 reason = f"{key!r} is not one non-empty assistant message"
                 malformed[reason] = malformed.get(reason, 0) + 1
     if malformed:
         details = "; ".join(f"{count} {reason}" for reason, count in sorted(malformed.items()))
         raise ValueError(f"{split}: {len(rows)} rows, malformed: {details}")
-    usable = [row for row in rows if _reply_text(row["chosen"]) != _reply_text(row["rejected"])]
+    usable = [row for row in rows if reply_text(row["chosen"]) != reply_text(row["rejected"])]
     identical = len(rows) - len(usable)
     if not usable:
         raise ValueError(f"{split}: all {len(rows)} pairs have chosen == rejected; nothing to learn")
@@ -173,14 +177,14 @@ def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]],
     """``chosen_ids``/``rejected_ids`` per pair, and how many pairs exceeded max_length."""
     encoded, too_long = [], 0
     for row in rows:
-        chosen = encode_pair_side(tokenizer, row["prompt"], _reply_text(row["chosen"]))
-        rejected = encode_pair_side(tokenizer, row["prompt"], _reply_text(row["rejected"]))
+        chosen = encode_pair_side(tokenizer, row["prompt"], reply_text(row["chosen"]))
+        rejected = encode_pair_side(tokenizer, row["prompt"], reply_text(row["rejected"]))
         if max_length is not None and max(len(chosen), len(rejected)) > max_length:
             too_long += 1
             continue
         encoded.append({"chosen_ids": chosen, "rejected_ids": rejected,
-                        "chosen_chars": len(_reply_text(row["chosen"])),
-                        "rejected_chars": len(_reply_text(row["rejected"]))})
+                        "chosen_chars": len(reply_text(row["chosen"])),
+                        "rejected_chars": len(reply_text(row["rejected"]))})
     return encoded, too_long
 
 
@@ -259,7 +263,7 @@ def tensorboard_available() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
-def _job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: Path):
+def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: Path):
     from transformers import TrainerCallback
 
     class JobCallback(TrainerCallback):
@@ -308,6 +312,14 @@ def train_reward(
     train_rows = validate_rows(train_rows, "train", recipe.min_pairs)
     eval_rows = validate_rows(eval_rows, "eval")
 
+    last_checkpoint = find_checkpoint(checkpoints, resume)
+    return run_tracked(run_store, run_id, lambda: _train(
+        recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
+        run_store, run_id, progress, data_dir, callbacks))
+
+
+def find_checkpoint(checkpoints: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; ValueError if one exists and ``resume`` is false."""
     from transformers.trainer_utils import get_last_checkpoint
 
     last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
@@ -316,13 +328,15 @@ def train_reward(
                          "resume it, or use a new output directory")
     if resume and not last_checkpoint:
         log.warning("no checkpoint under %s: starting from step 0", checkpoints)
+    return Path(last_checkpoint) if last_checkpoint else None
 
+
+def run_tracked(run_store: RunStore | None, run_id: int | None, train: Any) -> Any:
+    """Call ``train()`` with the run marked running; interrupted or failed (re-raised) if it raises."""
     if run_store is not None and run_id is not None:
         run_store.set_status(run_id, "running")
     try:
-        result = _train(recipe, train_rows, eval_rows, output_dir, checkpoints,
-                        Path(last_checkpoint) if last_checkpoint else None,
-                        run_store, run_id, progress, data_dir, callbacks)
+        result = train()
     except KeyboardInterrupt:
         if run_store is not None and run_id is not None:
             run_store.set_status(run_id, "interrupted", "interrupted; resume with --resume")
@@ -396,7 +410,7 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
         train_dataset=Dataset.from_list([{k: item[k] for k in columns} for item in train_encoded]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_job_callback(run_store, run_id, output_dir / "metrics.jsonl"), *callbacks],
+        callbacks=[job_callback(run_store, run_id, output_dir / "metrics.jsonl"), *callbacks],
     )
     trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
 

@@ -1,0 +1,363 @@
+"""KTO job: TRL KTOTrainer on the base causal LM with a LoRA adapter.
+
+Learns straight from unpaired thumbs (DESIGN.md "Alignment")::
+
+    recipe = KTORecipe.from_yaml("alignment/recipes/kto_cpu.yaml")
+    split = build_kto(store, persona, eval_fraction=recipe.eval_fraction, seed=recipe.seed)
+    result = train_kto(recipe, split.trl("train"), split.trl("eval"), out_dir,
+                       run_store=RunStore(store.engine), run_id=run_id, data_dir=data_dir)
+
+Rows are TRL conversational unpaired rows: ``{"prompt": [messages],
+"completion": [{"role": "assistant", "content": ...}], "label": bool}``.
+
+Reference model: none is passed, so KTOTrainer (trl 1.12,
+``compute_ref_log_probs``) computes reference log-probs with the same model
+under ``use_adapter(model, None)``, i.e. the LoRA adapter disabled. The eval
+report below does the same with ``disable_adapter()``.
+
+Token boundary: TRL tokenizes a conversational row itself as
+``chat_template(prompt, add_generation_prompt)`` followed by the rest of
+``chat_template(prompt + completion)`` (the reply, ``<|im_end|>`` and a
+newline). The eval log-probs here use exactly that split, so training and
+the report agree. Recipe plumbing (YAML, checkpoints, run-store tracking,
+the per-step callback, base-model resolution, pad token) is shared with
+alignment/reward.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignment.jobs import RunStore
+from alignment.reward import (
+    BUNDLED,
+    RecipeLoader,
+    ensure_pad_token,
+    find_checkpoint,
+    job_callback,
+    reply_text,
+    resolve_base_model,
+    run_tracked,
+    tensorboard_available,
+)
+
+log = logging.getLogger(__name__)
+
+KIND = "kto"
+
+
+@dataclass
+class KTORecipe(RecipeLoader):
+    """Settings of one KTO job; each maps onto KTOConfig/LoraConfig."""
+
+    base_model: str = field(default=BUNDLED, metadata={
+        "help": "Base checkpoint folder, or 'bundled' for the converted bundled SmolLM2."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Linear layers that get LoRA adapters."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    beta: float = field(default=0.1, metadata={
+        "help": "KTO beta: strength of the pull towards the reference (higher = closer)."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "Loss weight of liked replies."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "Loss weight of disliked replies."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train split."})
+    max_steps: int = field(default=-1, metadata={
+        "help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    per_device_train_batch_size: int = field(default=4, metadata={
+        "help": "Rows per step and device; > 1, the KL estimate mismatches completions within a batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    max_length: int = field(default=512, metadata={
+        "help": "Longest prompt+reply in tokens; longer rows are truncated, rows whose prompt fills it are dropped "
+                "and counted."})
+    eval_fraction: float = field(default=0.2, metadata={
+        "help": "Share of conversations held out for eval; read by the data split, not the trainer."})
+    min_rows: int = field(default=16, metadata={"help": "Refuse to train on fewer usable train rows."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (set explicitly)."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations to save memory (set explicitly)."})
+    seed: int = field(default=42, metadata={"help": "Seed for the LoRA init and data order."})
+
+
+@dataclass(frozen=True)
+class KTOResult:
+    metrics: dict[str, Any]
+    adapter_dir: Path
+    global_step: int = 0
+    resumed_from: Path | None = None
+    version_id: int | None = None
+
+
+# -- data ---------------------------------------------------------------------
+
+
+def _counts(rows: Sequence[dict[str, Any]]) -> str:
+    desirable = sum(bool(row["label"]) for row in rows)
+    return f"{desirable} desirable, {len(rows) - desirable} undesirable"
+
+
+def validate_rows(rows: Sequence[dict[str, Any]], split: str, min_rows: int = 1,
+                  both_labels: bool = True) -> list[dict[str, Any]]:
+    """``rows`` as a list if usable; ValueError naming the counts otherwise."""
+    if not rows:
+        raise ValueError(f"{split}: no KTO rows (0 rows)")
+    malformed: dict[str, int] = {}
+
+    def bad(reason: str) -> None:
+        malformed[reason] = malformed.get(reason, 0) + 1
+
+    for row in rows:
+        if not isinstance(row, dict):
+            bad("not a mapping")
+            continue
+        for key in ("prompt", "completion", "label"):
+            if key not in row:
+                bad(f"missing {key!r}")
+        if "prompt" in row and (not isinstance(row["prompt"], list) or not row["prompt"]):
+            bad("empty or non-list 'prompt'")
+        if "completion" in row and reply_text(row["completion"]) is None:
+            bad("'completion' is not one non-empty assistant message")
+        if "label" in row and not isinstance(row["label"], bool):
+            bad("'label' is not a bool")
+    if malformed:
+        details = "; ".join(f"{count} {reason}" for reason, count in sorted(malformed.items()))
+        raise ValueError(f"{split}: {len(rows)} rows, malformed: {details}")
+    rows = list(rows)
+    desirable = sum(row["label"] for row in rows)
+    if both_labels and desirable in (0, len(rows)):
+        which = "desirable" if desirable else "undesirable"
+        raise ValueError(f"{split}: all {len(rows)} rows are {which} ({_counts(rows)}); "
+                         "KTO needs both liked and disliked replies")
+    if len(rows) < min_rows:
+        raise ValueError(f"{split}: {len(rows)} rows ({_counts(rows)}); the recipe needs min_rows={min_rows}")
+    return rows
+
+
+def _ids(encoded: Any) -> list[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "keys"):  # BatchEncoding in some versions
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def encode_row(tokenizer: Any, row: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) split as TRL's KTOTrainer splits a conversational row."""
+    prompt_ids = _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True))
+    full_ids = _ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True))
+    return prompt_ids, full_ids[len(prompt_ids):]
+
+
+def drop_long_prompts(tokenizer: Any, rows: Sequence[dict[str, Any]],
+                      max_length: int | None) -> tuple[list[dict[str, Any]], int]:
+    """Rows whose prompt leaves room for the reply (TRL drops the others silently), and how many were dropped."""
+    if max_length is None:
+        return list(rows), 0
+    kept = [row for row in rows if len(encode_row(tokenizer, row)[0]) < max_length]
+    return kept, len(rows) - len(kept)
+
+
+# -- eval ---------------------------------------------------------------------
+
+
+def completion_logps(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int = 8,
+                     max_length: int | None = None) -> list[float]:
+    """Summed log-prob of each row's completion given its prompt, under ``model`` as it is."""
+    import torch
+
+    logps: list[float] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        batch = [encode_row(tokenizer, row) for row in rows[start:start + batch_size]]
+        sequences = [(p + c)[:max_length] if max_length else p + c for p, c in batch]
+        width = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.bool)
+        for i, ((prompt, _), ids) in enumerate(zip(batch, sequences, strict=True)):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            attention[i, :len(ids)] = 1
+            mask[i, len(prompt):len(ids)] = True
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+            -1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        logps.extend((token_logps * mask[:, 1:].to(device)).sum(-1).cpu().tolist())
+    return logps
+
+
+def implicit_rewards(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int = 8,
+                     max_length: int | None = None) -> list[float]:
+    """Per row: log p_policy(completion | prompt) - log p_reference, the reference being the adapter disabled."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            policy = completion_logps(model, tokenizer, rows, batch_size, max_length)
+            with model.disable_adapter():
+                reference = completion_logps(model, tokenizer, rows, batch_size, max_length)
+    finally:
+        if was_training:
+            model.train()
+    return [p - r for p, r in zip(policy, reference, strict=True)]
+
+
+def kto_report(rewards: Sequence[float], labels: Sequence[bool], beta: float) -> dict[str, Any]:
+    """Per-row eval metrics of implicit rewards (log-ratios) against thumbs; None where a label is absent."""
+    desirable = [r for r, label in zip(rewards, labels, strict=True) if label]
+    undesirable = [r for r, label in zip(rewards, labels, strict=True) if not label]
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    des_mean, und_mean = mean(desirable), mean(undesirable)
+    report: dict[str, Any] = {
+        "eval_rows": len(rewards),
+        "eval_desirable": len(desirable),
+        "eval_undesirable": len(undesirable),
+        "desirable_mean_logratio": des_mean,
+        "undesirable_mean_logratio": und_mean,
+        "logratio_margin": des_mean - und_mean if desirable and undesirable else None,
+        "desirable_positive_rate": mean([float(r > 0) for r in desirable]),
+        "undesirable_negative_rate": mean([float(r < 0) for r in undesirable]),
+        "beta": beta,
+    }
+    if desirable and undesirable:
+        from alignment.metrics import roc_auc
+
+        report["roc_auc"] = roc_auc(list(rewards), [int(label) for label in labels])
+    else:
+        report["roc_auc"] = None
+    return report
+
+
+# -- training -----------------------------------------------------------------
+
+
+def train_kto(
+    recipe: KTORecipe,
+    train_rows: Sequence[dict[str, Any]],
+    eval_rows: Sequence[dict[str, Any]],
+    output_dir: str | Path,
+    run_store: RunStore | None = None,
+    run_id: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data_dir: Path | None = None,
+    callbacks: Sequence[Any] = (),
+) -> KTOResult:
+    """Train a LoRA adapter with KTO, report it on ``eval_rows`` and register a candidate.
+
+    Layout of ``output_dir`` as for the reward job: ``checkpoints/``,
+    ``adapter/`` (LoRA + tokenizer), ``metrics.jsonl``, ``report.json``.
+    A KeyboardInterrupt marks the run interrupted, any other error failed;
+    both re-raise. ``resume=True`` continues from the last checkpoint.
+    """
+    output_dir = Path(output_dir)
+    checkpoints = output_dir / "checkpoints"
+    train_rows = validate_rows(train_rows, "train", recipe.min_rows)
+    eval_rows = validate_rows(eval_rows, "eval", both_labels=False)
+    if recipe.per_device_train_batch_size < 2:
+        raise ValueError("per_device_train_batch_size must be > 1: KTO estimates its KL term within a batch")
+    last_checkpoint = find_checkpoint(checkpoints, resume)
+    return run_tracked(run_store, run_id, lambda: _train(
+        recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
+        run_store, run_id, progress, data_dir, callbacks))
+
+
+def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
+           run_store, run_id, progress, data_dir, callbacks) -> KTOResult:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import KTOConfig, KTOTrainer
+
+    base = resolve_base_model(recipe.base_model, data_dir)
+    set_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ensure_pad_token(tokenizer, model)  # before the trainer, which would otherwise pad with EOS
+
+    train_kept, train_too_long = drop_long_prompts(tokenizer, train_rows, recipe.max_length)
+    eval_kept, eval_too_long = drop_long_prompts(tokenizer, eval_rows, recipe.max_length)
+    if len(train_kept) < len(train_rows):
+        validate_rows(train_kept, f"train (after dropping {train_too_long} prompts >= max_length="
+                                  f"{recipe.max_length})", recipe.min_rows)
+    if not eval_kept:
+        raise ValueError(f"eval: all {eval_too_long} prompts reach max_length={recipe.max_length}")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    use_tensorboard = tensorboard_available()
+    args = KTOConfig(
+        output_dir=str(checkpoints),
+        learning_rate=recipe.learning_rate,
+        beta=recipe.beta,
+        desirable_weight=recipe.desirable_weight,
+        undesirable_weight=recipe.undesirable_weight,
+        num_train_epochs=recipe.num_train_epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        max_length=recipe.max_length,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        logging_steps=1,
+        eval_strategy="no",  # eval metrics are computed per row below, not by the trainer
+        bf16=recipe.bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        seed=recipe.seed,
+        report_to=["tensorboard"] if use_tensorboard else "none",
+        disable_tqdm=not progress,
+        dataset_num_proc=None,
+    )
+    peft_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=list(recipe.lora_target_modules),
+    )
+    columns = ("prompt", "completion", "label")
+    trainer = KTOTrainer(
+        model=model,
+        ref_model=None,  # reference = this model with the adapter disabled (see module docstring)
+        args=args,
+        train_dataset=Dataset.from_list([{k: row[k] for k in columns} for row in train_kept]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[job_callback(run_store, run_id, output_dir / "metrics.jsonl"), *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    rewards = implicit_rewards(policy, tokenizer, eval_kept, recipe.per_device_train_batch_size * 2,
+                               recipe.max_length)
+    metrics = kto_report(rewards, [row["label"] for row in eval_kept], recipe.beta)
+    train_desirable = sum(row["label"] for row in train_kept)
+    metrics.update(train_rows=len(train_kept), train_desirable=train_desirable,
+                   train_undesirable=len(train_kept) - train_desirable,
+                   train_dropped_too_long=train_too_long, eval_dropped_too_long=eval_too_long,
+                   global_step=trainer.state.global_step,
+                   token_boundary="chat_template(prompt + completion), completion after the generation prompt")
+
+    adapter_dir = output_dir / "adapter"
+    trainer.save_model(str(adapter_dir))  # adapter + tokenizer (with its pad token)
+    (output_dir / "report.json").write_text(json.dumps(
+        {"recipe": recipe.to_dict(), "base_model": str(base), "metrics": metrics}, indent=2), encoding="utf-8")
+
+    version_id = None
+    if run_store is not None and run_id is not None:
+        version_id = run_store.register_candidate(
+            run_id, base_model=str(base), adapter_path=str(adapter_dir.resolve()), metrics=metrics)
+    return KTOResult(metrics=metrics, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
+                     resumed_from=last_checkpoint, version_id=version_id)

@@ -1,0 +1,190 @@
+"""KTO job on a tiny random model with the real tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.jobs import RunStore
+from alignment.kto import KTORecipe, kto_report, train_kto
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model(checkpoint, tmp_path_factory) -> Path:
+    """A random 2-layer Llama with the bundled model's real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-kto")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _rows(n: int, offset: int = 0, labels: str = "both") -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        liked = (i % 2 == 0) if labels == "both" else labels == "liked"
+        reply = f"Arr, island {i} be full of gold, arr!" if liked else f"Island {i} is a nice place to visit."
+        rows.append({"prompt": [{"role": "system", "content": "You are a pirate."},
+                                {"role": "user", "content": f"Tell me about island {i}."}],
+                     "completion": [{"role": "assistant", "content": reply}], "label": liked})
+    return rows
+
+
+def _recipe(tiny_model: Path, **overrides) -> KTORecipe:
+    values = {"base_model": str(tiny_model), "lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3,
+              "max_steps": 4, "per_device_train_batch_size": 4, "max_length": 128, "min_rows": 8,
+              "save_steps": 2, "seed": 0}
+    values.update(overrides)
+    return KTORecipe(**values)
+
+
+class _Snapshot:
+    """A TrainerCallback that keeps the trainable parameters at the start."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.before: dict = {}
+        self.after: dict = {}
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                outer.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                outer.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        self.callback = Callback()
+
+
+class _InterruptAt:
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise KeyboardInterrupt
+
+        self.callback = Callback()
+
+
+def test_kto_job_trains_saves_and_registers(tiny_model, store, tmp_path):
+    from safetensors import safe_open
+    from sqlalchemy import select
+
+    from chatbot.store.models import ModelVersion
+
+    runs = RunStore(store.engine)
+    run_id = runs.create_run("kto", persona_id="pirate", output_dir=str(tmp_path / "run"))
+    snapshot = _Snapshot()
+    result = train_kto(_recipe(tiny_model), _rows(24), _rows(8, offset=100), tmp_path / "run",
+                       run_store=runs, run_id=run_id, progress=False, callbacks=[snapshot.callback])
+
+    changed = [n for n in snapshot.before if not snapshot.before[n].equal(snapshot.after[n])]
+    assert changed and all("lora" in n for n in snapshot.before)
+    with safe_open(str(result.adapter_dir / "adapter_model.safetensors"), "pt") as weights:
+        assert any("lora" in key for key in weights.keys())  # noqa: SIM118
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+    m = result.metrics
+    assert (m["eval_rows"], m["eval_desirable"], m["eval_undesirable"]) == (8, 4, 4)
+    assert (m["train_rows"], m["train_desirable"], m["train_undesirable"]) == (24, 12, 12)
+    for key in ("desirable_mean_logratio", "undesirable_mean_logratio", "logratio_margin", "roc_auc"):
+        assert isinstance(m[key], float)
+    assert 0.0 <= m["desirable_positive_rate"] <= 1.0 and 0.0 <= m["undesirable_negative_rate"] <= 1.0
+    assert m["desirable_mean_logratio"] != 0.0  # the adapter moved the policy off the reference
+    assert result.global_step == 4
+
+    run = runs.get_run(run_id)
+    assert run.status == "succeeded" and run.progress == 1.0
+    assert run.metrics["eval"]["logratio_margin"] == m["logratio_margin"]
+    assert len(run.metrics["history"]) >= 4
+    assert any("loss" in entry for entry in run.metrics["history"])
+    version = runs.candidate_for_run(run_id)
+    assert version == result.version_id is not None
+    with store.engine.connect() as conn:
+        row = conn.execute(select(ModelVersion).where(ModelVersion.id == version)).one()
+    assert row.status == "candidate" and row.run_id == run_id
+    assert row.adapter_path == str(result.adapter_dir.resolve())
+
+
+def test_interrupted_kto_job_resumes(tiny_model, store, tmp_path):
+    runs = RunStore(store.engine)
+    run_id = runs.create_run("kto")
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_kto(_recipe(tiny_model), _rows(24), _rows(6, 100), out, run_store=runs, run_id=run_id,
+                  progress=False, callbacks=[_InterruptAt(3).callback])
+    assert runs.get_run(run_id).status == "interrupted"
+    assert runs.candidate_for_run(run_id) is None
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "adapter").exists()
+
+    with pytest.raises(ValueError, match="resume"):
+        train_kto(_recipe(tiny_model), _rows(24), _rows(6, 100), out, progress=False)
+
+    result = train_kto(_recipe(tiny_model), _rows(24), _rows(6, 100), out, run_store=runs,
+                       run_id=run_id, resume=True, progress=False)
+    assert result.resumed_from == out / "checkpoints" / "checkpoint-2"
+    assert result.global_step == 4
+    loss_steps = [e["step"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                  if "loss" in e]
+    assert loss_steps == [1, 2, 3, 4]
+    assert runs.get_run(run_id).status == "succeeded"
+    assert runs.candidate_for_run(run_id) == result.version_id
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], r"train: no KTO rows \(0 rows\)"),
+    ("liked", r"train: all 20 rows are desirable \(20 desirable, 0 undesirable\); KTO needs both"),
+    ("disliked", r"train: all 20 rows are undesirable \(0 desirable, 20 undesirable\)"),
+    ("few", r"train: 5 rows \(3 desirable, 2 undesirable\); the recipe needs min_rows=8"),
+    ([{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a"}]}] * 3,
+     r"train: 3 rows, malformed: 3 missing 'label'"),
+])
+def test_bad_kto_data_is_refused_with_counts(tiny_model, store, tmp_path, rows, message):
+    rows = {"liked": _rows(20, labels="liked"), "disliked": _rows(20, labels="disliked"),
+            "few": _rows(5)}.get(rows, rows) if isinstance(rows, str) else rows
+    runs = RunStore(store.engine)
+    run_id = runs.create_run("kto")
+    with pytest.raises(ValueError, match=message):
+        train_kto(_recipe(tiny_model), rows, _rows(4, 100), tmp_path / "run", run_store=runs, run_id=run_id,
+                  progress=False)
+    assert runs.candidate_for_run(run_id) is None
+
+
+def test_kto_report_is_per_row():
+    report = kto_report([1.0, -0.5, 0.5, -2.0, 3.0], [True, True, False, False, False], beta=0.1)
+    assert report["desirable_mean_logratio"] == pytest.approx(0.25)
+    assert report["undesirable_mean_logratio"] == pytest.approx(0.5)
+    assert report["logratio_margin"] == pytest.approx(-0.25)
+    assert report["desirable_positive_rate"] == pytest.approx(0.5)
+    assert report["undesirable_negative_rate"] == pytest.approx(1 / 3)
+    one_label = kto_report([1.0], [True], beta=0.1)
+    assert one_label["undesirable_mean_logratio"] is None and one_label["roc_auc"] is None
+
+
+@pytest.mark.parametrize("name", ["kto_cpu.yaml", "kto_gpu.yaml"])
+def test_kto_recipes_load(name):
+    recipe = KTORecipe.from_yaml(REPO / "alignment" / "recipes" / name)
+    assert recipe.lora_r > 0 and recipe.per_device_train_batch_size > 1 and recipe.beta > 0
+
+
+def test_unknown_kto_recipe_key_is_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("beta: 0.1\nmin_pairs: 8\n")
+    with pytest.raises(ValueError, match="min_pairs"):
+        KTORecipe.from_yaml(path)
