@@ -40,10 +40,12 @@ from alignment.reward import (
     ensure_pad_token,
     find_checkpoint,
     job_callback,
+    lora_config,
     reply_text,
     resolve_base_model,
     run_tracked,
     tensorboard_available,
+    trainer_arguments,
 )
 
 log = logging.getLogger(__name__)
@@ -277,7 +279,6 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
            run_store, run_id, progress, data_dir, callbacks) -> KTOResult:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import KTOConfig, KTOTrainer
 
@@ -297,36 +298,9 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
 
     output_dir.mkdir(parents=True, exist_ok=True)
     use_tensorboard = tensorboard_available()
-    args = KTOConfig(
-        output_dir=str(checkpoints),
-        learning_rate=recipe.learning_rate,
-        beta=recipe.beta,
-        desirable_weight=recipe.desirable_weight,
-        undesirable_weight=recipe.undesirable_weight,
-        num_train_epochs=recipe.num_train_epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.per_device_train_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        max_length=recipe.max_length,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        logging_steps=1,
-        eval_strategy="no",  # eval metrics are computed per row below, not by the trainer
-        bf16=recipe.bf16,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        seed=recipe.seed,
-        report_to=["tensorboard"] if use_tensorboard else "none",
-        disable_tqdm=not progress,
-        dataset_num_proc=None,
-    )
-    peft_config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=recipe.lora_r,
-        lora_alpha=recipe.lora_alpha,
-        lora_dropout=recipe.lora_dropout,
-        target_modules=list(recipe.lora_target_modules),
-    )
+    args = KTOConfig(**trainer_arguments(recipe, checkpoints, progress, use_tensorboard), beta=recipe.beta,
+                     desirable_weight=recipe.desirable_weight, undesirable_weight=recipe.undesirable_weight)
+    peft_config = lora_config(recipe, "CAUSAL_LM")
     columns = ("prompt", "completion", "label")
     trainer = KTOTrainer(
         model=model,

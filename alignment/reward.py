@@ -287,6 +287,39 @@ def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: P
     return JobCallback()
 
 
+def trainer_arguments(recipe: Any, checkpoints: Path, progress: bool, use_tensorboard: bool) -> dict[str, Any]:
+    """The TRL config fields every job kind sets the same way from its recipe."""
+    return dict(
+        output_dir=str(checkpoints),
+        learning_rate=recipe.learning_rate,
+        num_train_epochs=recipe.num_train_epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        max_length=recipe.max_length,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        logging_steps=1,
+        eval_strategy="no",  # eval metrics are computed by the job itself, per pair or row
+        bf16=recipe.bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        seed=recipe.seed,
+        report_to=["tensorboard"] if use_tensorboard else "none",
+        disable_tqdm=not progress,  # the trainer's bar shows steps and ETA
+        dataset_num_proc=None,
+    )
+
+
+def lora_config(recipe: Any, task_type: str, **extra: Any):
+    """The recipe's LoRA settings as a peft LoraConfig (imported here: peft is slow to import)."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                      lora_dropout=recipe.lora_dropout, target_modules=list(recipe.lora_target_modules),
+                      **extra)
+
+
 def train_reward(
     recipe: RewardRecipe,
     train_rows: Sequence[dict[str, Any]],
@@ -352,7 +385,6 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
            run_store, run_id, progress, data_dir, callbacks) -> RewardResult:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
     from trl import RewardConfig, RewardTrainer
 
@@ -375,34 +407,9 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
     if not use_tensorboard:
         log.info("tensorboard is not installed: per-step metrics go to %s only",
                  output_dir / "metrics.jsonl")
-    args = RewardConfig(
-        output_dir=str(checkpoints),
-        learning_rate=recipe.learning_rate,
-        num_train_epochs=recipe.num_train_epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.per_device_train_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        max_length=recipe.max_length,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        logging_steps=1,
-        eval_strategy="no",  # eval metrics are computed per pair below, not by the trainer
-        bf16=recipe.bf16,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        seed=recipe.seed,
-        report_to=["tensorboard"] if use_tensorboard else "none",
-        disable_tqdm=not progress,  # the trainer's bar shows steps and ETA
-        dataset_num_proc=None,
-    )
-    peft_config = LoraConfig(
-        task_type="SEQ_CLS",
-        r=recipe.lora_r,
-        lora_alpha=recipe.lora_alpha,
-        lora_dropout=recipe.lora_dropout,
-        target_modules=list(recipe.lora_target_modules),
-        modules_to_save=["score"],  # the head is trained in full and saved with the adapter
-    )
+    args = RewardConfig(**trainer_arguments(recipe, checkpoints, progress, use_tensorboard))
+    peft_config = lora_config(recipe, "SEQ_CLS",
+                              modules_to_save=["score"])  # the head is trained in full and saved with the adapter
     columns = ("chosen_ids", "rejected_ids")
     trainer = RewardTrainer(
         model=model,
