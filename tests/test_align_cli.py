@@ -9,23 +9,6 @@ import pytest
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture
-def tiny_model(checkpoint, tmp_path):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path / "tiny"
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def fill(store, conversations: int) -> None:
     """Per conversation: one prompt, a liked 'arr' reply and a disliked plain one (regenerations)."""
     user = store.get_or_create_user("rater")

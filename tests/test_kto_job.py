@@ -6,29 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from training_helpers import InterruptAt, Snapshot
 
 from alignment.jobs import RunStore
 from alignment.kto import KTORecipe, kto_report, train_kto
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_model(checkpoint, tmp_path_factory) -> Path:
-    """A random 2-layer Llama with the bundled model's real tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-kto")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _rows(n: int, offset: int = 0, labels: str = "both") -> list[dict]:
@@ -50,38 +33,6 @@ def _recipe(tiny_model: Path, **overrides) -> KTORecipe:
     return KTORecipe(**values)
 
 
-class _Snapshot:
-    """A TrainerCallback that keeps the trainable parameters at the start."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        outer = self
-        self.before: dict = {}
-        self.after: dict = {}
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                outer.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-            def on_train_end(self, args, state, control, model=None, **kwargs):
-                outer.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-        self.callback = Callback()
-
-
-class _InterruptAt:
-    def __init__(self, step: int):
-        from transformers import TrainerCallback
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == step:
-                    raise KeyboardInterrupt
-
-        self.callback = Callback()
-
-
 def test_kto_job_trains_saves_and_registers(tiny_model, store, tmp_path):
     from safetensors import safe_open
     from sqlalchemy import select
@@ -90,7 +41,7 @@ def test_kto_job_trains_saves_and_registers(tiny_model, store, tmp_path):
 
     runs = RunStore(store.engine)
     run_id = runs.create_run("kto", persona_id="pirate", output_dir=str(tmp_path / "run"))
-    snapshot = _Snapshot()
+    snapshot = Snapshot()
     result = train_kto(_recipe(tiny_model), _rows(24), _rows(8, offset=100), tmp_path / "run",
                        run_store=runs, run_id=run_id, progress=False, callbacks=[snapshot.callback])
 
@@ -128,7 +79,7 @@ def test_interrupted_kto_job_resumes(tiny_model, store, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_kto(_recipe(tiny_model), _rows(24), _rows(6, 100), out, run_store=runs, run_id=run_id,
-                  progress=False, callbacks=[_InterruptAt(3).callback])
+                  progress=False, callbacks=[InterruptAt(3).callback])
     assert runs.get_run(run_id).status == "interrupted"
     assert runs.candidate_for_run(run_id) is None
     assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "adapter").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from training_helpers import InterruptAt, Snapshot
 
 from alignment import metrics
 from alignment.jobs import RunStore
@@ -47,24 +48,6 @@ def test_margin_auc_and_length_baseline():
 # -- the job ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model(checkpoint, tmp_path_factory) -> Path:
-    """A random 2-layer Llama with the bundled model's real tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _rows(n: int, offset: int = 0) -> list[dict]:
     rows = []
     for i in range(offset, offset + n):
@@ -86,44 +69,12 @@ def _recipe(tiny_model: Path, **overrides) -> RewardRecipe:
     return RewardRecipe(**values)
 
 
-class _Snapshot:
-    """A TrainerCallback that keeps the trainable parameters at the start."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        outer = self
-        self.before: dict = {}
-        self.after: dict = {}
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                outer.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-            def on_train_end(self, args, state, control, model=None, **kwargs):
-                outer.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-        self.callback = Callback()
-
-
-class _InterruptAt:
-    def __init__(self, step: int):
-        from transformers import TrainerCallback
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == step:
-                    raise KeyboardInterrupt
-
-        self.callback = Callback()
-
-
 def test_reward_job_trains_saves_and_registers(tiny_model, store, tmp_path):
     from safetensors import safe_open
 
     runs = RunStore(store.engine)
     run_id = runs.create_run("reward", persona_id="pirate", output_dir=str(tmp_path / "run"))
-    snapshot = _Snapshot()
+    snapshot = Snapshot()
     result = train_reward(_recipe(tiny_model), _rows(24), _rows(8, offset=100), tmp_path / "run",
                           run_store=runs, run_id=run_id, progress=False, callbacks=[snapshot.callback])
 
@@ -163,7 +114,7 @@ def test_interrupted_job_registers_nothing_and_resumes(tiny_model, store, tmp_pa
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_reward(_recipe(tiny_model), _rows(24), _rows(6, 100), out, run_store=runs, run_id=run_id,
-                     progress=False, callbacks=[_InterruptAt(3).callback])
+                     progress=False, callbacks=[InterruptAt(3).callback])
     run = runs.get_run(run_id)
     assert run.status == "interrupted"
     assert 0.0 < run.progress < 1.0
