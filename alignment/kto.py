@@ -44,6 +44,7 @@ from alignment.reward import (
     reply_text,
     resolve_base_model,
     run_tracked,
+    served_model_id,
     tensorboard_available,
     trainer_arguments,
 )
@@ -332,6 +333,7 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
     version_id = None
     if run_store is not None and run_id is not None:
         version_id = run_store.register_candidate(
-            run_id, base_model=str(base), adapter_path=str(adapter_dir.resolve()), metrics=metrics)
+            run_id, base_model=served_model_id(recipe.base_model), adapter_path=str(adapter_dir.resolve()),
+            metrics=metrics)
     return KTOResult(metrics=metrics, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
                      resumed_from=last_checkpoint, version_id=version_id)

@@ -259,6 +259,21 @@ def resolve_base_model(base_model: str, data_dir: Path | None) -> Path:
     return path
 
 
+def served_model_id(base_model: str) -> str:
+    """The id the chat app records for this base model (``ChatEngine.model_id``).
+
+    Candidate versions are registered under it so that a promoted adapter is
+    the same ``model_versions`` row the app writes replies with: the bundled
+    model's id for ``bundled``, otherwise the folder exactly as written (give
+    ``serve --model`` the same string).
+    """
+    if base_model == BUNDLED:
+        from chatbot import default_model
+
+        return default_model.MODEL_ID
+    return base_model
+
+
 def tensorboard_available() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
@@ -439,6 +454,7 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
     version_id = None
     if run_store is not None and run_id is not None:
         version_id = run_store.register_candidate(
-            run_id, base_model=str(base), adapter_path=str(adapter_dir.resolve()), metrics=metrics)
+            run_id, base_model=served_model_id(recipe.base_model), adapter_path=str(adapter_dir.resolve()),
+            metrics=metrics)
     return RewardResult(metrics=metrics, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
                         resumed_from=last_checkpoint, version_id=version_id)
