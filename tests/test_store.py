@@ -54,6 +54,7 @@ EXPECTED_COLUMNS = {
     "alignment_runs": {"id", "kind", "persona_id", "config", "dataset_hash", "dataset_stats", "status",
                        "progress", "metrics", "error", "output_dir", "created_at", "updated_at"},
     "feedback_events": {"id", "feedback_id", "message_id", "user_id", "rating", "reason", "comment", "created_at"},
+    "promotions": {"id", "persona_id", "version_id", "action", "forced", "reason", "gate", "by", "created_at"},
 }
 
 
@@ -126,7 +127,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0004_alignment_runs",)
+                ("0005_promotions",)
             ]
     finally:
         engine.dispose()

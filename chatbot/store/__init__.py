@@ -13,9 +13,11 @@ from chatbot.store.models import (
     Message,
     ModelVersion,
     PersonaVersion,
+    Promotion,
     User,
 )
 from chatbot.store.repository import ChatStore, ConversationRecord, FeedbackRecord, MessageRecord
+from chatbot.store.versions import ModelVersionRecord, PromotionChange, PromotionRecord, PromotionRefused
 
 __all__ = [
     "Base",
@@ -28,7 +30,12 @@ __all__ = [
     "Message",
     "MessageRecord",
     "ModelVersion",
+    "ModelVersionRecord",
     "PersonaVersion",
+    "Promotion",
+    "PromotionChange",
+    "PromotionRecord",
+    "PromotionRefused",
     "StoreError",
     "User",
     "make_engine",

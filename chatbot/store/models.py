@@ -41,6 +41,7 @@ MODEL_STATUSES = ("candidate", "serving", "retired")
 FINISH_REASONS = ("eos", "length", "stopped", "greeting")
 RATINGS = (1, -1)
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "interrupted")
+PROMOTION_ACTIONS = ("promote", "rollback")
 
 # Deterministic constraint names: Alembic's batch mode (how SQLite alters a
 # table) can only drop or change a constraint it can name.
@@ -262,3 +263,29 @@ class AlignmentRun(Base):
     output_dir: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+
+
+class Promotion(Base):
+    """One promote or rollback of the version serving a persona; append-only.
+
+    Replaying a persona's rows in id order as a stack (promote pushes its
+    version, rollback pops) gives what serves it; see ``store/versions.py``.
+    A rollback row names the version it took off.
+    """
+
+    __tablename__ = "promotions"
+    __table_args__ = (
+        CheckConstraint(_in("action", PROMOTION_ACTIONS), name="action"),
+        # A forced promotion (past a failed or missing gate) must say why.
+        CheckConstraint("NOT forced OR reason IS NOT NULL", name="forced_reason"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    persona_id: Mapped[str] = mapped_column(String(200), index=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    action: Mapped[str] = mapped_column(String(20))
+    forced: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    reason: Mapped[str | None] = mapped_column(Text)
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the gate result as it was when promoted
+    by: Mapped[str] = mapped_column(String(200))  # who: the OS user or `--by`
+    created_at: Mapped[datetime] = _created_at()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -40,6 +40,9 @@ from chatbot.store.models import (
     User,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from chatbot.store.versions import ModelVersionRecord, PromotionChange, PromotionRecord
 
 TITLE_LENGTH = 60
 
@@ -250,6 +253,49 @@ class ChatStore:
             return version.id
 
         return self._write_retrying(work)
+
+    # -- model versions and promotions (the logic is in store/versions.py) --
+
+    def serving_version(self, persona_id: str) -> ModelVersionRecord | None:
+        """The promoted version serving the persona; None: its persona file's adapter (or the bare base)."""
+        from chatbot.store import versions
+
+        return versions.serving_version(self, persona_id)
+
+    def get_version(self, version_id: int) -> ModelVersionRecord:
+        """One model version; KeyError if there is none with that id."""
+        from chatbot.store import versions
+
+        return versions.get_version(self, version_id)
+
+    def list_versions(self, persona_id: str | None = None) -> list[ModelVersionRecord]:
+        """Model versions, newest first; for a persona, its own and any promoted for it."""
+        from chatbot.store import versions
+
+        return versions.list_versions(self, persona_id)
+
+    def promote(self, version_id: int, *, by: str, force: bool = False, reason: str | None = None,
+                persona_id: str | None = None) -> PromotionChange:
+        """Make a version serve its persona (or ``persona_id``, for a version without one), past the gate.
+
+        Raises PromotionRefused (a ValueError) saying why when it may not,
+        KeyError for an unknown version. ``force`` needs a ``reason``.
+        """
+        from chatbot.store import versions
+
+        return versions.promote(self, version_id, by=by, force=force, reason=reason, persona_id=persona_id)
+
+    def rollback(self, persona_id: str, *, by: str) -> PromotionChange:
+        """Take the persona's serving version off; the one promoted before it serves again."""
+        from chatbot.store import versions
+
+        return versions.rollback(self, persona_id, by=by)
+
+    def promotion_log(self, persona_id: str) -> list[PromotionRecord]:
+        """The persona's promotions and rollbacks, oldest first."""
+        from chatbot.store import versions
+
+        return versions.promotion_log(self, persona_id)
 
     # -- conversations and messages -------------------------------------
 

@@ -1,0 +1,302 @@
+"""Model versions, promoting one to serve a persona, and rolling back.
+
+The ``promotions`` table is an append-only log. Replayed per persona in id
+order as a stack ("promote" pushes its version, "rollback" pops the top),
+it says what serves the persona: the version on top, or, when the stack is
+empty, the persona file's own adapter (or the bare base model). The running
+app asks for every reply (``ChatStore.serving_version``), so a promotion
+made by another process takes effect on the next reply.
+
+``model_versions.status`` follows the log: a version on top of some
+persona's stack is "serving"; one that was promoted and then popped or
+pushed down is "retired"; one never promoted stays "candidate".
+
+A version is promotable when it is a policy adapter (not a reward model)
+whose folder is on disk and whose ``metrics["evaluation"]["gate"]`` (written
+by ``persona-studio align evaluate``) passed. ``force`` with a reason
+promotes past a missing or failed gate, never past the first two.
+
+Promote and rollback each run in one transaction, serialized per persona:
+on SQLite by the write lock every store transaction takes (BEGIN IMMEDIATE,
+see db.py), on PostgreSQL by a transaction-scoped advisory lock on the
+persona, so two at once cannot both build on the same stack top.
+
+These functions are the body of ``ChatStore``'s methods of the same names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from chatbot.store.models import AlignmentRun, ModelVersion, Promotion
+from chatbot.store.repository import DetachedRow
+
+if TYPE_CHECKING:
+    from chatbot.store.repository import ChatStore
+
+# Runs whose adapter is a reward model (a score head), which cannot write replies.
+NON_POLICY_KINDS = ("reward",)
+
+
+class PromotionRefused(ValueError):
+    """A promote or rollback that is not allowed; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class ModelVersionRecord(DetachedRow):
+    """A model version as stored; a detached copy of its row."""
+
+    id: int
+    base_model: str
+    adapter_path: str | None
+    persona_id: str | None
+    status: str
+    metrics: dict[str, Any] | None
+    run_id: int | None
+    created_at: datetime
+    parent_id: int | None
+
+    @property
+    def evaluation(self) -> dict[str, Any] | None:
+        """What `persona-studio align evaluate` wrote, if it ran."""
+        evaluation = (self.metrics or {}).get("evaluation")
+        return evaluation if isinstance(evaluation, dict) else None
+
+    @property
+    def gate(self) -> dict[str, Any] | None:
+        gate = (self.evaluation or {}).get("gate")
+        return gate if isinstance(gate, dict) else None
+
+
+@dataclass(frozen=True)
+class PromotionRecord(DetachedRow):
+    """One row of the promotions log."""
+
+    id: int
+    persona_id: str
+    version_id: int
+    action: str
+    forced: bool
+    reason: str | None
+    gate: dict[str, Any] | None
+    by: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PromotionChange:
+    """What a promote or rollback did."""
+
+    entry: PromotionRecord  # the log row it appended
+    version: ModelVersionRecord  # the version promoted, or the one rolled back (status as it is now)
+    previous: ModelVersionRecord | None  # what served the persona before (None: its own adapter / base)
+    serving: ModelVersionRecord | None  # what serves it now (None: its own adapter / base)
+
+
+# -- reading ----------------------------------------------------------------
+
+
+def _stack(session: Session, persona_id: str) -> list[int]:
+    """The persona's version ids, bottom first, from replaying its log."""
+    stack: list[int] = []
+    rows = session.execute(select(Promotion.action, Promotion.version_id)
+                           .where(Promotion.persona_id == persona_id).order_by(Promotion.id))
+    for action, version_id in rows:
+        if action == "promote":
+            stack.append(version_id)
+        elif stack:
+            stack.pop()
+    return stack
+
+
+def _record(session: Session, version_id: int | None) -> ModelVersionRecord | None:
+    if version_id is None:
+        return None
+    row = session.get(ModelVersion, version_id)
+    return None if row is None else ModelVersionRecord.from_row(row)
+
+
+def serving_version(store: ChatStore, persona_id: str) -> ModelVersionRecord | None:
+    with store._reads.begin() as session:
+        stack = _stack(session, persona_id)
+        return _record(session, stack[-1] if stack else None)
+
+
+def get_version(store: ChatStore, version_id: int) -> ModelVersionRecord:
+    with store._reads.begin() as session:
+        record = _record(session, version_id)
+    if record is None:
+        raise KeyError(f"model version {version_id} does not exist")
+    return record
+
+
+def list_versions(store: ChatStore, persona_id: str | None = None) -> list[ModelVersionRecord]:
+    """Newest first; for a persona, its own versions and any promoted for it."""
+    query = select(ModelVersion).order_by(ModelVersion.id.desc())
+    if persona_id is not None:
+        promoted = select(Promotion.version_id).where(Promotion.persona_id == persona_id)
+        query = query.where(or_(ModelVersion.persona_id == persona_id, ModelVersion.id.in_(promoted)))
+    with store._reads.begin() as session:
+        return [ModelVersionRecord.from_row(row) for row in session.scalars(query)]
+
+
+def run_kinds(store: ChatStore, run_ids: set[int]) -> dict[int, str]:
+    """The kind ("reward", "kto", "ppo", ...) of each of these alignment runs that exists."""
+    if not run_ids:
+        return {}
+    with store._reads.begin() as session:
+        return dict(session.execute(select(AlignmentRun.id, AlignmentRun.kind)
+                                    .where(AlignmentRun.id.in_(run_ids))).all())
+
+
+def promotion_log(store: ChatStore, persona_id: str) -> list[PromotionRecord]:
+    """The persona's promotions and rollbacks, oldest first."""
+    with store._reads.begin() as session:
+        rows = session.scalars(select(Promotion).where(Promotion.persona_id == persona_id)
+                               .order_by(Promotion.id))
+        return [PromotionRecord.from_row(row) for row in rows]
+
+
+# -- the gate ---------------------------------------------------------------
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def check_gate(version: ModelVersionRecord, run_kind: str | None, *, force: bool = False) -> dict[str, Any] | None:
+    """The gate result to record if ``version`` may be promoted; PromotionRefused if not.
+
+    Being a policy adapter on disk is required even with ``force``: anything
+    else cannot serve. A missing or failed evaluation gate is overridden by
+    ``force`` (the caller records the reason).
+    """
+    vid = version.id
+    if run_kind in NON_POLICY_KINDS:
+        raise PromotionRefused(f"version {vid} is a {run_kind} model (run {version.run_id}), not a policy: "
+                               "it scores replies and cannot write them; promote the policy its run trained")
+    if not version.adapter_path:
+        raise PromotionRefused(f"version {vid} is the bare base model {version.base_model!r}: only a LoRA "
+                               "adapter can be promoted (with nothing promoted, a persona uses its own adapter "
+                               "or the base model)")
+    folder = Path(version.adapter_path)
+    if not folder.is_dir():
+        raise PromotionRefused(f"version {vid}'s adapter folder {folder} does not exist")
+    if not (folder / "adapter_config.json").is_file():
+        raise PromotionRefused(f"version {vid}'s folder {folder} holds no LoRA adapter (no adapter_config.json)")
+    gate = version.gate
+    if gate is None:
+        if force:
+            return None
+        run = f"{version.run_id}" if version.run_id is not None else "<run>"
+        raise PromotionRefused(f"version {vid} has not been evaluated: run `persona-studio align evaluate {run}` "
+                               "first, or promote with --force --reason TEXT")
+    if gate.get("passed") is not True and not force:
+        failed = [c for c in gate.get("checks") or [] if isinstance(c, dict) and not c.get("passed")]
+        listed = "; ".join(f"{c.get('name', '?')} = {_number(c.get('value'))} (bound {c.get('bound', '?')})"
+                           for c in failed) or "no check passed or failed it explicitly"
+        raise PromotionRefused(f"version {vid} failed its promotion gate: {listed}; "
+                               "promote with --force --reason TEXT to override")
+    return gate
+
+
+# -- writing ----------------------------------------------------------------
+
+
+def _lock_persona(session: Session, persona_id: str) -> None:
+    """Serialize promotions of one persona (PostgreSQL; SQLite's write lock already does)."""
+    if session.get_bind().dialect.name == "postgresql":
+        digest = hashlib.blake2b(f"promotions:{persona_id}".encode(), digest_size=8).digest()
+        session.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
+
+
+def _refresh_statuses(session: Session, version_ids: set[int]) -> None:
+    """Each promoted-at-some-time version: "serving" if on top of any persona's stack, else "retired"."""
+    session.flush()
+    for version_id in version_ids:
+        personas = session.scalars(select(Promotion.persona_id).distinct()
+                                   .where(Promotion.version_id == version_id)).all()
+        on_top = any((stack := _stack(session, p)) and stack[-1] == version_id for p in personas)
+        session.get(ModelVersion, version_id).status = "serving" if on_top else "retired"
+
+
+def _append(session: Session, **values: Any) -> Promotion:
+    entry = Promotion(**values)
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def _change(session: Session, entry: Promotion, version_id: int, previous: int | None) -> PromotionChange:
+    session.flush()
+    stack = _stack(session, entry.persona_id)
+    return PromotionChange(
+        entry=PromotionRecord.from_row(entry), version=_record(session, version_id),
+        previous=_record(session, previous), serving=_record(session, stack[-1] if stack else None))
+
+
+def _who(by: str) -> str:
+    if not by or not by.strip():
+        raise PromotionRefused("say who is doing this (by)")
+    return by.strip()
+
+
+def promote(store: ChatStore, version_id: int, *, by: str, force: bool = False, reason: str | None = None,
+            persona_id: str | None = None) -> PromotionChange:
+    by = _who(by)
+    reason = reason.strip() if reason and reason.strip() else None
+    if force and reason is None:
+        raise PromotionRefused("--force needs --reason TEXT: a forced promotion records why")
+
+    def work(session: Session) -> PromotionChange:
+        row = session.get(ModelVersion, version_id)
+        if row is None:
+            raise KeyError(f"model version {version_id} does not exist")
+        version = ModelVersionRecord.from_row(row)
+        if version.persona_id is None and persona_id is None:
+            raise PromotionRefused(f"version {version_id} belongs to no persona: name the one it should "
+                                   "serve with --persona ID")
+        if version.persona_id is not None and persona_id is not None and persona_id != version.persona_id:
+            raise PromotionRefused(f"version {version_id} was trained for persona {version.persona_id!r}, "
+                                   f"not {persona_id!r}")
+        target = persona_id or version.persona_id
+        run_kind = session.scalar(select(AlignmentRun.kind).where(AlignmentRun.id == version.run_id)) \
+            if version.run_id is not None else None
+        gate = check_gate(version, run_kind, force=force)
+        _lock_persona(session, target)
+        stack = _stack(session, target)
+        previous = stack[-1] if stack else None
+        if previous == version_id:
+            raise PromotionRefused(f"version {version_id} already serves persona {target!r}")
+        # Forced only when the gate was really overridden: --force on a passing version changes nothing.
+        forced = force and not (gate is not None and gate.get("passed") is True)
+        entry = _append(session, persona_id=target, version_id=version_id, action="promote",
+                        forced=forced, reason=reason, gate=gate, by=by)
+        _refresh_statuses(session, {version_id} | ({previous} if previous is not None else set()))
+        return _change(session, entry, version_id, previous)
+
+    return store._write_retrying(work)
+
+
+def rollback(store: ChatStore, persona_id: str, *, by: str) -> PromotionChange:
+    by = _who(by)
+
+    def work(session: Session) -> PromotionChange:
+        _lock_persona(session, persona_id)
+        stack = _stack(session, persona_id)
+        if not stack:
+            raise PromotionRefused(f"nothing to roll back: no promoted version serves persona {persona_id!r} "
+                                   "(it uses its persona file's adapter, or the base model)")
+        top = stack[-1]
+        entry = _append(session, persona_id=persona_id, version_id=top, action="rollback", by=by)
+        _refresh_statuses(session, {top} | ({stack[-2]} if len(stack) > 1 else set()))
+        return _change(session, entry, top, top)
+
+    return store._write_retrying(work)
