@@ -278,26 +278,33 @@ def tensorboard_available() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
-def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: Path):
+def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: Path, step_offset: int = 0):
+    """Per-step progress and logs to the run store and metrics.jsonl.
+
+    ``step_offset``: steps done before this process started, for a resumed job
+    whose trainer counts from 0 again (PPO); the logged step and the progress
+    are over the whole run.
+    """
     from transformers import TrainerCallback
 
-    class JobCallback(TrainerCallback):
-        """Per-step progress and logs to the run store and metrics.jsonl."""
+    def progress(state) -> float:
+        # Leave the last percent for eval and registration.
+        return 0.99 * (step_offset + state.global_step) / (step_offset + state.max_steps)
 
+    class JobCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if run_store is not None and run_id is not None and state.max_steps:
-                # Leave the last percent for eval and registration.
-                run_store.record_step(run_id, 0.99 * state.global_step / state.max_steps)
+                run_store.record_step(run_id, progress(state))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
                 return
-            entry = {"step": state.global_step, **{k: v for k, v in logs.items()
-                                                     if isinstance(v, (int, float, str))}}
+            entry = {"step": step_offset + state.global_step,
+                     **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
             with metrics_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
             if run_store is not None and run_id is not None and state.max_steps:
-                run_store.record_step(run_id, 0.99 * state.global_step / state.max_steps, entry)
+                run_store.record_step(run_id, progress(state), entry)
 
     return JobCallback()
 
