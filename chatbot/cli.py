@@ -5,6 +5,7 @@
     persona-studio chat --persona ID [--max-new-tokens N] [--seed S] "message"
     persona-studio users add|passwd|list|set-role|remove ...   (see chatbot/users.py)
     persona-studio simulate --persona ID --rule RULE --prompts FILE   (SIMULATED votes; chatbot/simulate.py)
+    persona-studio models list|promote VERSION|rollback PERSONA|log PERSONA   (chatbot/models_cli.py)
 
 Every option also reads an environment variable PERSONA_STUDIO_<NAME>
 (PERSONA_STUDIO_MODEL, PERSONA_STUDIO_DB_URL, ...); a flag wins over it.
@@ -22,7 +23,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import align_cli, feedback_cli, persona_cli, simulate, users
+from . import align_cli, feedback_cli, models_cli, persona_cli, simulate, users
 from .settings import Settings
 
 EXIT_STARTUP = 2
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     persona_cli.add_parser(commands)  # with its own --personas-dir, read into Settings below
     feedback_cli.add_parser(commands)  # with its own --db-url / --data-dir
     align_cli.add_parser(commands)  # with its own --db-url / --data-dir
+    models_cli.add_parser(commands)  # with its own --db-url / --data-dir
     simulate.add_parser(commands)  # SIMULATED votes by a rule; with the model settings
     users.add_parser(commands)  # with its own --db-url / --data-dir
     return parser
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return feedback_cli.run(args, settings)
         if args.command == "align":
             return align_cli.run(args, settings)
+        if args.command == "models":
+            return models_cli.run(args, settings)
         if args.command == "users":
             return users.run(args, settings)
         if args.command == "simulate":

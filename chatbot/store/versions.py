@@ -167,8 +167,20 @@ def promotion_log(store: ChatStore, persona_id: str) -> list[PromotionRecord]:
 # -- the gate ---------------------------------------------------------------
 
 
-def _number(value: Any) -> str:
+def _show(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def describe_check(check: dict[str, Any]) -> str:
+    """One gate check as "kl = 7.31 (must be <= 5)" (alignment/gate.py's checks carry "op" and a number
+    or [low, high] bound; a bound written as text, "<= 5", is shown as it is)."""
+    op = check.get("op")
+    bound = f"{op} {_show(check.get('bound'))}" if op else _show(check.get("bound", "?"))
+    return f"{check.get('name', '?')} = {_show(check.get('value'))} (must be {bound})"
 
 
 def check_gate(version: ModelVersionRecord, run_kind: str | None, *, force: bool = False) -> dict[str, Any] | None:
@@ -200,8 +212,7 @@ def check_gate(version: ModelVersionRecord, run_kind: str | None, *, force: bool
                                "first, or promote with --force --reason TEXT")
     if gate.get("passed") is not True and not force:
         failed = [c for c in gate.get("checks") or [] if isinstance(c, dict) and not c.get("passed")]
-        listed = "; ".join(f"{c.get('name', '?')} = {_number(c.get('value'))} (bound {c.get('bound', '?')})"
-                           for c in failed) or "no check passed or failed it explicitly"
+        listed = "; ".join(describe_check(c) for c in failed) or "its result says it did not pass"
         raise PromotionRefused(f"version {vid} failed its promotion gate: {listed}; "
                                "promote with --force --reason TEXT to override")
     return gate
