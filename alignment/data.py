@@ -267,3 +267,31 @@ def build_prompts(store: ChatStore, persona: str | None = None, since: datetime 
     filters = {"persona": persona, "since": since.isoformat() if since else None, "model_version": model_version}
     return _finish("prompts", rows, group_times, votes, filters, split, eval_fraction, seed,
                    {"rated_replies": len(rated)})
+
+
+# -- which prompts a job trained on ---------------------------------------------
+
+TRAIN_PROMPTS_FILE = "train_prompts.json"
+
+
+def prompt_fingerprints(rows: Iterable[dict]) -> list[str]:
+    """sha256 hex of ``context_key(row["prompt"])`` for each row, distinct, in first-seen order.
+
+    A job writes these for its train rows to ``<output_dir>/train_prompts.json``
+    (``write_train_prompts``) so that an evaluation can drop every held-out
+    prompt the judge or the candidate was trained on, whatever split each used.
+    """
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.setdefault(hashlib.sha256(context_key(row["prompt"]).encode("utf-8")).hexdigest())
+    return list(seen)
+
+
+def write_train_prompts(output_dir, rows: Iterable[dict]):
+    """Write ``{"keys": prompt_fingerprints(rows)}`` to ``output_dir/train_prompts.json``; returns the path."""
+    from pathlib import Path
+
+    path = Path(output_dir) / TRAIN_PROMPTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"keys": prompt_fingerprints(rows)}), encoding="utf-8")
+    return path

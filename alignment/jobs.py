@@ -8,8 +8,12 @@ version whose run says succeeded, never a half-registered one.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -18,6 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from chatbot.store.models import RUN_STATUSES, AlignmentRun, ModelVersion
 from chatbot.store.repository import DetachedRow
+
+JOB_FILE = "job.json"  # in a run's output folder: the process running it
 
 # The metrics column keeps the latest step's logs plus this many past steps;
 # the full history is in the run's metrics.jsonl / TensorBoard logs.
@@ -39,6 +45,37 @@ class RunRecord(DetachedRow):
     output_dir: str | None
     created_at: datetime
     updated_at: datetime
+
+
+def claim(output_dir: str | Path) -> None:
+    """Record this process as the one running the job in ``output_dir`` (see ``process_alive``)."""
+    path = Path(output_dir) / JOB_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": datetime.now().isoformat(timespec="seconds")}), encoding="utf-8")
+
+
+def process_alive(output_dir: str | Path | None) -> bool | None:
+    """Whether the process that claimed ``output_dir`` still exists; None when this machine cannot tell.
+
+    A killed job (SIGKILL, power loss) cannot update its run row, so a run
+    that says "running" is checked against its process instead. Only a
+    process on this host can be checked; a reused pid reads as alive, which
+    errs on the side of not touching a run.
+    """
+    try:
+        job = json.loads((Path(output_dir) / JOB_FILE).read_text(encoding="utf-8"))
+    except (TypeError, OSError, ValueError):
+        return None
+    if job.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(job["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class RunStore:
@@ -98,6 +135,16 @@ class RunStore:
                 # A fresh dict: SQLAlchemy's JSON type only notices reassignment.
                 row.metrics = metrics
 
+    def reap_stale(self) -> list[int]:
+        """Mark "running" runs whose process is gone as interrupted; their ids."""
+        reaped = []
+        for run in self.list_runs(limit=HISTORY_LIMIT):
+            if run.status == "running" and process_alive(run.output_dir) is False:
+                self.set_status(run.id, "interrupted",
+                                "its process ended without updating the run (killed?); resume with --resume")
+                reaped.append(run.id)
+        return reaped
+
     def get_run(self, run_id: int) -> RunRecord:
         with self._sessions.begin() as session:
             return RunRecord.from_row(self._run(session, run_id))
@@ -145,3 +192,18 @@ class RunStore:
         """The id of the version a run registered, if any."""
         with self._sessions.begin() as session:
             return session.scalar(select(ModelVersion.id).where(ModelVersion.run_id == run_id))
+
+    def record_evaluation(self, version_id: int, evaluation: dict[str, Any]) -> None:
+        """Store an evaluation (alignment/evaluate.py) under the version's ``metrics["evaluation"]``.
+
+        ``persona-studio models promote`` reads ``["evaluation"]["gate"]`` from
+        there. A later evaluation replaces an earlier one.
+        """
+        with self._sessions.begin() as session:
+            version = session.get(ModelVersion, version_id)
+            if version is None:
+                raise KeyError(f"model version {version_id} does not exist")
+            metrics = dict(version.metrics or {})
+            metrics["evaluation"] = evaluation
+            # A fresh dict: SQLAlchemy's JSON type only notices reassignment.
+            version.metrics = metrics

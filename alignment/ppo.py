@@ -5,7 +5,7 @@ exists in trl 0.26 to 1.12 and was removed in 1.13, hence ``trl<1.13``)::
 
     recipe = PPORecipe.from_yaml("alignment/recipes/ppo_cpu.yaml")
     split = build_prompts(store, persona, eval_fraction=recipe.eval_fraction, seed=recipe.seed)
-    result = train_ppo(recipe, split.trl("train"), split.trl("eval"), reward_dir, out_dir,
+    result = train_ppo(recipe, split.trl("train"), split.trl("eval"), out_dir, reward_dir=reward_dir,
                        run_store=RunStore(store.engine), run_id=run_id, data_dir=data_dir)
 
 Models, all on one tokenizer (the base model's, with the reward job's pad
@@ -364,7 +364,7 @@ def control_callback(recipe: PPORecipe, checkpoints: Path, step_offset: int):
                 raise KLExceeded(self.stop)
             previous = self.snapshots[-1][1] if self.snapshots else None
             self.snapshots.append((step, trainable_state(self.policy())))
-            if recipe.save_steps > 0 and step % recipe.save_steps == 0:
+            if recipe.save_steps > 0 and step % recipe.save_steps == 0 and self.trainer.accelerator.is_main_process:
                 save_checkpoint(checkpoints, self.trainer, step, previous, recipe.save_total_limit)
 
     return PPOControl()
@@ -377,8 +377,9 @@ def train_ppo(
     recipe: PPORecipe,
     train_rows: Sequence[dict[str, Any]],
     eval_rows: Sequence[dict[str, Any]],
-    reward_dir: str | Path,
     output_dir: str | Path,
+    *,
+    reward_dir: str | Path,
     run_store: RunStore | None = None,
     run_id: int | None = None,
     resume: bool = False,
@@ -528,6 +529,9 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
                    token_boundary="chat_template(prompt, add_generation_prompt) + reply up to EOS")
 
     adapter_dir = output_dir / "adapter"
+    if not trainer.accelerator.is_main_process:  # one writer under `accelerate launch`
+        return PPOResult(metrics=metrics, adapter_dir=adapter_dir, global_step=final_step,
+                         resumed_from=last_checkpoint)
     wrapper.policy.save_pretrained(str(adapter_dir))
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(str(adapter_dir))

@@ -4,16 +4,28 @@
                                 [--resume RUN] [--split conversation|time]
     persona-studio align kto --recipe alignment/recipes/kto_cpu.yaml [--persona ID]
                              [--resume RUN] [--split conversation|time]
+    persona-studio align ppo --recipe alignment/recipes/ppo_cpu.yaml [--persona ID] [--reward-run RUN]
+                             [--resume RUN] [--split conversation|time]
     persona-studio align runs [--kind reward]
     persona-studio align show RUN
+    persona-studio align evaluate RUN [--baseline VERSION|base] [--judge RUN] [--prompts FILE]
+                                      [--samples K] [--max-new-tokens N] [--rule RULE] [--seed S]
 
-Built so far: the reward-model and KTO jobs. PPO, evaluation and promotion come next.
+Every job also takes ``--output DIR`` (default ``<data-dir>/runs/<kind>-<time>``),
+which ``accelerate launch`` with several processes needs so that all of them
+write to one folder; only the main process (RANK 0) writes to the store.
+
+Each job writes ``train_prompts.json`` (fingerprints of its train prompts, so
+an evaluation can leave them out) and ``job.json`` (the process running it, so
+a run whose process was killed is reported as interrupted, not running).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -24,15 +36,23 @@ EXIT_FAILED = 1
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("align", help="alignment jobs: reward model, KTO (PPO to come)")
+    parser = subparsers.add_parser("align", help="alignment jobs: reward model, PPO, KTO; runs; evaluation")
     commands = parser.add_subparsers(dest="align_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     for name in ("db_url", "data_dir"):
         help_text = Settings.__dataclass_fields__[name].metadata["help"]
         common.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
     for kind, help_text in (("reward", "train a reward model on same-context pairs"),
+                            ("ppo", "train a LoRA policy with PPO against a reward model"),
                             ("kto", "train a LoRA policy with KTO on unpaired thumbs")):
         job = commands.add_parser(kind, parents=[common], help=help_text)
+        if kind == "ppo":
+            job.add_argument("--reward-run", type=int, default=None, metavar="RUN",
+                             help="the reward run to optimise against (default: the newest succeeded one "
+                                  "for --persona)")
+        job.add_argument("--output", type=Path, default=None, metavar="DIR",
+                         help="run folder (default: <data-dir>/runs/<kind>-<time>); required with several "
+                              "accelerate processes")
         job.add_argument("--recipe", type=Path, required=True, help="YAML recipe (alignment/recipes/)")
         job.add_argument("--persona", default=None, help="only feedback on this persona")
         job.add_argument("--resume", type=int, default=None, metavar="RUN", help="continue run RUN from its checkpoint")
@@ -42,6 +62,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     runs.add_argument("--kind", default=None, help="only runs of this kind")
     show = commands.add_parser("show", parents=[common], help="one run's config, data, status and metrics")
     show.add_argument("run", type=int)
+    from alignment.evaluate import add_arguments as evaluate_arguments
+
+    evaluate_arguments(commands.add_parser(
+        "evaluate", parents=[common], help="a policy run's candidate vs a baseline on held-out prompts, and the gate"))
     return parser
 
 
@@ -56,6 +80,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(exc)
     try:
         runs = RunStore(store.engine)
+        runs.reap_stale()  # a run whose process died (SIGKILL, power loss) is not "running"
         if args.align_command == "runs":
             for r in runs.list_runs(args.kind):
                 print(f"{r.id:>4}  {r.kind:<7} {r.status:<11} {r.progress:>4.0%}  {r.persona_id or '-':<16} "
@@ -69,6 +94,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps({k: v.isoformat() if hasattr(v, "isoformat") else v
                               for k, v in record.__dict__.items()}, indent=2, default=str))
             return 0
+        if args.align_command == "evaluate":
+            from alignment.evaluate import command
+
+            return command(args, settings, store)
         return _train(args.align_command, args, settings, store, runs)
     finally:
         store.close()
@@ -78,6 +107,10 @@ def _job(kind: str):
     """Recipe class, data builder, trainer, the recipe's minimum field, what it trains and on what, for ``kind``."""
     from alignment import data
 
+    if kind == "ppo":
+        from alignment.ppo import PPORecipe, train_ppo
+
+        return PPORecipe, data.build_prompts, train_ppo, "min_prompts", "PPO policy", "prompts"
     if kind == "kto":
         from alignment.kto import KTORecipe, train_kto
 
@@ -88,7 +121,8 @@ def _job(kind: str):
 
 
 def _train(kind: str, args, settings: Settings, store, runs) -> int:
-    from alignment.data import DataTooSmall
+    from alignment.data import DataTooSmall, write_train_prompts
+    from alignment.jobs import claim, process_alive
 
     recipe_class, build, train, min_field, what, unit = _job(kind)
     try:
@@ -96,8 +130,13 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
         split = build(store, persona=args.persona, split=args.split,
                       eval_fraction=recipe.eval_fraction, seed=recipe.seed)
         split.require(getattr(recipe, min_field), min_eval=1)
+        if kind == "ppo":
+            train = functools.partial(train, reward_dir=_reward_dir(runs, args.reward_run, args.persona))
     except (ValueError, OSError, DataTooSmall) as exc:
         return _fail(exc)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # `accelerate launch` sets RANK per process
+    if not main_process and args.output is None:
+        return _fail(ValueError("with several accelerate processes, give every process the same --output DIR"))
     if args.resume is not None:
         try:
             previous = runs.get_run(args.resume)
@@ -105,30 +144,59 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
             return _fail(exc)
         if previous.kind != kind:
             return _fail(ValueError(f"run {previous.id} is a {previous.kind} run, not {kind}"))
+        if main_process and previous.status == "running" and process_alive(previous.output_dir):
+            return _fail(ValueError(f"run {previous.id} is still running ({previous.output_dir}/job.json)"))
         if previous.dataset_hash != split.snapshot_hash:
             print(f"note: the feedback changed since run {previous.id} started; "
                   "resuming on the data it was started with is not possible, using today's", file=sys.stderr)
         run_id, output = previous.id, Path(previous.output_dir)
+    elif not main_process:
+        run_id, output = None, args.output
     else:
-        output = Path(settings.data_dir) / "runs" / f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
+        output = args.output or Path(settings.data_dir) / "runs" / f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
         run_id = runs.create_run(kind, persona_id=args.persona, config=recipe.to_dict(),
                                  dataset_hash=split.snapshot_hash, dataset_stats=split.stats,
                                  output_dir=str(output))
-    print(f"run {run_id}: {what} on {len(split.train)} train / {len(split.eval)} eval {unit} "
-          f"(snapshot {split.snapshot_hash[:12]}) -> {output}", file=sys.stderr)
+    if main_process:
+        claim(output)
+        write_train_prompts(output, split.train)
+        print(f"run {run_id}: {what} on {len(split.train)} train / {len(split.eval)} eval {unit} "
+              f"(snapshot {split.snapshot_hash[:12]}) -> {output}", file=sys.stderr)
+    run_store = runs if main_process else None
     try:
-        result = train(recipe, split.trl("train"), split.trl("eval"), output, run_store=runs,
+        result = train(recipe, split.trl("train"), split.trl("eval"), output, run_store=run_store,
                        run_id=run_id, resume=args.resume is not None, data_dir=settings.data_dir)
     except KeyboardInterrupt:
         print(f"interrupted: continue with `persona-studio align {kind} --recipe {args.recipe} "
               f"--resume {run_id}`", file=sys.stderr)
         return 130
     except ValueError as exc:
+        if run_store is not None and runs.get_run(run_id).status in ("queued", "running"):
+            runs.set_status(run_id, "failed", str(exc))  # refused before training started
         return _fail(exc)
-    # One JSON line last on stdout (the trainer logs above it), for scripts.
-    print(json.dumps({"run": run_id, "version": result.version_id, "adapter": str(result.adapter_dir),
-                      "metrics": result.metrics}))
+    if main_process:
+        # One JSON line last on stdout (the trainer logs above it), for scripts.
+        print(json.dumps({"run": run_id, "version": result.version_id, "adapter": str(result.adapter_dir),
+                          "metrics": result.metrics}, default=str))
     return 0
+
+
+def _reward_dir(runs, reward_run: int | None, persona: str | None) -> Path:
+    """The output folder of the reward run PPO optimises against: the one named, or the newest that fits."""
+    if reward_run is not None:
+        try:
+            run = runs.get_run(reward_run)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        if run.kind != "reward" or run.status != "succeeded":
+            raise ValueError(f"--reward-run {reward_run} is a {run.status} {run.kind} run; "
+                             "it must be a succeeded reward run")
+        return Path(run.output_dir)
+    for run in runs.list_runs("reward"):
+        if run.status == "succeeded" and run.persona_id == persona:
+            return Path(run.output_dir)
+    raise ValueError(f"no succeeded reward run for persona {persona or '(all personas)'}: "
+                     "train one with `persona-studio align reward`, or name one with --reward-run")
 
 
 def _fail(exc: BaseException) -> int:

@@ -95,3 +95,78 @@ def test_kto_too_little_data_is_refused_with_the_counts(store, tiny_model, tmp_p
     assert done.returncode == 1
     assert "for persona pirate" in done.stderr and "the recipe needs at least 33 (32 train, 1 eval)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_ppo_job_trains_against_the_newest_reward_run(store, tiny_model, tmp_path):
+    fill(store, 30)
+    url, data = str(store.engine.url), str(tmp_path / "data")
+    ppo_recipe = tmp_path / "ppo.yaml"
+    ppo_recipe.write_text(f"base_model: {tiny_model}\nsteps: 2\nsave_steps: 1\nmin_prompts: 4\nresponse_length: 6\n"
+                          "per_device_train_batch_size: 2\ngradient_accumulation_steps: 2\nbf16: false\n")
+    none_yet = cli("ppo", "--recipe", str(ppo_recipe), "--db-url", url, "--data-dir", data, "--persona", "pirate")
+    assert none_yet.returncode == 1 and "no succeeded reward run for persona pirate" in none_yet.stderr
+
+    reward_recipe = tmp_path / "reward.yaml"
+    reward_recipe.write_text(f"base_model: {tiny_model}\nmax_steps: 2\nmin_pairs: 8\n")
+    reward = cli("reward", "--recipe", str(reward_recipe), "--db-url", url, "--data-dir", data, "--persona", "pirate")
+    assert reward.returncode == 0, reward.stderr[-2000:]
+    reward_run = json.loads(reward.stdout.strip().splitlines()[-1])["run"]
+
+    done = cli("ppo", "--recipe", str(ppo_recipe), "--db-url", url, "--data-dir", data, "--persona", "pirate")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["version"] and result["metrics"]["reward_model"].endswith(
+        json.loads(cli("show", str(reward_run), "--db-url", url).stdout)["output_dir"].split("/")[-1])
+    assert result["metrics"]["steps_logged"] == 2
+    shown = json.loads(cli("show", str(result["run"]), "--db-url", url).stdout)
+    assert shown["kind"] == "ppo" and shown["status"] == "succeeded"
+    # Every job records which prompts it trained on, for evaluations to leave out.
+    from pathlib import Path
+
+    trained_on = json.loads((Path(shown["output_dir"]) / "train_prompts.json").read_text())["keys"]
+    assert len(trained_on) == shown["dataset_stats"]["train"]
+
+    wrong = cli("ppo", "--recipe", str(ppo_recipe), "--db-url", url, "--reward-run", str(result["run"]))
+    assert wrong.returncode == 1 and f"--reward-run {result['run']} is a succeeded ppo run" in wrong.stderr
+
+
+def test_a_killed_job_is_reported_interrupted_not_running(store, tiny_model, tmp_path):
+    """SIGKILL leaves no chance to update the run row; `align runs` notices the process is gone."""
+    import signal
+    import time
+
+    fill(store, 30)
+    url, data = str(store.engine.url), str(tmp_path / "data")
+    recipe = tmp_path / "reward.yaml"
+    recipe.write_text(f"base_model: {tiny_model}\nmax_steps: 100000\nmin_pairs: 8\nsave_steps: 1000\n")
+    job = subprocess.Popen([sys.executable, "-m", "chatbot.cli", "align", "reward", "--recipe", str(recipe),
+                            "--db-url", url, "--data-dir", data], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    from alignment.jobs import RunStore
+
+    runs = RunStore(store.engine)
+    deadline = time.monotonic() + 120
+    while not (runs.list_runs() and runs.list_runs()[0].status == "running" and runs.list_runs()[0].progress > 0):
+        assert time.monotonic() < deadline and job.poll() is None, "the job did not start training"
+        time.sleep(0.5)
+    listed = cli("runs", "--db-url", url)
+    assert "reward  running" in listed.stdout  # alive: left alone
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=30)
+    listed = cli("runs", "--db-url", url)
+    assert "reward  interrupted" in listed.stdout, listed.stdout
+    run = runs.list_runs()[0]
+    assert "resume with --resume" in run.error and runs.candidate_for_run(run.id) is None
+
+
+def test_a_job_refused_before_training_is_marked_failed(store, tiny_model, tmp_path):
+    fill(store, 30)
+    recipe = tmp_path / "reward.yaml"
+    recipe.write_text(f"base_model: {tiny_model}\nmax_steps: 2\nmin_pairs: 8\nmax_length: 8\n")  # every pair too long
+    url = str(store.engine.url)
+    done = cli("reward", "--recipe", str(recipe), "--db-url", url, "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 1 and "max_length=8" in done.stderr
+    from alignment.jobs import RunStore
+
+    run = RunStore(store.engine).list_runs()[0]
+    assert run.status == "failed" and "max_length=8" in run.error

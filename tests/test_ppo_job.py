@@ -57,7 +57,7 @@ def test_ppo_job_trains_saves_and_registers(tiny_model, reward_dir, store, tmp_p
     out = tmp_path / "run"
     run_id = runs.create_run("ppo", persona_id="pirate", output_dir=str(out))
     snapshot = Snapshot()
-    result = train_ppo(_recipe(tiny_model), _prompts(12), _prompts(4, 100), reward_dir, out,
+    result = train_ppo(_recipe(tiny_model), _prompts(12), _prompts(4, 100), out, reward_dir=reward_dir,
                        run_store=runs, run_id=run_id, progress=False, callbacks=[snapshot.callback])
 
     changed = {n for n in snapshot.before if not snapshot.before[n].equal(snapshot.after[n])}
@@ -92,7 +92,8 @@ def test_interrupted_ppo_resumes_from_its_checkpoint(tiny_model, reward_dir, sto
     out = tmp_path / "run"
     run_id = runs.create_run("ppo", output_dir=str(out))
     with pytest.raises(KeyboardInterrupt):
-        train_ppo(_recipe(tiny_model), _prompts(12), [], reward_dir, out, run_store=runs, run_id=run_id,
+        train_ppo(_recipe(tiny_model), _prompts(12), [], out, reward_dir=reward_dir, run_store=runs,
+                  run_id=run_id,
                   progress=False, callbacks=[InterruptAt(3).callback])
     assert runs.get_run(run_id).status == "interrupted"
     assert runs.candidate_for_run(run_id) is None and not (out / "adapter").exists()
@@ -103,10 +104,11 @@ def test_interrupted_ppo_resumes_from_its_checkpoint(tiny_model, reward_dir, sto
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved_policy.items())  # trained, not the init
 
     with pytest.raises(ValueError, match="resume"):  # no silent restart over a checkpoint
-        train_ppo(_recipe(tiny_model), _prompts(12), [], reward_dir, out, progress=False)
+        train_ppo(_recipe(tiny_model), _prompts(12), [], out, reward_dir=reward_dir, progress=False)
 
     capture = Snapshot()
-    result = train_ppo(_recipe(tiny_model), _prompts(12), [], reward_dir, out, run_store=runs, run_id=run_id,
+    result = train_ppo(_recipe(tiny_model), _prompts(12), [], out, reward_dir=reward_dir, run_store=runs,
+                       run_id=run_id,
                        resume=True, progress=False, callbacks=[capture.callback])
     restored = {k.removeprefix("policy."): v for k, v in capture.before.items() if k.startswith("policy.")}
     # Training went on from checkpoint-2's weights, not from a fresh adapter.
@@ -123,8 +125,8 @@ def test_kl_early_stop_keeps_the_last_policy_within_bounds(tiny_model, reward_di
 
     # A learning rate this high moves the policy far in one update: the KL
     # logged at step 2 (of the policy after update 1) exceeds the bound.
-    result = train_ppo(_recipe(tiny_model, learning_rate=0.5, max_kl=0.05), _prompts(12), [], reward_dir,
-                       tmp_path / "run", progress=False)
+    result = train_ppo(_recipe(tiny_model, learning_rate=0.5, max_kl=0.05), _prompts(12), [], tmp_path / "run",
+                       reward_dir=reward_dir, progress=False)
     assert result.metrics["stopped_early"], result.metrics
     assert "max_kl 0.05" in result.metrics["stop_reason"]
     stopped_at = len(_logged(tmp_path / "run"))
@@ -143,21 +145,21 @@ def test_kl_early_stop_keeps_the_last_policy_within_bounds(tiny_model, reward_di
 def test_bad_data_is_refused_with_counts(tiny_model, reward_dir, tmp_path, rows, message):
     rows = _prompts(3) if rows == "few" else rows
     with pytest.raises(ValueError, match=message):
-        train_ppo(_recipe(tiny_model), rows, [], reward_dir, tmp_path / "run", progress=False)
+        train_ppo(_recipe(tiny_model), rows, [], tmp_path / "run", reward_dir=reward_dir, progress=False)
 
 
 def test_fewer_prompts_than_a_batch_is_refused(tiny_model, reward_dir, tmp_path):
     # PPOTrainer drops ragged batches and would loop forever without one.
     with pytest.raises(ValueError, match="5 prompts, fewer than one batch of 6"):
-        train_ppo(_recipe(tiny_model, per_device_train_batch_size=3, min_prompts=1), _prompts(5), [], reward_dir,
-                  tmp_path / "run", progress=False)
+        train_ppo(_recipe(tiny_model, per_device_train_batch_size=3, min_prompts=1), _prompts(5), [],
+                  tmp_path / "run", reward_dir=reward_dir, progress=False)
 
 
 def test_reward_model_must_exist_and_share_the_base(tiny_model, reward_dir, tmp_path, checkpoint):
     with pytest.raises(ValueError, match="has no adapter/"):
-        train_ppo(_recipe(tiny_model), _prompts(12), [], tmp_path, tmp_path / "run", progress=False)
+        train_ppo(_recipe(tiny_model), _prompts(12), [], tmp_path / "run", reward_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="the reward model was trained on"):
-        train_ppo(_recipe(checkpoint), _prompts(12), [], reward_dir, tmp_path / "run2", progress=False)
+        train_ppo(_recipe(checkpoint), _prompts(12), [], tmp_path / "run2", reward_dir=reward_dir, progress=False)
 
 
 def test_ppo_scores_replies_on_the_reward_models_training_boundary(tiny_model, reward_dir):
