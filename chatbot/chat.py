@@ -8,6 +8,7 @@ shared, thread-safe services.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -17,8 +18,10 @@ from .default_model import ModelLoadError
 from .engine import ChatEngine, GenerationParams, Reply
 from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, parse_persona, render
 from .prompting import Prompt, PromptTooLong, build_prompt
-from .store import ChatStore, ConversationRecord, MessageRecord
+from .store import ChatStore, ConversationRecord, MessageRecord, ModelVersionRecord
 from .store.repository import UNCHANGED
+
+log = logging.getLogger(__name__)
 
 
 class ChatError(Exception):
@@ -52,14 +55,19 @@ class ChatSession:
 
     @property
     def adapter(self) -> str | None:
-        """The persona's LoRA adapter folder (relative paths are next to the persona file)."""
-        adapter = self.persona.persona.adapter
-        return str((self.persona.path.parent / adapter).resolve()) if adapter else None
+        """The persona file's LoRA adapter folder; what serves may be a promoted one (ChatService.serving)."""
+        return persona_adapter(self.persona)
 
     def prompt(self, extra: list[dict] = ()) -> Prompt:
         r = self.rendered
         return build_prompt(r.system_prompt, self.history() + list(extra), r.examples,
                             r.post_history_instructions)
+
+
+def persona_adapter(persona: LoadedPersona) -> str | None:
+    """The persona file's LoRA adapter folder (relative paths are next to the persona file)."""
+    adapter = persona.persona.adapter
+    return str((persona.path.parent / adapter).resolve()) if adapter else None
 
 
 def params_for(persona: LoadedPersona, **overrides) -> GenerationParams:
@@ -74,6 +82,25 @@ class ChatService:
         self.engine = engine
         self.personas = personas
         self.store = store
+        self._base_mismatch_warned: set[int] = set()  # promoted versions made for another base model
+
+    def serving(self, persona: LoadedPersona) -> tuple[str | None, ModelVersionRecord | None]:
+        """(adapter folder, promoted version) that answers for ``persona`` now.
+
+        Asked for every reply, so a promotion or rollback made anywhere (the
+        `models` command in another process) takes effect on the next one.
+        Without a promoted version for this engine's base model: the persona
+        file's own adapter (or the bare base, None), and no version.
+        """
+        version = self.store.serving_version(persona.id)
+        if version is not None and version.base_model == self.engine.model_id:
+            return version.adapter_path, version
+        if version is not None and version.id not in self._base_mismatch_warned:
+            self._base_mismatch_warned.add(version.id)
+            log.warning("persona %s: promoted version %s was made for %r, but this app serves %r; "
+                        "using the persona file's adapter instead", persona.id, version.id,
+                        version.base_model, self.engine.model_id)
+        return persona_adapter(persona), None
 
     def user_id(self, name: str) -> int:
         return self.store.get_or_create_user(name)
@@ -100,7 +127,7 @@ class ChatService:
         if not text.strip():
             raise ChatError("the message is empty")
         yield from self._stream(session, session.prompt([{"role": "user", "content": text.strip()}]),
-                                params, stop)
+                                params, stop, *self.serving(persona))
 
     def send(self, session: ChatSession, text: str, params: GenerationParams,
              stop: threading.Event | None = None) -> Iterator[Reply]:
@@ -266,10 +293,15 @@ class ChatService:
         session.turns = [Turn(m.role, m.content, m.id) for m in branch]
 
     def _stream(self, session: ChatSession, prompt: Prompt, params: GenerationParams,
-                stop: threading.Event | None) -> Iterator[Reply]:
+                stop: threading.Event | None, adapter: str | None,
+                promoted: ModelVersionRecord | None = None) -> Iterator[Reply]:
         try:
-            yield from self.engine.stream(prompt, params, stop, adapter=session.adapter)
+            yield from self.engine.stream(prompt, params, stop, adapter=adapter)
         except ModelLoadError as exc:
+            if promoted is not None:
+                raise ChatError(f"{exc} (model version {promoted.id}, promoted for persona "
+                                f"{session.persona.id}; `persona-studio models rollback "
+                                f"{session.persona.id}` puts back what served before)") from None
             raise ChatError(str(exc)) from None
 
     def _ensure_conversation(self, session: ChatSession) -> None:
@@ -285,11 +317,14 @@ class ChatService:
 
     def _reply(self, session: ChatSession, params: GenerationParams,
                stop: threading.Event | None) -> Iterator[Reply]:
+        # Looked up once per reply: the adapter that writes it is the one recorded with it.
+        adapter, promoted = self.serving(session.persona)
         reply = None
-        for reply in self._stream(session, session.prompt(), params, stop):
+        for reply in self._stream(session, session.prompt(), params, stop, adapter, promoted):
             yield reply
         assert reply is not None and reply.done
-        version = self.store.get_or_create_model_version(self.engine.model_id, session.adapter)
+        # A promoted version's row, since identity is (base model, adapter folder).
+        version = self.store.get_or_create_model_version(self.engine.model_id, adapter)
         message_id = self.store.add_message(
             session.conversation_id, "assistant", reply.text,
             parent_id=session.turns[-1].message_id, model_version_id=version,

@@ -67,7 +67,10 @@ def persona_info(service: ChatService, session: ChatSession) -> str:
     info = f"**{p.name}** {tags} — {p.description} _(persona version {session.persona.version})_"
     if p.model and p.model != service.engine.model_id:
         info += f"\n\nThis persona was made for `{p.model}`; replies come from `{service.engine.model_id}`."
-    if p.adapter:
+    adapter, promoted = service.serving(session.persona)
+    if promoted is not None:
+        info += f"\n\nServed by model version {promoted.id} (promoted LoRA adapter `{adapter}`)."
+    elif p.adapter:
         info += f"\n\nServed with the LoRA adapter `{p.adapter}`."
     return info
 
