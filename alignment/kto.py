@@ -89,6 +89,13 @@ class KTORecipe(RecipeLoader):
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations to save memory (set explicitly)."})
     seed: int = field(default=42, metadata={"help": "Seed for the LoRA init and data order."})
+    gate: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Promotion gate bounds for `align evaluate` (alignment/gate.py GateBounds); absent = defaults."})
+
+    def __post_init__(self) -> None:
+        from alignment.gate import GateBounds
+
+        GateBounds.from_mapping(self.gate, source="recipe gate")  # a typo fails before training, not after
 
 
 @dataclass(frozen=True)

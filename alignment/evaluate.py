@@ -1,0 +1,718 @@
+"""Evaluate a policy run's candidate against a baseline on held-out prompts, and gate it.
+
+    persona-studio align evaluate RUN [--baseline VERSION|base] [--judge RUN] [--prompts FILE]
+                                      [--samples K] [--max-new-tokens N] [--rule RULE] [--seed S]
+
+From Python::
+
+    evaluation = evaluate(store, run_id, EvalOptions(baseline="base", judge=reward_run),
+                          personas=PersonaLibrary(folder))
+    evaluation["win_rate"]["ci"], evaluation["gate"]["passed"]
+
+What is compared (DESIGN.md "Alignment"):
+
+- candidate: the version a policy run (kto, ppo) registered, its LoRA adapter
+  at ``<output_dir>/adapter``;
+- baseline: ``--baseline VERSION``, ``base`` (no adapter), or by default what
+  serves the persona now (``ChatStore.serving_version``; with nothing
+  promoted, the persona file's adapter or the base model);
+- prompts: the eval side of the run's own prompt split (``build_prompts``
+  with the run's eval_fraction, seed and split), or ``--prompts FILE``
+  rendered as the chat renders a first message; minus every prompt the judge
+  or the candidate was trained on (their ``train_prompts.json``);
+- judge: a reward run (default: the newest succeeded one for the persona),
+  scoring ``chat_template(prompt) + reply + EOS`` exactly as it was trained
+  (``alignment.reward.encode_pair_side``).
+
+The base causal LM is loaded once; candidate and baseline are two named PEFT
+adapters on it and the reference is the same model with adapters disabled.
+The K samples of a prompt are one generate() batch, seeded per prompt with
+the same seed for both models, so sample k of prompt i draws the same random
+numbers in both. KL and perplexity are computed on the raw (temperature 1)
+distributions over each reply's generated tokens, EOS included.
+
+Outputs go to ``<run output_dir>/evaluation/``: evaluation.json,
+samples.jsonl (every reply), report.md and PNG plots; the evaluation, with
+the gate verdict (alignment/gate.py) under "gate", is also stored on the
+candidate's model_versions row (``metrics["evaluation"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from alignment import eval_metrics as em
+from alignment.gate import GateBounds, failed_checks
+from alignment.jobs import RunRecord, RunStore
+
+log = logging.getLogger(__name__)
+
+POLICY_KINDS = ("kto", "ppo")
+JUDGE_KIND = "reward"
+EVALUATION_DIR = "evaluation"
+SHOWN_SAMPLES = 6  # side-by-side replies in evaluation.json and report.md
+BATCH = 8
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot be run as asked; the message says what was wrong, in one line."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    baseline: str | None = None  # a version id, "base", or None: what serves the persona now
+    judge: int | None = None  # a reward run id; None: the newest succeeded one for the persona
+    prompts_file: Path | None = None
+    samples: int = 2
+    max_new_tokens: int = 64
+    rule: str | None = None
+    seed: int = 0
+    resamples: int = em.RESAMPLES
+
+
+@dataclass(frozen=True)
+class Side:
+    """One of the two models compared."""
+
+    label: str
+    version: int | None
+    adapter: str | None  # None: the base model with adapters disabled
+    source: str  # candidate | explicit | serving | persona_adapter | base
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "version": self.version, "adapter": self.adapter, "source": self.source}
+
+
+@dataclass
+class Reply:
+    prompt_index: int
+    sample: int
+    text: str
+    token_ids: list[int]  # generated, EOS included when it ended with one
+    eos: bool
+    reward: float | None = None
+    kl: float | None = None
+    ref_nll: float | None = None  # summed over token_ids
+    liked: bool | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids) - int(self.eos)
+
+
+@dataclass
+class Prompts:
+    rows: list[list[dict[str, Any]]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# -- what to compare ------------------------------------------------------------
+
+
+def _run(runs: RunStore, run_id: int, what: str) -> RunRecord:
+    try:
+        return runs.get_run(run_id)
+    except KeyError:
+        raise EvaluationError(f"{what} run {run_id} does not exist (see `persona-studio align runs`)") from None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EvaluationError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def _adapter_task(adapter: Path) -> str | None:
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return _read_json(config, "adapter config").get("task_type")
+
+
+def candidate_of(store, runs: RunStore, run_id: int) -> tuple[RunRecord, Side, dict[str, Any]]:
+    """The policy run, its candidate side and its report.json; EvaluationError if it is not one."""
+    run = _run(runs, run_id, "alignment")
+    if run.kind not in POLICY_KINDS:
+        raise EvaluationError(f"run {run_id} is a {run.kind} run, not a policy run ({', '.join(POLICY_KINDS)}): "
+                              "only a policy's replies can be evaluated")
+    version_id = runs.candidate_for_run(run_id)
+    if version_id is None:
+        raise EvaluationError(f"run {run_id} has no candidate version (status {run.status}"
+                              f"{': ' + run.error if run.error else ''}); finish or resume it first")
+    version = store.get_version(version_id)
+    adapter = Path(version.adapter_path or Path(run.output_dir or "") / "adapter")
+    if _adapter_task(adapter) != "CAUSAL_LM":
+        raise EvaluationError(f"run {run_id}'s candidate version {version_id} has no causal-LM LoRA adapter "
+                              f"at {adapter}")
+    report = _read_json(Path(run.output_dir) / "report.json", f"run {run_id}'s report")
+    return run, Side(f"candidate v{version_id} (run {run_id})", version_id, str(adapter), "candidate"), report
+
+
+def baseline_of(store, spec: str | None, run: RunRecord, candidate: Side, personas) -> Side:
+    """The baseline side for ``--baseline`` ``spec`` (see the module docstring)."""
+    if spec is not None and spec.strip().lower() == "base":
+        return Side("base model", None, None, "base")
+    if spec is not None:
+        try:
+            version_id = int(spec)
+        except ValueError:
+            raise EvaluationError(f"--baseline must be a model version id or 'base', not {spec!r}") from None
+        return _version_side(store, version_id, candidate, "explicit", f"v{version_id}")
+    if run.persona_id is None:
+        return Side("base model (the run has no persona)", None, None, "base")
+    serving = store.serving_version(run.persona_id) if hasattr(store, "serving_version") else None
+    if serving is not None:
+        if serving.id == candidate.version:
+            raise EvaluationError(f"the candidate v{candidate.version} already serves persona {run.persona_id}: "
+                                  "pass --baseline VERSION or --baseline base")
+        return _version_side(store, serving.id, candidate, "serving", f"serving v{serving.id}")
+    adapter = _persona_adapter(personas, run.persona_id)
+    if adapter is not None:
+        return Side(f"persona file adapter {adapter}", None, adapter, "persona_adapter")
+    return Side("base model (nothing promoted)", None, None, "base")
+
+
+def _version_side(store, version_id: int, candidate: Side, source: str, label: str) -> Side:
+    if version_id == candidate.version:
+        raise EvaluationError(f"the baseline v{version_id} is the candidate itself")
+    try:
+        version = store.get_version(version_id)
+    except KeyError:
+        raise EvaluationError(f"baseline model version {version_id} does not exist") from None
+    cand = store.get_version(candidate.version)
+    if version.base_model != cand.base_model:
+        raise EvaluationError(f"baseline v{version_id} runs on base model {version.base_model!r}, the candidate "
+                              f"on {cand.base_model!r}: they must share one")
+    if version.adapter_path is None:
+        return Side(f"{label} (base model)", version_id, None, source)
+    if _adapter_task(Path(version.adapter_path)) != "CAUSAL_LM":
+        raise EvaluationError(f"baseline v{version_id} has no causal-LM LoRA adapter at {version.adapter_path} "
+                              "(a reward model cannot write replies)")
+    return Side(label, version_id, version.adapter_path, source)
+
+
+def _persona_adapter(personas, persona_id: str) -> str | None:
+    persona = _persona(personas, persona_id)
+    if persona is None or not persona.persona.adapter:
+        return None
+    return str((persona.path.parent / persona.persona.adapter).resolve())
+
+
+def _persona(personas, persona_id: str | None):
+    if personas is None or persona_id is None:
+        return None
+    from chatbot.personas import PersonaError
+
+    personas.refresh()
+    try:
+        return personas.get(persona_id)
+    except PersonaError:
+        return None
+
+
+def judge_of(runs: RunStore, judge_id: int | None, run: RunRecord) -> tuple[RunRecord, set[str]]:
+    """The reward run that scores replies, and the fingerprints of the prompts it was trained on."""
+    if judge_id is None:
+        found = [r for r in runs.list_runs(JUDGE_KIND, limit=10_000)
+                 if r.status == "succeeded" and r.persona_id == run.persona_id]
+        if not found:
+            raise EvaluationError(f"no succeeded reward run for persona {run.persona_id or '(all)'} to judge with: "
+                                  "train one with `persona-studio align reward` or pass --judge RUN")
+        judge = found[0]
+    else:
+        judge = _run(runs, judge_id, "judge")
+    if judge.kind != JUDGE_KIND:
+        raise EvaluationError(f"judge run {judge.id} is a {judge.kind} run, not a reward run")
+    if judge.status != "succeeded":
+        raise EvaluationError(f"judge run {judge.id} has status {judge.status}, not succeeded")
+    keys = train_keys(Path(judge.output_dir or ""), f"judge run {judge.id}")
+    if keys is None:
+        raise EvaluationError(f"judge run {judge.id} has no train_prompts.json in {judge.output_dir}: which "
+                              "prompts it was trained on is unknown, so it cannot judge held-out prompts")
+    return judge, keys
+
+
+def train_keys(run_dir: Path, what: str) -> set[str] | None:
+    """The prompt fingerprints in ``run_dir/train_prompts.json``; None if there is no such file."""
+    from alignment.data import TRAIN_PROMPTS_FILE
+
+    path = run_dir / TRAIN_PROMPTS_FILE
+    if not path.is_file():
+        return None
+    keys = _read_json(path, f"{what}'s train prompts").get("keys")
+    if not isinstance(keys, list):
+        raise EvaluationError(f"{path} has no list of 'keys'")
+    return set(keys)
+
+
+# -- prompts --------------------------------------------------------------------
+
+
+def held_out_prompts(store, run: RunRecord) -> Prompts:
+    """The eval side of the run's own prompt split."""
+    from alignment.data import build_prompts
+
+    config = run.config or {}
+    missing = [key for key in ("eval_fraction", "seed") if key not in config]
+    if missing:
+        raise EvaluationError(f"run {run.id}'s config has no {' or '.join(missing)}, so its held-out prompts "
+                              "are unknown: pass --prompts FILE")
+    split = build_prompts(store, persona=run.persona_id, split=(run.dataset_stats or {}).get("split", "conversation"),
+                          eval_fraction=config["eval_fraction"], seed=config["seed"])
+    return Prompts([row["prompt"] for row in split.eval],
+                   {"source": "held-out", "file": None, "feedback_prompts": len(split.train) + len(split.eval),
+                    "available": len(split.eval)})
+
+
+def file_prompts(path: Path, persona, user_name: str = "User") -> Prompts:
+    """One user message per line, each rendered as the first message of a new chat with ``persona``."""
+    from chatbot.chat import ChatSession, Turn
+    from chatbot.personas import render
+    from chatbot.simulate import load_prompts
+
+    texts = load_prompts(path)
+    # As ChatService.new_session + send build the prompt: system prompt, examples, the greeting, the message.
+    session = ChatSession(user_id=0, persona=persona, rendered=render(persona, user_name))
+    session.turns = [Turn("assistant", session.rendered.greetings[0])]
+    rows = [session.prompt([{"role": "user", "content": text}]).messages for text in texts]
+    return Prompts(rows, {"source": "file", "file": str(path), "available": len(rows)})
+
+
+def drop_trained(prompts: Prompts, judge_keys: set[str], candidate_keys: set[str] | None) -> Prompts:
+    """Without duplicates and without any prompt the judge or the candidate was trained on."""
+    from alignment.data import prompt_fingerprints
+
+    kept, seen = [], set()
+    removed_judge = removed_candidate = duplicates = 0
+    for row in prompts.rows:
+        key = prompt_fingerprints([{"prompt": row}])[0]
+        if key in seen:
+            duplicates += 1
+        elif key in judge_keys:
+            removed_judge += 1
+        elif candidate_keys is not None and key in candidate_keys:
+            removed_candidate += 1
+        else:
+            seen.add(key)
+            kept.append(row)
+    stats = {**prompts.stats, "duplicates": duplicates, "removed_judge_trained": removed_judge,
+             "removed_candidate_trained": removed_candidate,
+             "candidate_train_prompts_known": candidate_keys is not None, "used": len(kept)}
+    return Prompts(kept, stats)
+
+
+def _no_prompts_left(stats: dict[str, Any], judge: RunRecord, run: RunRecord) -> EvaluationError:
+    where = f"prompt file {stats['file']}" if stats["source"] == "file" else f"run {run.id}'s held-out split"
+    return EvaluationError(
+        f"no held-out prompts left: {stats['available']} from {where}, {stats['removed_judge_trained']} "
+        f"removed as judge run {judge.id} trained on them, {stats['removed_candidate_trained']} as the candidate "
+        f"did, {stats['duplicates']} duplicates, {stats.get('removed_too_long', 0)} too long; "
+        "rate replies to more prompts or pass --prompts FILE with new ones")
+
+
+# -- models ---------------------------------------------------------------------
+
+
+def _ids(encoded: Any) -> list[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "keys"):  # BatchEncoding in some versions
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def _right_padded(sequences: Sequence[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+    return input_ids, attention
+
+
+def token_logps(model: Any, pad_id: int, prompts: Sequence[list[int]], replies: Sequence[list[int]],
+                batch_size: int = BATCH) -> list[list[float]]:
+    """Per reply, the log-prob of each of its tokens given the prompt and the tokens before, under ``model``."""
+    import torch
+
+    out: list[list[float]] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(replies), batch_size):
+        sequences = [p + r for p, r in zip(prompts[start:start + batch_size], replies[start:start + batch_size],
+                                           strict=True)]
+        input_ids, attention = _right_padded(sequences, pad_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+            -1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1): log p(token t+1)
+        for i, (prompt, reply) in enumerate(zip(prompts[start:start + batch_size],
+                                                replies[start:start + batch_size], strict=True)):
+            out.append(logps[i, len(prompt) - 1:len(prompt) - 1 + len(reply)].tolist())
+    return out
+
+
+def _generation_kwargs(params, max_new_tokens: int, tokenizer, eos_ids: set[int]) -> dict[str, Any]:
+    # As chatbot/engine.py samples, so the replies are what the chat would show.
+    kwargs: dict[str, Any] = dict(do_sample=params.temperature > 0, max_new_tokens=max_new_tokens,
+                                  repetition_penalty=params.repetition_penalty,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids))
+    if params.temperature > 0:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _device():
+    """A GPU when there is one (the jobs train there too), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _adapter_context(model: Any, name: str | None):
+    """Make adapter ``name`` active; None: the reference (adapters disabled)."""
+    import contextlib
+
+    if name is None:
+        return model.disable_adapter()
+    model.set_adapter(name)
+    return contextlib.nullcontext()
+
+
+def generate_and_measure(base_path: Path, candidate: Side, baseline: Side, prompts: list[list[dict]],
+                         options: EvalOptions, params, bar) -> tuple[dict[str, list[Reply]], Any]:
+    """Sample both models on every prompt; KL and reference NLL of every reply. Returns (replies, tokenizer)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignment.reward import ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    ensure_pad_token(tokenizer, model)  # as the jobs did before training the adapters
+    model.to(_device())
+    peft = PeftModel.from_pretrained(model, candidate.adapter, adapter_name="candidate")
+    names = {"candidate": "candidate", "baseline": None}
+    if baseline.adapter is not None:
+        peft.load_adapter(baseline.adapter, adapter_name="baseline")
+        names["baseline"] = "baseline"
+    peft.eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    eos_ids.discard(None)
+    kwargs = _generation_kwargs(params, options.max_new_tokens, tokenizer, eos_ids)
+    prompt_ids = [_ids(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)) for p in prompts]
+
+    replies: dict[str, list[Reply]] = {"candidate": [], "baseline": []}
+    with torch.inference_mode():
+        for side, name in names.items():
+            for i, ids in enumerate(prompt_ids):
+                with _adapter_context(peft, name):
+                    # The K samples of a prompt are one batch (no padding: one prompt), seeded per prompt:
+                    # both models draw the same random numbers for (prompt, sample), so what differs is
+                    # the adapters' doing.
+                    torch.manual_seed(options.seed * 1_000_003 + i)
+                    input_ids = torch.tensor([ids] * options.samples, device=model.device)  # (K, prompt length)
+                    output = peft.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                           **kwargs).cpu()  # (K, prompt length + new tokens)
+                for k in range(options.samples):
+                    new = output[k, len(ids):].tolist()
+                    end = next((j for j, t in enumerate(new) if t in eos_ids), None)
+                    generated = new if end is None else new[:end + 1]
+                    text = tokenizer.decode(generated, skip_special_tokens=True)
+                    replies[side].append(Reply(i, k, text, generated, end is not None))
+                bar.update(options.samples)
+            bar.set_description(f"log-probs ({side})")
+            prompt_list = [prompt_ids[r.prompt_index] for r in replies[side]]
+            reply_list = [r.token_ids for r in replies[side]]
+            with _adapter_context(peft, None):
+                reference = token_logps(peft, tokenizer.pad_token_id, prompt_list, reply_list)
+            if name is None:
+                own = reference
+            else:
+                with _adapter_context(peft, name):
+                    own = token_logps(peft, tokenizer.pad_token_id, prompt_list, reply_list)
+            for reply, mine, ref in zip(replies[side], own, reference, strict=True):
+                reply.kl = sum(mine) - sum(ref)
+                reply.ref_nll = -sum(ref)
+            bar.set_description("generating")
+    del peft, model
+    return replies, tokenizer
+
+
+def score_replies(judge_dir: Path, base_path: Path, policy_tokenizer, prompts: list[list[dict]],
+                  replies: dict[str, list[Reply]], judge_id: int, bar) -> None:
+    """Fill ``reward`` of every reply with the judge's score, tokenized as the judge was trained."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignment.reward import encode_pair_side, ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise EvaluationError(f"judge run {judge_id} uses another tokenizer than the candidate's base model: "
+                              "the reward model must share the policy's tokenizer")
+    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+    ensure_pad_token(tokenizer, model)
+    model.to(_device())
+    judge = PeftModel.from_pretrained(model, str(judge_dir / "adapter"))  # LoRA + the score head (modules_to_save)
+    judge.eval()
+    device = next(judge.parameters()).device
+    flat = [r for side in ("candidate", "baseline") for r in replies[side]]
+    with torch.inference_mode():
+        for start in range(0, len(flat), BATCH):
+            batch = flat[start:start + BATCH]
+            sequences = [encode_pair_side(tokenizer, prompts[r.prompt_index], r.text) for r in batch]
+            input_ids, attention = _right_padded(sequences, tokenizer.pad_token_id)
+            # The model pools at the last non-pad token: the EOS ending each reply.
+            logits = judge(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # (B, 1)
+            for reply, score in zip(batch, logits[:, 0].float().cpu().tolist(), strict=True):
+                reply.reward = score
+            bar.update(len(batch))
+    del judge, model
+
+
+def _judge_base(judge: RunRecord, data_dir: Path | None) -> Path:
+    report = _read_json(Path(judge.output_dir) / "report.json", f"judge run {judge.id}'s report")
+    return _base_path(report, judge, data_dir)
+
+
+def _base_path(report: dict[str, Any], run: RunRecord, data_dir: Path | None) -> Path:
+    path = Path(report.get("base_model") or "")
+    if (path / "config.json").is_file():
+        return path
+    from alignment.reward import resolve_base_model
+
+    try:
+        return resolve_base_model((run.config or {}).get("base_model", ""), data_dir)
+    except ValueError as exc:
+        raise EvaluationError(f"run {run.id}'s base model {str(path)!r} is gone: {exc}") from None
+
+
+# -- metrics --------------------------------------------------------------------
+
+
+def side_metrics(replies: list[Reply], n_prompts: int, options: EvalOptions) -> dict[str, Any]:
+    import math
+
+    def by_prompt(value) -> list[list[float]]:
+        groups: list[list[float]] = [[] for _ in range(n_prompts)]
+        for r in replies:
+            groups[r.prompt_index].append(float(value(r)))
+        return groups
+
+    texts = [r.text for r in replies]
+    tokens = sum(len(r.token_ids) for r in replies)
+    rewards = by_prompt(lambda r: r.reward)
+    metrics: dict[str, Any] = {
+        "replies": len(replies),
+        "reward_mean": em.group_mean(rewards),
+        "reward_ci": em.bootstrap_ci(rewards, options.resamples, options.seed),
+        "kl_mean": em.group_mean(by_prompt(lambda r: r.kl)),
+        "length_mean": em.group_mean(by_prompt(lambda r: r.length)),
+        "eos_rate": em.group_mean(by_prompt(lambda r: r.eos)),
+        "distinct_1": em.distinct_n(texts, 1),
+        "distinct_2": em.distinct_n(texts, 2),
+        "repeated_3gram_rate": em.repeated_ngram_rate(texts, 3),
+        "reference_perplexity": math.exp(sum(r.ref_nll for r in replies) / tokens) if tokens else None,
+        "rule_rate": None,
+        "rule_ci": None,
+    }
+    if options.rule is not None:
+        liked = by_prompt(lambda r: r.liked)
+        metrics["rule_rate"] = em.group_mean(liked)
+        metrics["rule_ci"] = em.bootstrap_ci(liked, options.resamples, options.seed)
+    return metrics
+
+
+def _per_prompt(replies: list[Reply], n_prompts: int) -> list[list[float]]:
+    groups: list[list[float]] = [[] for _ in range(n_prompts)]
+    for r in sorted(replies, key=lambda r: (r.prompt_index, r.sample)):
+        groups[r.prompt_index].append(r.reward)
+    return groups
+
+
+def _user_text(prompt: list[dict]) -> str:
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+# -- the whole evaluation -------------------------------------------------------
+
+
+def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=None,
+             data_dir: Path | None = None, user_name: str = "User", progress: bool = True) -> dict[str, Any]:
+    """Evaluate run ``run_id``'s candidate, write ``<output_dir>/evaluation/`` and store the result.
+
+    Returns the evaluation (the content of evaluation.json). Raises
+    EvaluationError for anything the user asked that cannot be done.
+    """
+    from tqdm.auto import tqdm
+
+    from alignment.eval_report import write_outputs
+    from chatbot.chat import params_for
+    from chatbot.engine import GenerationParams
+    from chatbot.simulate import parse_rule
+
+    if options.samples < 1 or options.max_new_tokens < 1:
+        raise EvaluationError("--samples and --max-new-tokens must be at least 1")
+    rule = parse_rule(options.rule) if options.rule is not None else None
+    runs = RunStore(store.engine)
+    run, candidate, report = candidate_of(store, runs, run_id)
+    try:
+        bounds = GateBounds.from_config(run.config)
+    except ValueError as exc:
+        raise EvaluationError(f"run {run_id}: {exc}") from None
+    baseline = baseline_of(store, options.baseline, run, candidate, personas)
+    judge, judge_keys = judge_of(runs, options.judge, run)
+    persona = _persona(personas, run.persona_id)
+
+    if options.prompts_file is not None:
+        if persona is None:
+            raise EvaluationError(f"--prompts needs the run's persona to render them, and persona "
+                                  f"{run.persona_id or '(none)'} is not in the persona library")
+        prompts = file_prompts(options.prompts_file, persona, user_name)
+    else:
+        prompts = held_out_prompts(store, run)
+    candidate_keys = train_keys(Path(run.output_dir), f"run {run.id}")
+    if candidate_keys is None:
+        log.warning("run %s has no train_prompts.json: relying on its split alone to hold prompts out", run.id)
+    prompts = drop_trained(prompts, judge_keys, candidate_keys)
+
+    base_path = _base_path(report, run, data_dir)
+    params = params_for(persona) if persona is not None else GenerationParams()
+    params = replace(params, max_new_tokens=options.max_new_tokens, seed=options.seed)
+    prompts = _drop_too_long(prompts, base_path, options.max_new_tokens)
+    if not prompts.rows:
+        raise _no_prompts_left(prompts.stats, judge, run)
+    if params.temperature == 0 and options.samples > 1:
+        log.warning("persona %s decodes greedily (temperature 0): the %d samples per prompt are identical",
+                    run.persona_id, options.samples)
+
+    n = len(prompts.rows)
+    total = 2 * n * options.samples
+    with tqdm(total=total, desc="generating", unit="reply", disable=not progress, file=sys.stderr) as bar:
+        replies, tokenizer = generate_and_measure(base_path, candidate, baseline, prompts.rows, options, params, bar)
+    with tqdm(total=total, desc="judging", unit="reply", disable=not progress, file=sys.stderr) as bar:
+        score_replies(Path(judge.output_dir), _judge_base(judge, data_dir), tokenizer, prompts.rows, replies,
+                      judge.id, bar)
+    if rule is not None:
+        for side in replies.values():
+            for r in side:
+                r.liked = rule.likes(r.text)
+
+    evaluation: dict[str, Any] = {
+        "run": run.id,
+        "kind": run.kind,
+        "persona": run.persona_id,
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": str(base_path),
+        "candidate": candidate.to_dict(),
+        "baseline": baseline.to_dict(),
+        "judge": {"run": judge.id, "adapter": str(Path(judge.output_dir) / "adapter"),
+                  "eval_pairwise_accuracy": ((judge.metrics or {}).get("eval") or {}).get("pairwise_accuracy")},
+        "prompts": prompts.stats,
+        "sampling": {"samples": options.samples, "max_new_tokens": options.max_new_tokens, "seed": options.seed,
+                     "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                     "repetition_penalty": params.repetition_penalty},
+        "rule": None if rule is None else {"spec": options.rule, "description": rule.describe()},
+        "metrics": {side: side_metrics(replies[side], n, options) for side in ("candidate", "baseline")},
+        "win_rate": em.win_rate(_per_prompt(replies["candidate"], n), _per_prompt(replies["baseline"], n),
+                                options.resamples, options.seed),
+    }
+    evaluation["gate"] = bounds.check(evaluation)
+    shown = [(c, b) for c, b in zip(replies["candidate"], replies["baseline"], strict=True) if c.sample == 0]
+    evaluation["samples"] = [
+        {"prompt": _user_text(prompts.rows[c.prompt_index]), "candidate": c.text, "baseline": b.text,
+         "candidate_reward": c.reward, "baseline_reward": b.reward} for c, b in shown[:SHOWN_SAMPLES]]
+
+    out = Path(run.output_dir) / EVALUATION_DIR
+    evaluation["files"] = write_outputs(out, evaluation, replies, prompts.rows, Path(run.output_dir))
+    runs.record_evaluation(candidate.version, evaluation)
+    return evaluation
+
+
+def _drop_too_long(prompts: Prompts, base_path: Path, max_new_tokens: int) -> Prompts:
+    """Without prompts that leave no room for a max_new_tokens reply in the model's context."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    limit = getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", None)
+    if not limit:
+        return Prompts(prompts.rows, {**prompts.stats, "removed_too_long": 0})
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    kept = [p for p in prompts.rows if len(_ids(tokenizer.apply_chat_template(
+        p, add_generation_prompt=True, tokenize=True, return_dict=False))) + max_new_tokens <= limit]
+    removed = len(prompts.rows) - len(kept)
+    return Prompts(kept, {**prompts.stats, "removed_too_long": removed, "used": len(kept)})
+
+
+# -- the command ----------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    """The options of `persona-studio align evaluate`."""
+    parser.add_argument("run", type=int, help="the policy run (kto, ppo) whose candidate is evaluated")
+    parser.add_argument("--baseline", default=None, metavar="VERSION|base",
+                        help="compare with this model version, or 'base' (no adapter); "
+                             "default: what serves the persona now")
+    parser.add_argument("--judge", type=int, default=None, metavar="RUN",
+                        help="reward run that scores the replies (default: the newest succeeded one for the persona)")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="one user message per line instead of the run's held-out feedback prompts")
+    parser.add_argument("--samples", type=int, default=2, metavar="K", help="replies per prompt and model (default 2)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="reply length cap (default 64)")
+    parser.add_argument("--rule", default=None,
+                        help="also report how often a simulate rule likes the replies: short[:N], question, "
+                             "contains:WORD")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    parser.add_argument("--personas-dir", dest="personas_dir", default=None,
+                        help="folder of persona YAML files (for sampling settings and --prompts)")
+
+
+def command(args, settings, store) -> int:
+    """`persona-studio align evaluate`: 0 when the evaluation ran (whatever the gate says), 1 on an error."""
+    from chatbot.personas import PersonaLibrary
+
+    options = EvalOptions(baseline=args.baseline, judge=args.judge, prompts_file=args.prompts, samples=args.samples,
+                          max_new_tokens=args.max_new_tokens, rule=args.rule, seed=args.seed)
+    try:
+        personas = PersonaLibrary(settings.personas_dir)
+        evaluation = evaluate(store, args.run, options, personas=personas, data_dir=settings.data_dir,
+                              user_name=settings.user)
+    except (ValueError, OSError) as exc:  # EvaluationError is a ValueError, as are bad rules and prompt files
+        print(f"persona-studio: error: {exc}", file=sys.stderr)
+        return 1
+    gate = evaluation["gate"]
+    cand, base = evaluation["metrics"]["candidate"], evaluation["metrics"]["baseline"]
+    win = evaluation["win_rate"]
+    print(f"run {evaluation['run']}: {evaluation['candidate']['label']} vs {evaluation['baseline']['label']} on "
+          f"{evaluation['prompts']['used']} prompts: win rate {win['value']:.2f} "
+          f"(95% CI {win['ci'][0]:.2f}-{win['ci'][1]:.2f}), gate {'PASSED' if gate['passed'] else 'FAILED'}",
+          file=sys.stderr)
+    for line in failed_checks(gate):
+        print(f"  failed: {line}", file=sys.stderr)
+    summary = {
+        "run": evaluation["run"], "version": evaluation["candidate"]["version"],
+        "baseline": evaluation["baseline"]["label"], "judge": evaluation["judge"]["run"],
+        "prompts": evaluation["prompts"]["used"], "win_rate": win["value"], "win_rate_ci": win["ci"],
+        "reward": {"candidate": cand["reward_mean"], "baseline": base["reward_mean"]},
+        "kl": cand["kl_mean"], "rule_rate": {"candidate": cand["rule_rate"], "baseline": base["rule_rate"]},
+        "gate_passed": gate["passed"], "failed_checks": [c["name"] for c in gate["checks"] if not c["passed"]],
+        "report": evaluation["files"]["report"], "evaluation": evaluation["files"]["evaluation"],
+    }
+    print(json.dumps(summary))
+    return 0
