@@ -359,6 +359,30 @@ def test_evaluate_kto_run_against_the_base_model(setup):
     assert row.metrics["evaluation"]["gate"] == gate and "logratio_margin" in row.metrics
 
 
+def test_evaluate_ppo_run(setup, tiny_model):
+    """A PPO run has the KTO run's layout; its per-step objective/* logs become the training curves."""
+    import functools
+
+    from alignment.eval_report import read_curves
+    from alignment.ppo import PPORecipe, train_ppo
+
+    store, runs = setup["store"], setup["runs"]
+    recipe = PPORecipe(base_model=str(tiny_model), lora_r=4, lora_alpha=8, learning_rate=1e-3, steps=2,
+                       per_device_train_batch_size=2, gradient_accumulation_steps=2, response_length=6,
+                       min_prompts=4, save_steps=100, bf16=False, max_kl=None, seed=0, eval_fraction=EVAL_FRACTION)
+    train = functools.partial(train_ppo, reward_dir=Path(runs.get_run(setup["judge"]).output_dir))
+    ppo = _train_run(store, runs, "ppo", recipe, data.build_prompts, train, setup["folder"] / "ppo")
+    evaluation = evaluate(store, ppo, EvalOptions(baseline="base", judge=setup["judge"], samples=1, max_new_tokens=4),
+                          personas=setup["personas"], progress=False)
+    assert evaluation["kind"] == "ppo" and evaluation["candidate"]["version"] == runs.candidate_for_run(ppo)
+    assert evaluation["prompts"]["used"] == len(setup["held_out"].eval)
+    assert evaluation["metrics"]["candidate"]["kl_mean"] != 0.0
+    assert {"objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy"} <= set(
+        read_curves(setup["folder"] / "ppo" / "metrics.jsonl"))
+    assert any(p.endswith("training_curves.png") for p in evaluation["files"]["plots"])
+    assert store.get_version(evaluation["candidate"]["version"]).metrics["evaluation"]["gate"] == evaluation["gate"]
+
+
 def test_same_seed_per_prompt_and_sample_for_both_models(setup, tiny_model):
     """Against a copy of its own adapter the candidate writes the same replies: every comparison ties,
     and the gate refuses (the win rate's lower bound is not above 0.5). A judge trained on two of the
