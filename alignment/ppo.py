@@ -481,11 +481,17 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
     if last_checkpoint is not None:
         step_offset = json.loads((last_checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
     control = control_callback(recipe, checkpoints, step_offset)
+    reference = None  # the policy with its adapter disabled
+    if world_size > 1:
+        # trl 1.12 reaches the adapter-disabled reference as `self.model.policy`,
+        # which a DistributedDataParallel wrapper does not have: with several
+        # processes the reference is a frozen copy of the base model instead.
+        reference = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval().requires_grad_(False)
     trainer = PPOTrainer(
         args=args,
         processing_class=tokenizer,
         model=policy,
-        ref_model=None,  # reference = the policy with its adapter disabled
+        ref_model=reference,
         reward_model=reward_model,
         value_model=value_model,
         train_dataset=Dataset.from_list(train_encoded),

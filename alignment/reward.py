@@ -293,11 +293,11 @@ def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: P
 
     class JobCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if run_store is not None and run_id is not None and state.max_steps:
+            if run_store is not None and run_id is not None and state.max_steps and state.is_world_process_zero:
                 run_store.record_step(run_id, progress(state))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
+            if not logs or not state.is_world_process_zero:  # one writer under `accelerate launch`
                 return
             entry = {"step": step_offset + state.global_step,
                      **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}

@@ -154,6 +154,9 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
         run_id, output = None, args.output
     else:
         output = args.output or Path(settings.data_dir) / "runs" / f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
+        if output.exists() and any(output.iterdir()):
+            return _fail(ValueError(f"{output} is not empty: a new run needs a new folder "
+                                    "(or continue the run that used it with --resume RUN)"))
         run_id = runs.create_run(kind, persona_id=args.persona, config=recipe.to_dict(),
                                  dataset_hash=split.snapshot_hash, dataset_stats=split.stats,
                                  output_dir=str(output))
