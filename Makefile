@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench bench-store browser postgres clean-venv
+.PHONY: install run test bench bench-store bench-align browser postgres clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -50,6 +50,9 @@ bench: install
 
 bench-store: install postgres
 	PERSONA_STUDIO_TEST_PG_URL="$$(.ci/postgres.sh --url)" $(PY) bench/store.py $(ARGS)
+
+bench-align: install
+	$(PY) bench/align.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -121,6 +121,11 @@ class PPORecipe(RecipeLoader):
     gate: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Promotion gate bounds read by `align evaluate` (alignment/gate.py)."})
 
+    def __post_init__(self) -> None:
+        from alignment.gate import GateBounds
+
+        GateBounds.from_mapping(self.gate, source="recipe gate")  # a typo fails before training, not after
+
     def batch_size(self, world_size: int = 1) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
 

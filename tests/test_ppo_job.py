@@ -193,3 +193,10 @@ def test_ppo_scores_replies_on_the_reward_models_training_boundary(tiny_model, r
 def test_recipes_load(name):
     recipe = PPORecipe.from_yaml(REPO / "alignment" / "recipes" / name)
     assert recipe.steps > 0 and recipe.max_kl and recipe.batch_size() % recipe.num_mini_batches == 0
+
+
+def test_a_gate_typo_fails_when_the_recipe_loads(tmp_path):
+    path = tmp_path / "ppo.yaml"
+    path.write_text("steps: 2\ngate:\n  max_kll: 3\n")
+    with pytest.raises(ValueError, match="max_kll"):
+        PPORecipe.from_yaml(path)
