@@ -197,7 +197,8 @@ def markdown(evaluation: dict[str, Any]) -> str:
         + ("" if prompts["candidate_train_prompts_known"] else
            "; the candidate's train prompts are unknown (no train_prompts.json)"),
         f"- **Sampling:** replies per prompt and model: {sampling['samples']}, at most "
-        f"{sampling['max_new_tokens']} new tokens, temperature {sampling['temperature']}, top-p {sampling['top_p']}, top-k {sampling['top_k']}, "
+        f"{sampling['max_new_tokens']} new tokens, temperature {sampling['temperature']}, "
+        f"top-p {sampling['top_p']}, top-k {sampling['top_k']}, "
         f"repetition penalty {sampling['repetition_penalty']}, seed {sampling['seed']} (the same seed for both "
         "models per prompt and sample)",
     ]
