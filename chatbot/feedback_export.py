@@ -22,6 +22,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .store.repository import MessageRecord, VoteRow
 
@@ -110,7 +111,7 @@ def export_rows(votes: list[VoteRow], fmt: str) -> Iterator[dict]:
 @dataclass(frozen=True)
 class LikeRate:
     persona_id: str | None
-    model: str  # base model, plus "+ adapter" when one served the reply
+    model: str  # model_label: version id, base model, plus "+ adapter" when one served the reply
     likes: int
     dislikes: int
 
@@ -121,8 +122,18 @@ class LikeRate:
 
 
 def model_label(vote: VoteRow) -> str:
-    base = vote.base_model or "(greeting)"
-    return f"{base} + {vote.adapter_path}" if vote.adapter_path else base
+    """"v7: <base> + <adapter>": the version id (what `models list` shows) and what it is.
+
+    A job's adapter folder is ``<run folder>/adapter``, so the run folder's
+    name stands for it.
+    """
+    if vote.base_model is None:
+        return "(greeting)"
+    label = f"v{vote.message.model_version_id}: {vote.base_model}"
+    if vote.adapter_path:
+        path = Path(vote.adapter_path)
+        label += f" + {path.parent.name if path.name == 'adapter' else vote.adapter_path}"
+    return label
 
 
 def like_rates(votes: Iterable[VoteRow]) -> list[LikeRate]:

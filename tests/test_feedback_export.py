@@ -72,9 +72,10 @@ def test_filters_persona_since_and_model_version(store, filled):
 
 def test_like_rates_per_persona_and_model(store, filled):
     rates = {(r.persona_id, r.model): (r.likes, r.dislikes) for r in like_rates(store.feedback_rows())}
-    assert rates[("pirate", "base")] == (1, 1)
-    assert rates[("pirate", "base + adapters/v1")] == (3, 1)
-    assert rates[("assistant", "base")] == (0, 1)
+    base, tuned = filled["base"], filled["tuned"]
+    assert rates[("pirate", f"v{base}: base")] == (1, 1)
+    assert rates[("pirate", f"v{tuned}: base + adapters/v1")] == (3, 1)
+    assert rates[("assistant", f"v{base}: base")] == (0, 1)
     daily = daily_like_rates(store.feedback_rows())
     assert {r["group"] for r in daily} == {"pirate", "assistant"}
     assert sum(r["likes"] + r["dislikes"] for r in daily) == 8
