@@ -45,7 +45,6 @@ from alignment.reward import (
     resolve_base_model,
     run_tracked,
     served_model_id,
-    tensorboard_available,
     trainer_arguments,
 )
 
@@ -305,8 +304,7 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
         raise ValueError(f"eval: all {eval_too_long} prompts reach max_length={recipe.max_length}")
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    use_tensorboard = tensorboard_available()
-    args = KTOConfig(**trainer_arguments(recipe, checkpoints, progress, use_tensorboard), beta=recipe.beta,
+    args = KTOConfig(**trainer_arguments(recipe, checkpoints, progress), beta=recipe.beta,
                      desirable_weight=recipe.desirable_weight, undesirable_weight=recipe.undesirable_weight)
     peft_config = lora_config(recipe, "CAUSAL_LM")
     columns = ("prompt", "completion", "label")

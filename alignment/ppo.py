@@ -62,7 +62,6 @@ from alignment.reward import (
     resolve_base_model,
     run_tracked,
     served_model_id,
-    tensorboard_available,
     trainer_arguments,
 )
 
@@ -395,7 +394,7 @@ def train_ppo(
     """Train a LoRA policy with PPO against the reward model in ``reward_dir`` and register a candidate.
 
     ``output_dir``: ``checkpoints/checkpoint-N`` (every save_steps),
-    ``adapter/`` (policy LoRA + tokenizer), ``metrics.jsonl`` (per step),
+    ``adapter/`` (policy LoRA + tokenizer), ``metrics.jsonl`` and ``checkpoints/runs/`` (TensorBoard), per step,
     ``report.json``. A KeyboardInterrupt marks the run interrupted, any other
     error failed; both re-raise. ``resume=True`` continues from the last
     checkpoint. ``eval_rows`` (held-out prompts) are only checked here; they
@@ -459,7 +458,7 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
 
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints.mkdir(exist_ok=True)
-    arguments = trainer_arguments(recipe_view(recipe), checkpoints, progress, tensorboard_available())
+    arguments = trainer_arguments(recipe_view(recipe), checkpoints, progress)
     for key in ("max_length", "num_train_epochs", "max_steps"):
         arguments.pop(key)
     arguments["save_strategy"] = "no"  # checkpoints are written by the control callback (policy + value + optimizer)

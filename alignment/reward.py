@@ -29,7 +29,6 @@ own tokenization.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 from collections.abc import Sequence
@@ -274,10 +273,6 @@ def served_model_id(base_model: str) -> str:
     return base_model
 
 
-def tensorboard_available() -> bool:
-    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
-
-
 def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: Path, step_offset: int = 0):
     """Per-step progress and logs to the run store and metrics.jsonl.
 
@@ -309,7 +304,7 @@ def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: P
     return JobCallback()
 
 
-def trainer_arguments(recipe: Any, checkpoints: Path, progress: bool, use_tensorboard: bool) -> dict[str, Any]:
+def trainer_arguments(recipe: Any, checkpoints: Path, progress: bool) -> dict[str, Any]:
     """The TRL config fields every job kind sets the same way from its recipe."""
     return dict(
         output_dir=str(checkpoints),
@@ -327,7 +322,7 @@ def trainer_arguments(recipe: Any, checkpoints: Path, progress: bool, use_tensor
         bf16=recipe.bf16,
         gradient_checkpointing=recipe.gradient_checkpointing,
         seed=recipe.seed,
-        report_to=["tensorboard"] if use_tensorboard else "none",
+        report_to=["tensorboard"],  # event files under checkpoints/runs/ (tensorboardX)
         disable_tqdm=not progress,  # the trainer's bar shows steps and ETA
         dataset_num_proc=None,
     )
@@ -358,7 +353,7 @@ def train_reward(
 
     Layout of ``output_dir``: ``checkpoints/checkpoint-N`` (every save_steps),
     ``adapter/`` (LoRA + score head + tokenizer), ``metrics.jsonl`` (per
-    step), ``checkpoints/runs/`` (TensorBoard, when installed), ``report.json``.
+    step), ``checkpoints/runs/`` (TensorBoard), ``report.json``.
     A KeyboardInterrupt marks the run interrupted, any other error failed;
     both re-raise. ``resume=True`` continues from the last checkpoint.
     """
@@ -425,11 +420,7 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
         raise ValueError(f"eval: all {eval_too_long} pairs exceed max_length={recipe.max_length}")
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    use_tensorboard = tensorboard_available()
-    if not use_tensorboard:
-        log.info("tensorboard is not installed: per-step metrics go to %s only",
-                 output_dir / "metrics.jsonl")
-    args = RewardConfig(**trainer_arguments(recipe, checkpoints, progress, use_tensorboard))
+    args = RewardConfig(**trainer_arguments(recipe, checkpoints, progress))
     peft_config = lora_config(recipe, "SEQ_CLS",
                               modules_to_save=["score"])  # the head is trained in full and saved with the adapter
     columns = ("chosen_ids", "rejected_ids")

@@ -127,7 +127,7 @@ def reward_direct(recipe, rows, out: Path, base: Path) -> tuple[float, int]:
         ensure_pad_token(tokenizer, model)
         encoded, _ = encode_rows(tokenizer, rows, recipe.max_length)
         trainer = RewardTrainer(
-            model=model, args=RewardConfig(**trainer_arguments(recipe, out / "checkpoints", False, False)),
+            model=model, args=RewardConfig(**trainer_arguments(recipe, out / "checkpoints", False)),
             train_dataset=Dataset.from_list([{k: e[k] for k in ("chosen_ids", "rejected_ids")} for e in encoded]),
             processing_class=tokenizer, peft_config=lora_config(recipe, "SEQ_CLS", modules_to_save=["score"]),
             callbacks=[clock])

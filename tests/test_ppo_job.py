@@ -72,6 +72,7 @@ def test_ppo_job_trains_saves_and_registers(tiny_model, reward_dir, store, tmp_p
 
     steps = _logged(out)
     assert [entry["step"] for entry in steps] == [1, 2, 3, 4]
+    assert list((out / "checkpoints" / "runs").rglob("events.out.tfevents*"))  # TensorBoard logs too
     for key in PER_STEP:
         assert all(key in entry for entry in steps), key
     assert all(0.0 <= entry["reply/eos_rate"] <= 1.0 and 1 <= entry["reply/length_mean"] <= 8 for entry in steps)

@@ -97,6 +97,7 @@ def test_reward_job_trains_saves_and_registers(tiny_model, store, tmp_path):
     assert run.metrics["eval"]["pairwise_accuracy"] == result.metrics["pairwise_accuracy"]
     assert len(run.metrics["history"]) >= 4  # one log per step
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 4
+    assert list((tmp_path / "run" / "checkpoints" / "runs").rglob("events.out.tfevents*"))  # TensorBoard
     version = runs.candidate_for_run(run_id)
     assert version == result.version_id is not None
     from sqlalchemy import select
