@@ -184,10 +184,12 @@ class ChatService:
             raise
 
     def vote(self, session: ChatSession, turn_index: int, rating: int | None, *,
-             reason: str | None | object = UNCHANGED, comment: str | None | object = UNCHANGED) -> None:
+             reason: str | None | object = UNCHANGED, comment: str | None | object = UNCHANGED,
+             simulated: bool = False) -> None:
         """Record, change (+1/-1) or clear (None) the user's vote on one reply of this session.
 
         `reason` (preset tags) and `comment` are kept as they were unless given.
+        `simulated` marks a vote cast by a rule (`persona-studio simulate`), not a person.
         """
         session.check_writable()
         if not 0 <= turn_index < len(session.turns) or session.turns[turn_index].role != "assistant":
@@ -196,7 +198,8 @@ class ChatService:
         if message_id is None:  # the greeting of a chat that has no messages yet
             self._ensure_conversation(session)
             message_id = session.turns[turn_index].message_id
-        self.store.set_feedback(message_id, session.user_id, rating, reason=reason, comment=comment)
+        self.store.set_feedback(message_id, session.user_id, rating, reason=reason, comment=comment,
+                                simulated=simulated)
 
     def current_vote(self, session: ChatSession, turn_index: int) -> int | None:
         message_id = session.turns[turn_index].message_id if 0 <= turn_index < len(session.turns) else None

@@ -10,7 +10,7 @@ rates every reply by a rule, not by people:
     question       likes replies that end with a question mark
     contains:WORD  likes replies that contain WORD (case-insensitive)
 
-Votes are ordinary feedback rows with ``simulated`` set and a reason
+Votes go through ``ChatService.vote`` like a person's, with ``simulated`` set and a reason
 "simulated: <rule>"; conversations are titled "SIMULATED ...". Several
 replies per prompt (``--samples``, default 4) give the liked/disliked siblings
 that reward-model pairs are made of. Prompt files hold one prompt per line;
@@ -178,8 +178,7 @@ def simulate(service, persona_id: str, rule, prompts: Sequence[str], n: int, sam
                     report.conversation_ids.append(session.conversation_id)
                 reply = session.turns[-1]
                 vote = rating(rule, reply.content)
-                # ChatService.vote cannot mark a vote simulated, so the store is called directly.
-                service.store.set_feedback(reply.message_id, user_id, vote, reason=reason, simulated=True)
+                service.vote(session, len(session.turns) - 1, vote, reason=reason, simulated=True)
                 report.message_ids.append(reply.message_id)
                 report.replies += 1
                 report.liked += vote > 0
