@@ -39,6 +39,7 @@ What PPOTrainer does not do, done here:
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import json
 import logging
@@ -491,18 +492,19 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
         # which a DistributedDataParallel wrapper does not have: with several
         # processes the reference is a frozen copy of the base model instead.
         reference = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval().requires_grad_(False)
-    trainer = PPOTrainer(
-        args=args,
-        processing_class=tokenizer,
-        model=policy,
-        ref_model=reference,
-        reward_model=reward_model,
-        value_model=value_model,
-        train_dataset=Dataset.from_list(train_encoded),
-        peft_config=lora_config(recipe, "CAUSAL_LM"),
-        callbacks=[job_callback(run_store, run_id, output_dir / "metrics.jsonl", step_offset), control,
-                   *callbacks],
-    )
+    with mixed_precision(recipe.bf16):
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=reference,
+            reward_model=reward_model,
+            value_model=value_model,
+            train_dataset=Dataset.from_list(train_encoded),
+            peft_config=lora_config(recipe, "CAUSAL_LM"),
+            callbacks=[job_callback(run_store, run_id, output_dir / "metrics.jsonl", step_offset), control,
+                       *callbacks],
+        )
     # The job callback writes each step's entry; the reply stats must be in it
     # first, so the control callback's on_log runs before it.
     trainer.callback_handler.callbacks.remove(control)
@@ -556,6 +558,27 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
             metrics=metrics)
     return PPOResult(metrics=metrics, adapter_dir=adapter_dir, global_step=final_step,
                      resumed_from=last_checkpoint, version_id=version_id)
+
+
+@contextlib.contextmanager
+def mixed_precision(bf16: bool):
+    """Make PPOTrainer's Accelerator autocast to bfloat16 when the recipe says bf16.
+
+    PPOTrainer builds ``Accelerator(gradient_accumulation_steps=...)`` itself,
+    without the config's precision; since transformers 5 stopped exporting
+    ACCELERATE_MIXED_PRECISION, ``bf16: true`` would silently train in
+    float32. The Accelerator reads that variable when it is built, so it is
+    set for exactly that moment (``accelerate launch`` sets it for a whole run).
+    """
+    key = "ACCELERATE_MIXED_PRECISION"
+    before = os.environ.get(key)
+    if bf16 and before is None:
+        os.environ[key] = "bf16"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
 
 
 def recipe_view(recipe: PPORecipe) -> Any:

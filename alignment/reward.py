@@ -320,12 +320,20 @@ def trainer_arguments(recipe: Any, checkpoints: Path, progress: bool) -> dict[st
         logging_steps=1,
         eval_strategy="no",  # eval metrics are computed by the job itself, per pair or row
         bf16=recipe.bf16,
+        # bf16 on a machine without a GPU is CPU autocast, which the arguments accept only with use_cpu.
+        use_cpu=not _has_gpu(),
         gradient_checkpointing=recipe.gradient_checkpointing,
         seed=recipe.seed,
         report_to=["tensorboard"],  # event files under checkpoints/runs/ (tensorboardX)
         disable_tqdm=not progress,  # the trainer's bar shows steps and ETA
         dataset_num_proc=None,
     )
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def lora_config(recipe: Any, task_type: str, **extra: Any):

@@ -7,6 +7,7 @@
 #
 # Each stage's wall time goes to DATA_DIR/timings.tsv; every command's output
 # to DATA_DIR/logs/. The report is under the PPO run's evaluation/ folder.
+# Run it again on the same DATA_DIR to resume after the last finished stage.
 # Settings (environment): PERSONA (assistant), RULE (short:40: likes replies
 # under 40 words), SAMPLES (8 replies per training prompt: the reward model
 # needs many same-context pairs, DESIGN.md), MAX_NEW_TOKENS (64).
@@ -22,21 +23,21 @@ PS=".venv/bin/persona-studio"
 export TRL_EXPERIMENTAL_SILENCE=1
 COMMON=(--data-dir "$DATA_DIR" --db-url "sqlite:///$DATA_DIR/chat.db")
 
-if [ -e "$DATA_DIR/chat.db" ]; then
-    echo "$DATA_DIR already has a store: give a new folder" >&2
-    exit 1
-fi
 mkdir -p "$DATA_DIR/logs"
-printf 'stage\tseconds\n' > "$DATA_DIR/timings.tsv"
+[ -e "$DATA_DIR/timings.tsv" ] || printf 'stage\tseconds\n' > "$DATA_DIR/timings.tsv"
 
 stage() {  # stage NAME COMMAND...: run, log, time; stdout's last line is kept in logs/NAME.json
     local name=$1; shift
     local start=$SECONDS
+    if [ -e "$DATA_DIR/logs/$name.done" ]; then  # rerunning the script resumes after the last finished stage
+        echo "== $name: done before, skipped" >&2; return
+    fi
     echo "== $name: $*" >&2
     "$@" > "$DATA_DIR/logs/$name.out" 2> "$DATA_DIR/logs/$name.err" || {
         echo "stage $name failed; see $DATA_DIR/logs/$name.err" >&2; tail -5 "$DATA_DIR/logs/$name.err" >&2; exit 1; }
     printf '%s\t%s\n' "$name" $((SECONDS - start)) >> "$DATA_DIR/timings.tsv"
     tail -1 "$DATA_DIR/logs/$name.out" > "$DATA_DIR/logs/$name.json"
+    touch "$DATA_DIR/logs/$name.done"
     echo "   $((SECONDS - start)) s" >&2
 }
 field() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$@"; }

@@ -32,7 +32,14 @@ import torch
 from transformers import TrainerCallback
 
 from alignment.jobs import RunStore
-from alignment.ppo import PPORecipe, encode_prompts, load_reward_model, train_ppo, value_model_from
+from alignment.ppo import (
+    PPORecipe,
+    encode_prompts,
+    load_reward_model,
+    mixed_precision,
+    train_ppo,
+    value_model_from,
+)
 from alignment.reward import (
     RewardRecipe,
     encode_rows,
@@ -170,12 +177,14 @@ def ppo_direct(recipe: PPORecipe, prompts, reward_dir: Path, out: Path, base: Pa
             local_rollout_forward_batch_size=recipe.per_device_train_batch_size,
             response_length=recipe.response_length, temperature=recipe.temperature, stop_token="eos",
             missing_eos_penalty=recipe.missing_eos_penalty, kl_coef=recipe.kl_coef, bf16=recipe.bf16,
-            gradient_checkpointing=recipe.gradient_checkpointing, seed=recipe.seed, save_strategy="no",
+            gradient_checkpointing=recipe.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
+            seed=recipe.seed, save_strategy="no",
             logging_steps=1, report_to="none", disable_tqdm=True, num_sample_generations=0)
-        trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,
-                             reward_model=reward_model, value_model=value_model_from(reward_model, recipe),
-                             train_dataset=Dataset.from_list(encoded), peft_config=lora_config(recipe, "CAUSAL_LM"),
-                             callbacks=[clock])
+        with mixed_precision(recipe.bf16):  # as the job does: PPOTrainer's Accelerator ignores args.bf16
+            trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,
+                                 reward_model=reward_model, value_model=value_model_from(reward_model, recipe),
+                                 train_dataset=Dataset.from_list(encoded),
+                                 peft_config=lora_config(recipe, "CAUSAL_LM"), callbacks=[clock])
         trainer.train()
     return clock.seconds_per_step(), rss.peak
 
@@ -215,11 +224,13 @@ def main() -> None:
     parser.add_argument("--only", choices=("reward", "ppo"), default=None)
     parser.add_argument("--data-dir", type=Path, default=Settings.from_sources().data_dir,
                         help="where the bundled model is converted (as for `make run`)")
+    parser.add_argument("--base-model", type=Path, default=None,
+                        help="a checkpoint folder instead of the bundled model (e.g. a tiny one, to try the script)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
-    base = ensure_checkpoint(args.data_dir)
+    base = args.base_model or ensure_checkpoint(args.data_dir)
     prompts = load_prompts(PROMPTS)
     rows = reward_rows(prompts)
     summaries = []

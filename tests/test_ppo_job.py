@@ -201,3 +201,24 @@ def test_a_gate_typo_fails_when_the_recipe_loads(tmp_path):
     path.write_text("steps: 2\ngate:\n  max_kll: 3\n")
     with pytest.raises(ValueError, match="max_kll"):
         PPORecipe.from_yaml(path)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_recipes_bf16_reaches_ppos_accelerator(tiny_model, reward_dir, tmp_path, monkeypatch, bf16):
+    """PPOTrainer builds its own Accelerator; bf16 in the config alone would train in float32."""
+    import os
+
+    from trl.experimental.ppo import PPOTrainer
+
+    built = {}
+    real_init = PPOTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built["precision"] = self.accelerator.mixed_precision
+
+    monkeypatch.setattr(PPOTrainer, "__init__", init)
+    train_ppo(_recipe(tiny_model, steps=1, bf16=bf16), _prompts(12), [], tmp_path / "run",
+              reward_dir=reward_dir, progress=False)
+    assert built["precision"] == ("bf16" if bf16 else "no")
+    assert "ACCELERATE_MIXED_PRECISION" not in os.environ  # set only while the trainer is built
