@@ -15,9 +15,11 @@ from alignment.gate import failed_checks
 
 # Training-curve keys shown first when a run logged them (PPO, then KTO); other numeric keys follow.
 CURVE_ORDER = ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy",
-               "policy/approxkl_avg", "policy/clipfrac_avg", "val/ratio", "loss", "rewards/chosen",
-               "rewards/rejected", "rewards/margins", "kl")
-CURVE_SKIP = {"step", "epoch"}
+               "reply/length_mean", "reply/eos_rate", "policy/clipfrac_avg", "val/clipfrac_avg",
+               "policy/approxkl_avg", "loss/value_avg", "loss", "rewards/chosen", "rewards/rejected",
+               "rewards/margins", "kl")
+# Counters and settings, not training signals (eps: TRL's episodes/s, an int that is 0 on a CPU).
+CURVE_SKIP = {"step", "epoch", "episode", "eps", "lr", "learning_rate", "num_tokens"}
 MAX_CURVES = 12
 
 # (metrics key, label, format) for the table and the comparison chart.

@@ -377,8 +377,10 @@ def test_evaluate_ppo_run(setup, tiny_model):
     assert evaluation["kind"] == "ppo" and evaluation["candidate"]["version"] == runs.candidate_for_run(ppo)
     assert evaluation["prompts"]["used"] == len(setup["held_out"].eval)
     assert evaluation["metrics"]["candidate"]["kl_mean"] != 0.0
-    assert {"objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy"} <= set(
-        read_curves(setup["folder"] / "ppo" / "metrics.jsonl"))
+    curves = set(read_curves(setup["folder"] / "ppo" / "metrics.jsonl"))
+    assert {"objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy",
+            "reply/length_mean", "reply/eos_rate"} <= curves
+    assert not {"eps", "episode", "lr"} & curves  # counters, not training signals
     assert any(p.endswith("training_curves.png") for p in evaluation["files"]["plots"])
     assert store.get_version(evaluation["candidate"]["version"]).metrics["evaluation"]["gate"] == evaluation["gate"]
 
