@@ -71,6 +71,9 @@ def test_edit_try_save_and_a_new_chat_uses_the_new_system_prompt(page, data_dir,
     tokens = page.locator("#persona-max-new-tokens input[type=number]")
     tokens.fill("24")
     tokens.press("Enter")
+    tokens.press("Tab")  # the slider takes a typed value on change/blur; under load Enter alone raced the save
+    slider = page.locator("#persona-max-new-tokens input[type=range]")
+    wait_until(lambda: slider.input_value() == "24", what="the slider to take the typed 24")
 
     # Try the draft before saving: a reply streams, nothing is written or stored.
     page.locator("#persona-try-message textarea").fill("What do you grow?")
