@@ -30,9 +30,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from .cli_errors import fail
 from .settings import Settings
-
-EXIT_FAILED = 1
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         store = ChatStore.open(settings.database_url)
     except StoreError as exc:
-        return _fail(exc)
+        return fail(exc)
     try:
         runs = RunStore(store.engine)
         runs.reap_stale()  # a run whose process died (SIGKILL, power loss) is not "running"
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             try:
                 record = runs.get_run(args.run)
             except KeyError as exc:
-                return _fail(exc)
+                return fail(exc)
             print(json.dumps({k: v.isoformat() if hasattr(v, "isoformat") else v
                               for k, v in record.__dict__.items()}, indent=2, default=str))
             return 0
@@ -133,19 +132,19 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
         if kind == "ppo":
             train = functools.partial(train, reward_dir=_reward_dir(runs, args.reward_run, args.persona))
     except (ValueError, OSError, DataTooSmall) as exc:
-        return _fail(exc)
+        return fail(exc)
     main_process = int(os.environ.get("RANK", "0")) == 0  # `accelerate launch` sets RANK per process
     if not main_process and args.output is None:
-        return _fail(ValueError("with several accelerate processes, give every process the same --output DIR"))
+        return fail(ValueError("with several accelerate processes, give every process the same --output DIR"))
     if args.resume is not None:
         try:
             previous = runs.get_run(args.resume)
         except KeyError as exc:
-            return _fail(exc)
+            return fail(exc)
         if previous.kind != kind:
-            return _fail(ValueError(f"run {previous.id} is a {previous.kind} run, not {kind}"))
+            return fail(ValueError(f"run {previous.id} is a {previous.kind} run, not {kind}"))
         if main_process and previous.status == "running" and process_alive(previous.output_dir):
-            return _fail(ValueError(f"run {previous.id} is still running ({previous.output_dir}/job.json)"))
+            return fail(ValueError(f"run {previous.id} is still running ({previous.output_dir}/job.json)"))
         if previous.dataset_hash != split.snapshot_hash:
             print(f"note: the feedback changed since run {previous.id} started; "
                   "resuming on the data it was started with is not possible, using today's", file=sys.stderr)
@@ -155,7 +154,7 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
     else:
         output = args.output or Path(settings.data_dir) / "runs" / f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
         if output.exists() and any(output.iterdir()):
-            return _fail(ValueError(f"{output} is not empty: a new run needs a new folder "
+            return fail(ValueError(f"{output} is not empty: a new run needs a new folder "
                                     "(or continue the run that used it with --resume RUN)"))
         run_id = runs.create_run(kind, persona_id=args.persona, config=recipe.to_dict(),
                                  dataset_hash=split.snapshot_hash, dataset_stats=split.stats,
@@ -176,7 +175,7 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
     except ValueError as exc:
         if run_store is not None and runs.get_run(run_id).status in ("queued", "running"):
             runs.set_status(run_id, "failed", str(exc))  # refused before training started
-        return _fail(exc)
+        return fail(exc)
     if main_process:
         # One JSON line last on stdout (the trainer logs above it), for scripts.
         print(json.dumps({"run": run_id, "version": result.version_id, "adapter": str(result.adapter_dir),
@@ -202,7 +201,3 @@ def _reward_dir(runs, reward_run: int | None, persona: str | None) -> Path:
                      "train one with `persona-studio align reward`, or name one with --reward-run")
 
 
-def _fail(exc: BaseException) -> int:
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    print(f"persona-studio: error: {message}", file=sys.stderr)
-    return EXIT_FAILED

@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli_errors import fail
 from .settings import Settings
-
-EXIT_FAILED = 1
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         store = ChatStore.open(settings.database_url)
     except StoreError as exc:
-        return _fail(exc)
+        return fail(exc)
     try:
         command = args.models_command
         if command == "list":
@@ -78,15 +77,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(_describe(change))
         return 0
     except (PromotionRefused, KeyError, StoreError) as exc:
-        return _fail(exc)
+        return fail(exc)
     finally:
         store.close()
-
-
-def _fail(exc: BaseException) -> int:
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    print(f"persona-studio: error: {message}", file=sys.stderr)
-    return EXIT_FAILED
 
 
 def _served(version) -> str:

@@ -28,12 +28,12 @@ import getpass
 import sys
 from dataclasses import fields
 
+from .cli_errors import fail
 from .settings import Settings
 from .store import ChatStore, StoreError
 from .store.accounts import AccountStore, check_name, check_password
 from .store.models import USER_ROLES
 
-EXIT_FAILED = 1
 STORE_SETTINGS = ("data_dir", "db_url")
 
 
@@ -77,11 +77,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         store = _open(settings)
     except (StoreError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc)
     try:
         return handler(args, AccountStore(store.engine))
     except ValueError as exc:
-        return _fail(exc)
+        return fail(exc)
     finally:
         store.close()
 
@@ -92,11 +92,6 @@ def _open(settings: Settings) -> ChatStore:
         # `users add` may come before the first `serve` has made it.
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     return ChatStore.open(settings.database_url)
-
-
-def _fail(exc: BaseException) -> int:
-    print(f"persona-studio: error: {exc}", file=sys.stderr)
-    return EXIT_FAILED
 
 
 def read_password(from_stdin: bool) -> str:
