@@ -312,8 +312,13 @@ def save_checkpoint(folder: Path, trainer: Any, step: int, previous_policy: dict
     return target
 
 
-def load_checkpoint(checkpoint: Path, trainer: Any) -> tuple[int, dict[str, Any] | None]:
-    """Restore a checkpoint into a freshly built trainer: (steps done, the policy before the last update)."""
+def checkpoint_step(checkpoint: Path) -> int:
+    """The number of updates done when ``checkpoint`` was written."""
+    return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
+
+
+def load_checkpoint(checkpoint: Path, trainer: Any) -> dict[str, Any] | None:
+    """Restore a checkpoint into a freshly built trainer; returns the policy before its last update."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -328,8 +333,7 @@ def load_checkpoint(checkpoint: Path, trainer: Any) -> tuple[int, dict[str, Any]
     np.random.set_state(state["numpy_rng"])
     random.setstate(state["python_rng"])
     previous = checkpoint / "previous_policy.safetensors"
-    step = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
-    return step, load_file(str(previous)) if previous.is_file() else None
+    return load_file(str(previous)) if previous.is_file() else None
 
 
 # -- the step callback --------------------------------------------------------
@@ -459,9 +463,7 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
 
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints.mkdir(exist_ok=True)
-    arguments = trainer_arguments(recipe_view(recipe), checkpoints, progress)
-    for key in ("max_length", "num_train_epochs", "max_steps"):
-        arguments.pop(key)
+    arguments = trainer_arguments(recipe, checkpoints, progress)
     arguments["save_strategy"] = "no"  # checkpoints are written by the control callback (policy + value + optimizer)
     args = PPOConfig(
         **arguments,
@@ -482,10 +484,8 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
         lam=recipe.lam,
         num_sample_generations=0,  # evaluation is `align evaluate`, on held-out prompts
     )
-    step_offset = 0
-    if last_checkpoint is not None:
-        step_offset = json.loads((last_checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
-    control = control_callback(recipe, checkpoints, step_offset)
+    done = checkpoint_step(last_checkpoint) if last_checkpoint is not None else 0
+    control = control_callback(recipe, checkpoints, done)
     reference = None  # the policy with its adapter disabled
     if world_size > 1:
         # trl 1.12 reaches the adapter-disabled reference as `self.model.policy`,
@@ -502,7 +502,7 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
             value_model=value_model,
             train_dataset=Dataset.from_list(train_encoded),
             peft_config=lora_config(recipe, "CAUSAL_LM"),
-            callbacks=[job_callback(run_store, run_id, output_dir / "metrics.jsonl", step_offset), control,
+            callbacks=[job_callback(run_store, run_id, output_dir / "metrics.jsonl", done), control,
                        *callbacks],
         )
     # The job callback writes each step's entry; the reply stats must be in it
@@ -514,12 +514,10 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
     control.stats = RolloutStats(wrapper.policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
     if last_checkpoint is not None:
-        done, previous = load_checkpoint(last_checkpoint, trainer)
+        previous = load_checkpoint(last_checkpoint, trainer)
         if previous is not None:
             control.snapshots.append((done - 1, previous))
         log.info("resuming %s at step %d of %d", last_checkpoint, done, recipe.steps)
-    else:
-        done = 0
     control.snapshots.append((done, trainable_state(wrapper.policy)))
     # The optimizer and scheduler were built for all steps; run the remaining ones.
     args.num_total_batches = max(0, recipe.steps - done)
@@ -579,13 +577,6 @@ def mixed_precision(bf16: bool):
     finally:
         if before is None:
             os.environ.pop(key, None)
-
-
-def recipe_view(recipe: PPORecipe) -> Any:
-    """The recipe as ``trainer_arguments`` reads it (it expects the reward/KTO field names)."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(**{**recipe.to_dict(), "num_train_epochs": 1.0, "max_steps": -1, "max_length": None})
 
 
 def _report(metrics_path: Path, recipe: PPORecipe, stop: dict[str, Any] | None, final_step: int) -> dict[str, Any]:

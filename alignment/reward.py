@@ -305,15 +305,16 @@ def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: P
 
 
 def trainer_arguments(recipe: Any, checkpoints: Path, progress: bool) -> dict[str, Any]:
-    """The TRL config fields every job kind sets the same way from its recipe."""
-    return dict(
+    """The TRL config fields every job kind sets the same way from its recipe.
+
+    Epochs, max_steps and max_length are included when the recipe has them:
+    the reward and KTO recipes do, PPO's counts its steps itself.
+    """
+    arguments = dict(
         output_dir=str(checkpoints),
         learning_rate=recipe.learning_rate,
-        num_train_epochs=recipe.num_train_epochs,
-        max_steps=recipe.max_steps,
         per_device_train_batch_size=recipe.per_device_train_batch_size,
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        max_length=recipe.max_length,
         save_strategy="steps",
         save_steps=recipe.save_steps,
         save_total_limit=recipe.save_total_limit,
@@ -328,6 +329,10 @@ def trainer_arguments(recipe: Any, checkpoints: Path, progress: bool) -> dict[st
         disable_tqdm=not progress,  # the trainer's bar shows steps and ETA
         dataset_num_proc=None,
     )
+    for name in ("num_train_epochs", "max_steps", "max_length"):
+        if hasattr(recipe, name):
+            arguments[name] = getattr(recipe, name)
+    return arguments
 
 
 def _has_gpu() -> bool:
