@@ -99,11 +99,38 @@ def plain(text: str) -> str:
     return " ".join(re.sub(r"[*_`#>~|\\-]", " ", text).split())
 
 
+@contextmanager
+def events_sent(page):
+    """The Gradio events the page sends to the server (one queue join each) inside the block."""
+    sent = []
+
+    def on_request(request):
+        if request.method == "POST" and "/queue/join" in request.url:
+            sent.append(request.post_data_json)
+
+    page.on("request", on_request)
+    try:
+        yield sent
+    finally:
+        page.remove_listener("request", on_request)
+
+
+def pick_option(page, dropdown: str, option: str, loaded) -> None:
+    """Pick `option` in the Dropdown `dropdown` and wait for `loaded()`; the pick is one event.
+
+    A second event from the same pick (a Dropdown sends `input` on the choice and again on
+    blur) loads the form twice, and the late second load wipes what the person typed meanwhile.
+    """
+    page.locator(f"{dropdown} input").click()
+    with events_sent(page) as sent:
+        page.locator("[role=option]", has_text=option).click()
+        wait_until(loaded, what=f"{option} to load")
+    assert len(sent) == 1, f"picking {option} sent {len(sent)} events"
+
+
 def pick_persona(page, name: str, greeting_start: str) -> None:
-    page.locator("#persona-picker input").click()
-    page.locator("[role=option]", has_text=name).click()
-    wait_until(lambda: bot_texts(page) and bot_texts(page)[0].startswith(greeting_start),
-               what=f"the {name} greeting")
+    pick_option(page, "#persona-picker", name,
+                lambda: bot_texts(page) and bot_texts(page)[0].startswith(greeting_start))
 
 
 def send(page, text: str) -> None:

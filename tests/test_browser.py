@@ -7,7 +7,17 @@ Uses Debian's chromium (`make test` installs it) through Playwright's
 from __future__ import annotations
 
 import pytest
-from browser_helpers import bot_texts, browser_page, db_rows, pick_persona, plain, running_app, send, wait_until
+from browser_helpers import (
+    bot_texts,
+    browser_page,
+    db_rows,
+    pick_option,
+    pick_persona,
+    plain,
+    running_app,
+    send,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 
@@ -26,6 +36,9 @@ def page(app_url):
 
 def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(page, data_dir):
     pick_persona(page, "Captain Redbeard", "Arr, ahoy there")
+    # The greeting picker starts the chat over with an alternate greeting, and back.
+    pick_option(page, "#greeting-picker", "Avast", lambda: bot_texts(page)[0].startswith("Avast, User!"))
+    pick_option(page, "#greeting-picker", "Arr, ahoy", lambda: bot_texts(page)[0].startswith("Arr, ahoy there"))
     send(page, "Tell me about your ship.")
 
     # Watch the reply grow while it streams, then wait for it to be stored.

@@ -12,7 +12,17 @@ import shutil
 
 import pytest
 import yaml
-from browser_helpers import REPO, bot_texts, browser_page, db_rows, pick_persona, running_app, send, wait_until
+from browser_helpers import (
+    REPO,
+    bot_texts,
+    browser_page,
+    db_rows,
+    pick_option,
+    pick_persona,
+    running_app,
+    send,
+    wait_until,
+)
 
 from chatbot.personas import content_hash
 
@@ -54,9 +64,7 @@ def toasts(page) -> str:
 
 def open_personas_tab(page, option: str, name: str) -> None:
     page.get_by_role("tab", name="Personas").click()
-    page.locator("#persona-select input").click()
-    page.locator("[role=option]", has_text=option).click()
-    wait_until(lambda: page.locator("#persona-name textarea").input_value() == name, what=f"{name} in the form")
+    pick_option(page, "#persona-select", option, lambda: page.locator("#persona-name textarea").input_value() == name)
 
 
 def test_edit_try_save_and_a_new_chat_uses_the_new_system_prompt(page, data_dir, personas_dir, tmp_path):
@@ -71,7 +79,6 @@ def test_edit_try_save_and_a_new_chat_uses_the_new_system_prompt(page, data_dir,
     tokens = page.locator("#persona-max-new-tokens input[type=number]")
     tokens.fill("24")
     tokens.press("Enter")
-    tokens.press("Tab")  # the slider takes a typed value on change/blur; under load Enter alone raced the save
     slider = page.locator("#persona-max-new-tokens input[type=range]")
     wait_until(lambda: slider.input_value() == "24", what="the slider to take the typed 24")
 

@@ -167,13 +167,15 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
                 gr.Warning(str(exc))
         return start(persona_id, 0, request)
 
-    # `.input`, not `.change`: show() itself updates both pickers, which must not loop.
     app.load(open_from_link, persona_picker, show_outputs)
     def pick_persona(persona_id, request: gr.Request):
         return start(persona_id, 0, request)
 
-    persona_picker.input(pick_persona, persona_picker, show_outputs)
-    greeting_picker.input(start, [persona_picker, greeting_picker], show_outputs)
+    # The pickers listen to `.select`: `.change` would loop, since show() itself updates both
+    # pickers, and a Dropdown fires `.input` twice per pick (on the choice and again on blur),
+    # which started two chats, the second replacing one the person had begun typing in.
+    persona_picker.select(pick_persona, persona_picker, show_outputs)
+    greeting_picker.select(start, [persona_picker, greeting_picker], show_outputs)
     new_chat.click(start, [persona_picker, greeting_picker], show_outputs)
     chatbot.clear(start, [persona_picker, greeting_picker], show_outputs)  # the trash icon = a new chat
 

@@ -442,7 +442,9 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     write_buttons = [save, save_raw, new, duplicate, delete]
     app.load(on_load, None, view)
     app.load(on_rights, None, [rights, *write_buttons])
-    picker.input(on_pick, picker, view)
+    # `.select`, not `.input`: a Gradio 6 Dropdown fires `input` twice per pick (on the
+    # choice and again on blur), and the late second load wiped edits typed in between.
+    picker.select(on_pick, picker, view)
     gallery.select(on_gallery, editing_state, view)
     reload.click(on_reload, editing_state, view)
     save.click(on_save, [editing_state, *form], view)
