@@ -19,7 +19,7 @@ CURVE_ORDER = ("objective/kl", "objective/scores", "objective/rlhf_reward", "obj
                "policy/approxkl_avg", "loss/value_avg", "loss", "rewards/chosen", "rewards/rejected",
                "rewards/margins", "kl")
 # Counters and settings, not training signals (eps: TRL's episodes/s, an int that is 0 on a CPU).
-CURVE_SKIP = {"step", "epoch", "episode", "eps", "lr", "learning_rate", "num_tokens"}
+CURVE_SKIP = {"step", "time", "epoch", "episode", "eps", "lr", "learning_rate", "num_tokens"}
 MAX_CURVES = 12
 
 # (metrics key, label, format) for the table and the comparison chart.

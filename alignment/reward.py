@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,7 +295,8 @@ def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: P
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or not state.is_world_process_zero:  # one writer under `accelerate launch`
                 return
-            entry = {"step": step_offset + state.global_step,
+            # `time` (Unix seconds) makes a run's step speed readable from the file alone.
+            entry = {"step": step_offset + state.global_step, "time": round(time.time(), 3),
                      **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
             with metrics_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")

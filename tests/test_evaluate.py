@@ -380,7 +380,7 @@ def test_evaluate_ppo_run(setup, tiny_model):
     curves = set(read_curves(setup["folder"] / "ppo" / "metrics.jsonl"))
     assert {"objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy",
             "reply/length_mean", "reply/eos_rate"} <= curves
-    assert not {"eps", "episode", "lr"} & curves  # counters, not training signals
+    assert not {"eps", "episode", "lr", "time"} & curves  # counters and clocks, not training signals
     assert any(p.endswith("training_curves.png") for p in evaluation["files"]["plots"])
     assert store.get_version(evaluation["candidate"]["version"]).metrics["evaluation"]["gate"] == evaluation["gate"]
 

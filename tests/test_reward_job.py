@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -96,7 +98,10 @@ def test_reward_job_trains_saves_and_registers(tiny_model, store, tmp_path):
     assert run.status == "succeeded" and run.progress == 1.0
     assert run.metrics["eval"]["pairwise_accuracy"] == result.metrics["pairwise_accuracy"]
     assert len(run.metrics["history"]) >= 4  # one log per step
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 4
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) >= 4
+    stamps = [entry["time"] for entry in logged]  # wall-clock seconds, so step speed is readable from the file
+    assert stamps == sorted(stamps) and abs(stamps[-1] - time.time()) < 600
     assert list((tmp_path / "run" / "checkpoints" / "runs").rglob("events.out.tfevents*"))  # TensorBoard
     version = runs.candidate_for_run(run_id)
     assert version == result.version_id is not None

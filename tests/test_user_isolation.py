@@ -164,7 +164,7 @@ def test_only_admins_can_write_personas_through_the_api(app_with_accounts):
     assert [r.outputs[bob.component("persona-save")] for r in rights] == [
         {"__type__": "update", "interactive": False}]
     bob.load("persona-select")
-    assert bob.trigger("persona-select", "input", persona_select="pirate").success
+    assert bob.trigger("persona-select", "select", persona_select="pirate").success
     # Reading is allowed (the code box drops the final newline).
     assert bob.values[bob.component("persona-raw")] == original.rstrip("\n")
 
@@ -185,7 +185,7 @@ def test_only_admins_can_write_personas_through_the_api(app_with_accounts):
     rights = alice.load("persona-rights")
     assert rights[0].outputs[alice.component("persona-save")] == {"__type__": "update", "interactive": True}
     alice.load("persona-select")
-    assert alice.trigger("persona-select", "input", persona_select="pirate").success
+    assert alice.trigger("persona-select", "select", persona_select="pirate").success
     saved = alice.trigger("persona-save-raw", "click", persona_raw=original + "# edited by alice\n")
     assert saved.success and not [log for log in saved.logs if log[0] == "warning"], saved.logs
     assert pirate.read_text() == original + "# edited by alice\n"
