@@ -75,6 +75,7 @@ class EvalOptions:
     rule: str | None = None
     seed: int = 0
     resamples: int = em.RESAMPLES
+    batch: int = 16  # prompts per generate call (x samples rows); 16 made evaluate 2.1x faster than 1 (README)
 
 
 @dataclass(frozen=True)
@@ -329,15 +330,18 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
-def _right_padded(sequences: Sequence[list[int]], pad_id: int):
+def _padded(sequences: Sequence[list[int]], pad_id: int, left: bool = False):
+    """(input_ids, attention_mask) of equal-length rows. Left padding is for generate: every row's
+    reply then starts at the same column."""
     import torch
 
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, ids in enumerate(sequences):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention[i, :len(ids)] = 1
+        columns = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[i, columns] = torch.tensor(ids)
+        attention[i, columns] = 1
     return input_ids, attention
 
 
@@ -351,7 +355,7 @@ def token_logps(model: Any, pad_id: int, prompts: Sequence[list[int]], replies: 
     for start in range(0, len(replies), batch_size):
         sequences = [p + r for p, r in zip(prompts[start:start + batch_size], replies[start:start + batch_size],
                                            strict=True)]
-        input_ids, attention = _right_padded(sequences, pad_id)
+        input_ids, attention = _padded(sequences, pad_id)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
         logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
             -1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1): log p(token t+1)
@@ -419,22 +423,24 @@ def generate_and_measure(base_path: Path, candidate: Side, baseline: Side, promp
     replies: dict[str, list[Reply]] = {"candidate": [], "baseline": []}
     with torch.inference_mode():
         for side, name in names.items():
-            for i, ids in enumerate(prompt_ids):
+            for start in range(0, len(prompt_ids), options.batch):
+                chunk = range(start, min(start + options.batch, len(prompt_ids)))
+                rows = [(i, k) for i in chunk for k in range(options.samples)]
+                input_ids, attention = _padded([prompt_ids[i] for i, _ in rows], tokenizer.pad_token_id, left=True)
                 with _adapter_context(peft, name):
-                    # The K samples of a prompt are one batch (no padding: one prompt), seeded per prompt:
-                    # both models draw the same random numbers for (prompt, sample), so what differs is
-                    # the adapters' doing.
-                    torch.manual_seed(options.seed * 1_000_003 + i)
-                    input_ids = torch.tensor([ids] * options.samples, device=model.device)  # (K, prompt length)
-                    output = peft.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                           **kwargs).cpu()  # (K, prompt length + new tokens)
-                for k in range(options.samples):
-                    new = output[k, len(ids):].tolist()
+                    # Seeded per batch, and both models get the same batches: they draw the same random
+                    # numbers for each (prompt, sample), so what differs is the adapters' doing.
+                    torch.manual_seed(options.seed * 1_000_003 + start)
+                    output = peft.generate(input_ids=input_ids.to(model.device),
+                                           attention_mask=attention.to(model.device),
+                                           **kwargs).cpu()  # (rows, padded prompt + new tokens)
+                for row, (i, k) in enumerate(rows):
+                    new = output[row, input_ids.shape[1]:].tolist()
                     end = next((j for j, t in enumerate(new) if t in eos_ids), None)
                     generated = new if end is None else new[:end + 1]
                     text = tokenizer.decode(generated, skip_special_tokens=True)
                     replies[side].append(Reply(i, k, text, generated, end is not None))
-                bar.update(options.samples)
+                bar.update(len(rows))
             bar.set_description(f"log-probs ({side})")
             prompt_list = [prompt_ids[r.prompt_index] for r in replies[side]]
             reply_list = [r.token_ids for r in replies[side]]
@@ -477,7 +483,7 @@ def score_replies(judge_dir: Path, base_path: Path, policy_tokenizer, prompts: l
         for start in range(0, len(flat), BATCH):
             batch = flat[start:start + BATCH]
             sequences = [encode_pair_side(tokenizer, prompts[r.prompt_index], r.text) for r in batch]
-            input_ids, attention = _right_padded(sequences, tokenizer.pad_token_id)
+            input_ids, attention = _padded(sequences, tokenizer.pad_token_id)
             # The model pools at the last non-pad token: the EOS ending each reply.
             logits = judge(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # (B, 1)
             for reply, score in zip(batch, logits[:, 0].float().cpu().tolist(), strict=True):
@@ -568,8 +574,8 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
     from chatbot.engine import GenerationParams
     from chatbot.simulate import parse_rule
 
-    if options.samples < 1 or options.max_new_tokens < 1:
-        raise EvaluationError("--samples and --max-new-tokens must be at least 1")
+    if options.samples < 1 or options.max_new_tokens < 1 or options.batch < 1:
+        raise EvaluationError("--samples, --max-new-tokens and --batch must be at least 1")
     rule = parse_rule(options.rule) if options.rule is not None else None
     runs = RunStore(store.engine)
     run, candidate, report = candidate_of(store, runs, run_id)
@@ -627,8 +633,8 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
                   "eval_pairwise_accuracy": ((judge.metrics or {}).get("eval") or {}).get("pairwise_accuracy")},
         "prompts": prompts.stats,
         "sampling": {"samples": options.samples, "max_new_tokens": options.max_new_tokens, "seed": options.seed,
-                     "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                     "repetition_penalty": params.repetition_penalty},
+                     "batch": options.batch, "temperature": params.temperature, "top_p": params.top_p,
+                     "top_k": params.top_k, "repetition_penalty": params.repetition_penalty},
         "rule": None if rule is None else {"spec": options.rule, "description": rule.describe()},
         "metrics": {side: side_metrics(replies[side], n, options) for side in ("candidate", "baseline")},
         "win_rate": em.win_rate(_per_prompt(replies["candidate"], n), _per_prompt(replies["baseline"], n),
@@ -679,6 +685,9 @@ def add_arguments(parser) -> None:
                         help="also report how often a simulate rule likes the replies: short[:N], question, "
                              "contains:WORD")
     parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    parser.add_argument("--batch", type=int, default=EvalOptions.batch, metavar="N",
+                        help=f"prompts generated together (default {EvalOptions.batch}); "
+                             "the sampled replies depend on it, as on --seed")
     parser.add_argument("--personas-dir", dest="personas_dir", default=None,
                         help="folder of persona YAML files (for sampling settings and --prompts)")
 
@@ -688,7 +697,7 @@ def command(args, settings, store) -> int:
     from chatbot.personas import PersonaLibrary
 
     options = EvalOptions(baseline=args.baseline, judge=args.judge, prompts_file=args.prompts, samples=args.samples,
-                          max_new_tokens=args.max_new_tokens, rule=args.rule, seed=args.seed)
+                          max_new_tokens=args.max_new_tokens, rule=args.rule, seed=args.seed, batch=args.batch)
     try:
         personas = PersonaLibrary(settings.personas_dir)
         evaluation = evaluate(store, args.run, options, personas=personas, data_dir=settings.data_dir,

@@ -412,6 +412,36 @@ def test_same_seed_per_prompt_and_sample_for_both_models(setup, tiny_model):
     assert evaluation["metrics"]["candidate"]["rule_rate"] is None  # no --rule
 
 
+def test_batched_generation_writes_what_one_prompt_at_a_time_does(setup, tiny_model):
+    """Prompts of different lengths generated together (left-padded) get the replies, KL and reference
+    NLL each gets alone: greedy, so only the padding could make a difference."""
+    from tqdm.auto import tqdm
+
+    from alignment.evaluate import Side, generate_and_measure
+    from chatbot.engine import GenerationParams
+
+    adapter = str(Path(setup["runs"].get_run(setup["kto"]).output_dir) / "adapter")
+    candidate = Side("candidate", None, adapter, "candidate")
+    base = Side("base", None, None, "base")
+    prompts = [[{"role": "user", "content": text}] for text in
+               ("Hi", "Tell me a long story about the sea, the ships and the gold of the old captains.",
+                "Where is the treasure?", "Arr?", "What do pirates eat on a long voyage across the ocean?")]
+    greedy = GenerationParams(temperature=0, repetition_penalty=1.0)
+
+    def replies(batch: int) -> dict:
+        options = EvalOptions(samples=2, max_new_tokens=8, batch=batch)
+        with tqdm(disable=True) as bar:
+            out, _ = generate_and_measure(tiny_model, candidate, base, prompts, options, greedy, bar)
+        return {side: [(r.prompt_index, r.sample, r.token_ids) for r in rows] for side, rows in out.items()}, \
+            {side: [x for r in rows for x in (r.kl, r.ref_nll)] for side, rows in out.items()}
+
+    (alone, alone_scores), (together, together_scores) = replies(batch=1), replies(batch=3)
+    for side in ("candidate", "baseline"):
+        assert together[side] == alone[side], side
+        assert together_scores[side] == pytest.approx(alone_scores[side], abs=1e-3)
+    assert together["candidate"] != together["baseline"]  # the adapter made a difference to compare
+
+
 def test_default_baseline_is_what_serves_the_persona(setup, tiny_model, tmp_path):
     store, runs, kto = setup["store"], setup["runs"], setup["kto"]
     assert hasattr(store, "serving_version")
