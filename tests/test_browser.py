@@ -74,6 +74,11 @@ def test_stop_keeps_the_partial_reply_retry_makes_a_sibling_undo_gives_the_messa
     wait_until(lambda: plain(bot_texts(page)[1]) == plain(content), what="the partial reply kept on screen")
 
     page.get_by_role("button", name="Retry", exact=True).click()
+    # Stop the retry too once it streams: a whole long story took over a minute on a loaded machine.
+    wait_until(lambda: len(bot_texts(page)) == 2 and bot_texts(page)[1].strip()
+               and plain(bot_texts(page)[1]) != plain(content), what="the retry to stream")
+    page.locator("#stop").click()
+
     def two_replies():
         rows = db_rows(data_dir, "select parent_id from messages where role='assistant' and parent_id is not null")
         return rows if len(rows) == 2 else None
