@@ -47,6 +47,9 @@ TRL_COLUMNS = {
     "kto": ("prompt", "completion", "label"),
     "prompts": ("prompt",),
 }
+# Whether each reply of a pair ended on its own (EOS) rather than at the length cap or a
+# Stop press (None: not recorded): the reward job reports how much its scores follow it.
+DIAGNOSTIC_COLUMNS = {"preference": ("chosen_eos", "rejected_eos")}
 UNITS = {"preference": "pairs", "kto": "labelled replies", "prompts": "prompts"}
 HINTS = {
     "preference": "pairs need a liked and a disliked reply to the same prompt: press Retry and vote on "
@@ -82,16 +85,18 @@ class Split:
         return self.stats.get("persona")
 
     def trl(self, part: str = "train") -> list[dict]:
-        """The train or eval rows with TRL's columns only."""
-        return to_trl(getattr(self, part), self.kind)
+        """The train or eval rows with TRL's columns only; eval rows also keep the
+        diagnostic columns a job reports on (DIAGNOSTIC_COLUMNS), which no trainer sees."""
+        extra = DIAGNOSTIC_COLUMNS.get(self.kind, ()) if part == "eval" else ()
+        return to_trl(getattr(self, part), self.kind, extra)
 
     def require(self, min_train: int, min_eval: int = 0) -> Split:
         return require(self, min_train, min_eval)
 
 
-def to_trl(rows: Iterable[dict], kind: str) -> list[dict]:
-    columns = TRL_COLUMNS[kind]
-    return [{c: row[c] for c in columns} for row in rows]
+def to_trl(rows: Iterable[dict], kind: str, extra: Sequence[str] = ()) -> list[dict]:
+    columns = (*TRL_COLUMNS[kind], *extra)
+    return [{c: row[c] for c in columns if c in row} for row in rows]
 
 
 def require(split: Split, min_train: int, min_eval: int = 0) -> Split:
@@ -197,6 +202,11 @@ def _labelled(store, persona, since, model_version):
     return votes, replies, groups, group_times, filters
 
 
+def _ended(message: MessageRecord) -> bool | None:
+    """True if the reply ended with EOS, False if cut (length cap, Stop), None if not recorded."""
+    return None if message.finish_reason is None else message.finish_reason == "eos"
+
+
 def _pair_source(chosen: MessageRecord, rejected: MessageRecord) -> str:
     siblings = (chosen.conversation_id == rejected.conversation_id and chosen.parent_id is not None
                 and chosen.parent_id == rejected.parent_id)
@@ -220,7 +230,8 @@ def build_preference(store: ChatStore, persona: str | None = None, since: dateti
                 row = {"prompt": chosen.prompt, "chosen": _assistant(chosen.content),
                        "rejected": _assistant(rejected.content), "source": source,
                        "conversation_id": chosen.conversation_id, "chosen_id": chosen.id,
-                       "rejected_id": rejected.id}
+                       "rejected_id": rejected.id, "chosen_eos": _ended(chosen),
+                       "rejected_eos": _ended(rejected)}
                 pairs.append(((SOURCE_ORDER[source], context_rank, chosen.id, rejected.id),
                               groups[chosen.conversation_id], row))
     pairs.sort(key=lambda p: p[0])

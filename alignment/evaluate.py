@@ -11,7 +11,7 @@ From Python::
 
 What is compared (DESIGN.md "Alignment"):
 
-- candidate: the version a policy run (kto, ppo) registered, its LoRA adapter
+- candidate: the version a policy run (kto, ppo, dpo) registered, its LoRA adapter
   at ``<output_dir>/adapter``;
 - baseline: ``--baseline VERSION``, ``base`` (no adapter), or by default what
   serves the persona now (``ChatStore.serving_version``; with nothing
@@ -29,7 +29,9 @@ adapters on it and the reference is the same model with adapters disabled.
 The K samples of a prompt are one generate() batch, seeded per prompt with
 the same seed for both models, so sample k of prompt i draws the same random
 numbers in both. KL and perplexity are computed on the raw (temperature 1)
-distributions over each reply's generated tokens, EOS included.
+distributions over each reply's generated tokens, EOS included; the KL is
+the exact one over the vocabulary at each of those positions, so it is never
+negative (``kl_and_reference_nll``).
 
 Outputs go to ``<run output_dir>/evaluation/``: evaluation.json,
 samples.jsonl (every reply), report.md and PNG plots; the evaluation, with
@@ -54,7 +56,7 @@ from alignment.jobs import RunRecord, RunStore
 
 log = logging.getLogger(__name__)
 
-POLICY_KINDS = ("kto", "ppo")
+POLICY_KINDS = ("kto", "ppo", "dpo")
 JUDGE_KIND = "reward"
 EVALUATION_DIR = "evaluation"
 SHOWN_SAMPLES = 6  # side-by-side replies in evaluation.json and report.md
@@ -345,24 +347,50 @@ def _padded(sequences: Sequence[list[int]], pad_id: int, left: bool = False):
     return input_ids, attention
 
 
-def token_logps(model: Any, pad_id: int, prompts: Sequence[list[int]], replies: Sequence[list[int]],
-                batch_size: int = BATCH) -> list[list[float]]:
-    """Per reply, the log-prob of each of its tokens given the prompt and the tokens before, under ``model``."""
+def _reply_rows(logits: Any, prompts: Sequence[list[int]], replies: Sequence[list[int]]) -> list[Any]:
+    """Per row, the log-distributions that predicted its reply tokens: (len(reply), V) each."""
     import torch
 
-    out: list[list[float]] = []
+    # logits (B, T, V); position t predicts token t + 1, so a reply starting at column len(prompt)
+    # is predicted from column len(prompt) - 1 on.
+    return [torch.log_softmax(logits[i, len(p) - 1:len(p) - 1 + len(r)].float(), dim=-1)
+            for i, (p, r) in enumerate(zip(prompts, replies, strict=True))]
+
+
+def kl_and_reference_nll(model: Any, name: str | None, pad_id: int, prompts: Sequence[list[int]],
+                         replies: Sequence[list[int]], batch_size: int = BATCH) -> tuple[list[float], list[float]]:
+    """Per reply: KL of adapter ``name`` to the reference along the reply, and the reference's NLL of it.
+
+    The KL is exact at every position: sum over the vocabulary of
+    p(v) (log p(v) - log q(v)) with p the adapter's and q the reference's raw
+    (temperature 1) next-token distribution, summed over the reply's tokens.
+    It is never negative. The single-sample estimate log p(reply) - log q(reply)
+    is unbiased only for replies drawn from p itself at temperature 1; the
+    chat samples with the persona's temperature, top-p and repetition penalty,
+    and on those replies that estimate came out negative for a KTO candidate.
+    ``name`` None (the reference itself) gives KL 0.
+    """
+    import torch
+
+    kls: list[float] = []
+    nlls: list[float] = []
     device = next(model.parameters()).device
     for start in range(0, len(replies), batch_size):
-        sequences = [p + r for p, r in zip(prompts[start:start + batch_size], replies[start:start + batch_size],
-                                           strict=True)]
+        prompt_batch, reply_batch = prompts[start:start + batch_size], replies[start:start + batch_size]
+        sequences = [p + r for p, r in zip(prompt_batch, reply_batch, strict=True)]
         input_ids, attention = _padded(sequences, pad_id)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
-            -1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1): log p(token t+1)
-        for i, (prompt, reply) in enumerate(zip(prompts[start:start + batch_size],
-                                                replies[start:start + batch_size], strict=True)):
-            out.append(logps[i, len(prompt) - 1:len(prompt) - 1 + len(reply)].tolist())
-    return out
+        inputs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+        with _adapter_context(model, None):
+            reference = _reply_rows(model(**inputs).logits, prompt_batch, reply_batch)
+        own = reference
+        if name is not None:
+            with _adapter_context(model, name):
+                own = _reply_rows(model(**inputs).logits, prompt_batch, reply_batch)
+        for ref, mine, reply in zip(reference, own, reply_batch, strict=True):
+            tokens = torch.tensor(reply, device=ref.device).unsqueeze(-1)  # (L, 1)
+            nlls.append(-ref.gather(-1, tokens).sum().item())
+            kls.append(0.0 if mine is ref else (mine.exp() * (mine - ref)).sum().clamp_min(0.0).item())
+    return kls, nlls
 
 
 def _generation_kwargs(params, max_new_tokens: int, tokenizer, eos_ids: set[int]) -> dict[str, Any]:
@@ -442,18 +470,11 @@ def generate_and_measure(base_path: Path, candidate: Side, baseline: Side, promp
                     replies[side].append(Reply(i, k, text, generated, end is not None))
                 bar.update(len(rows))
             bar.set_description(f"log-probs ({side})")
-            prompt_list = [prompt_ids[r.prompt_index] for r in replies[side]]
-            reply_list = [r.token_ids for r in replies[side]]
-            with _adapter_context(peft, None):
-                reference = token_logps(peft, tokenizer.pad_token_id, prompt_list, reply_list)
-            if name is None:
-                own = reference
-            else:
-                with _adapter_context(peft, name):
-                    own = token_logps(peft, tokenizer.pad_token_id, prompt_list, reply_list)
-            for reply, mine, ref in zip(replies[side], own, reference, strict=True):
-                reply.kl = sum(mine) - sum(ref)
-                reply.ref_nll = -sum(ref)
+            kls, nlls = kl_and_reference_nll(peft, name, tokenizer.pad_token_id,
+                                             [prompt_ids[r.prompt_index] for r in replies[side]],
+                                             [r.token_ids for r in replies[side]])
+            for reply, kl, nll in zip(replies[side], kls, nlls, strict=True):
+                reply.kl, reply.ref_nll = kl, nll
             bar.set_description("generating")
     del peft, model
     return replies, tokenizer

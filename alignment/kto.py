@@ -51,6 +51,11 @@ from alignment.reward import (
 log = logging.getLogger(__name__)
 
 KIND = "kto"
+AUTO = "auto"
+# TRL's KTO guidance (KTOTrainer warns outside it): desirable_weight x liked rows over
+# undesirable_weight x disliked rows should lie in [1, 4/3]. "auto" aims at the middle.
+WEIGHT_RATIO_RANGE = (1.0, 4 / 3)
+AUTO_RATIO = 7 / 6
 
 
 @dataclass
@@ -68,8 +73,10 @@ class KTORecipe(RecipeLoader):
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
     beta: float = field(default=0.1, metadata={
         "help": "KTO beta: strength of the pull towards the reference (higher = closer)."})
-    desirable_weight: float = field(default=1.0, metadata={"help": "Loss weight of liked replies."})
-    undesirable_weight: float = field(default=1.0, metadata={"help": "Loss weight of disliked replies."})
+    desirable_weight: float | str = field(default=AUTO, metadata={
+        "help": "Loss weight of liked replies, or 'auto': set from the data's balance (class_weights)."})
+    undesirable_weight: float | str = field(default=AUTO, metadata={
+        "help": "Loss weight of disliked replies, or 'auto' (both or neither are 'auto')."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train split."})
     max_steps: int = field(default=-1, metadata={
         "help": "Optimizer steps; overrides num_train_epochs when > 0."})
@@ -95,6 +102,14 @@ class KTORecipe(RecipeLoader):
         from alignment.gate import GateBounds
 
         GateBounds.from_mapping(self.gate, source="recipe gate")  # a typo fails before training, not after
+        weights = (self.desirable_weight, self.undesirable_weight)
+        if (AUTO in weights) != (weights == (AUTO, AUTO)):
+            raise ValueError("desirable_weight and undesirable_weight are both 'auto' or both numbers, "
+                             f"not {weights[0]!r} and {weights[1]!r}")
+        if AUTO not in weights and not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+                                           for w in weights):
+            raise ValueError(f"desirable_weight and undesirable_weight must be positive numbers or 'auto', "
+                             f"not {weights[0]!r} and {weights[1]!r}")
 
 
 @dataclass(frozen=True)
@@ -171,6 +186,32 @@ def drop_long_prompts(tokenizer: Any, rows: Sequence[dict[str, Any]],
         return list(rows), 0
     kept = [row for row in rows if len(encode_row(tokenizer, row)[0]) < max_length]
     return kept, len(rows) - len(kept)
+
+
+def class_weights(recipe: KTORecipe, desirable: int, undesirable: int) -> dict[str, Any]:
+    """The loss weights to train with, and what they mean for this data's balance.
+
+    With ``auto`` the rarer label's weight is raised (the other stays 1) so that
+    desirable_weight x desirable / (undesirable_weight x undesirable) is 7/6, inside TRL's
+    recommended [1, 4/3]. Unweighted, 49 liked against 359 disliked rows gave a ratio of
+    0.14, and KTO learned to make the liked replies *less* likely. Numbers in the recipe
+    are used as given; ``in_recommended_range`` says whether they follow the guidance.
+    """
+    if desirable < 1 or undesirable < 1:
+        raise ValueError(f"KTO needs liked and disliked rows, not {desirable} and {undesirable}")
+    if recipe.desirable_weight == AUTO:
+        raised = AUTO_RATIO * undesirable / desirable  # the desirable weight that gives the target ratio
+        dw, uw, source = (raised, 1.0, "auto") if raised >= 1 else (1.0, 1 / raised, "auto")
+    else:
+        dw, uw, source = float(recipe.desirable_weight), float(recipe.undesirable_weight), "recipe"
+    ratio = dw * desirable / (uw * undesirable)
+    low, high = WEIGHT_RATIO_RANGE
+    if not low - 1e-9 <= ratio <= high + 1e-9:
+        log.warning("KTO weights %.3g:%.3g on %d liked / %d disliked rows give a ratio of %.2f, outside TRL's "
+                    "recommended [1, 4/3]; set them to 'auto' to follow the data", dw, uw, desirable, undesirable,
+                    ratio)
+    return {"desirable_weight": dw, "undesirable_weight": uw, "weights_from": source, "weighted_ratio": ratio,
+            "in_recommended_range": low - 1e-9 <= ratio <= high + 1e-9}
 
 
 # -- eval ---------------------------------------------------------------------
@@ -303,9 +344,11 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
     if not eval_kept:
         raise ValueError(f"eval: all {eval_too_long} prompts reach max_length={recipe.max_length}")
 
+    train_desirable = sum(row["label"] for row in train_kept)
+    weights = class_weights(recipe, train_desirable, len(train_kept) - train_desirable)
     output_dir.mkdir(parents=True, exist_ok=True)
     args = KTOConfig(**trainer_arguments(recipe, checkpoints, progress), beta=recipe.beta,
-                     desirable_weight=recipe.desirable_weight, undesirable_weight=recipe.undesirable_weight)
+                     desirable_weight=weights["desirable_weight"], undesirable_weight=weights["undesirable_weight"])
     peft_config = lora_config(recipe, "CAUSAL_LM")
     columns = ("prompt", "completion", "label")
     trainer = KTOTrainer(
@@ -323,7 +366,7 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
     rewards = implicit_rewards(policy, tokenizer, eval_kept, recipe.per_device_train_batch_size * 2,
                                recipe.max_length)
     metrics = kto_report(rewards, [row["label"] for row in eval_kept], recipe.beta)
-    train_desirable = sum(row["label"] for row in train_kept)
+    metrics.update(weights)
     metrics.update(train_rows=len(train_kept), train_desirable=train_desirable,
                    train_undesirable=len(train_kept) - train_desirable,
                    train_dropped_too_long=train_too_long, eval_dropped_too_long=eval_too_long,

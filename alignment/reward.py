@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from alignment.jobs import RunStore
-from alignment.metrics import reward_report
+from alignment.metrics import Reply, reward_report, shortcut_report
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,13 @@ def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]],
         if max_length is not None and max(len(chosen), len(rejected)) > max_length:
             too_long += 1
             continue
+        prompt_length = len(encode_pair_side(tokenizer, row["prompt"], "")) - 1  # the sequence less its EOS
         encoded.append({"chosen_ids": chosen, "rejected_ids": rejected,
                         "chosen_chars": len(reply_text(row["chosen"])),
-                        "rejected_chars": len(reply_text(row["rejected"]))})
+                        "rejected_chars": len(reply_text(row["rejected"])),
+                        "chosen_tokens": len(chosen) - prompt_length - 1,  # without the EOS every side ends with
+                        "rejected_tokens": len(rejected) - prompt_length - 1,
+                        "chosen_eos": row.get("chosen_eos"), "rejected_eos": row.get("rejected_eos")})
     return encoded, too_long
 
 
@@ -455,6 +459,10 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
         [item["chosen_chars"] for item in eval_encoded],
         [item["rejected_chars"] for item in eval_encoded],
     )
+    metrics.update(shortcut_report([
+        tuple(Reply(tuple(item[f"{side}_ids"]), score, item[f"{side}_tokens"], item[f"{side}_eos"])
+              for side, score in (("chosen", c), ("rejected", r)))
+        for item, c, r in zip(eval_encoded, chosen, rejected, strict=True)]))
     metrics.update(train_pairs=len(train_encoded), train_dropped_too_long=train_too_long,
                    eval_dropped_too_long=eval_too_long, global_step=trainer.state.global_step,
                    token_boundary="chat_template(prompt, add_generation_prompt) + reply + eos")

@@ -442,6 +442,41 @@ def test_batched_generation_writes_what_one_prompt_at_a_time_does(setup, tiny_mo
     assert together["candidate"] != together["baseline"]  # the adapter made a difference to compare
 
 
+def test_kl_is_exact_non_negative_and_matches_a_direct_computation(tiny_model, tmp_path):
+    """A known adapter (random, non-zero LoRA weights): the evaluation's KL of each reply equals
+    sum_t sum_v p(v) (log p(v) - log q(v)) computed one sequence at a time on the merged model and the
+    base model, and is positive; the reference model's KL to itself is 0."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignment.evaluate import kl_and_reference_nll
+
+    torch.manual_seed(0)
+    adapter = tmp_path / "known"
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)  # random A and B: the adapter changes the model
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), config).save_pretrained(adapter)
+
+    prompts = [[1, 5, 9, 13], [2, 4], [7, 8, 9, 10, 11, 12]]
+    replies = [[20, 21, 22], [30], [40, 41, 42, 43, 44]]
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter,
+                                     adapter_name="known").eval()
+    with torch.inference_mode():
+        kls, nlls = kl_and_reference_nll(peft, "known", 0, prompts, replies, batch_size=2)
+        ref_kls, ref_nlls = kl_and_reference_nll(peft, None, 0, prompts, replies)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter).merge_and_unload()
+        for i, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
+            ids = torch.tensor([prompt + reply])
+            p = torch.log_softmax(merged(ids).logits[0, len(prompt) - 1:-1], -1)  # (len(reply), V)
+            q = torch.log_softmax(base(ids).logits[0, len(prompt) - 1:-1], -1)
+            assert kls[i] == pytest.approx((p.exp() * (p - q)).sum().item(), rel=1e-4, abs=1e-6)
+            assert nlls[i] == pytest.approx(-q.gather(-1, torch.tensor(reply)[:, None]).sum().item(), rel=1e-5)
+    assert all(kl > 0 for kl in kls)
+    assert ref_kls == [0.0, 0.0, 0.0] and ref_nlls == pytest.approx(nlls)
+
+
 def test_default_baseline_is_what_serves_the_persona(setup, tiny_model, tmp_path):
     store, runs, kto = setup["store"], setup["runs"], setup["kto"]
     assert hasattr(store, "serving_version")

@@ -9,7 +9,7 @@ import pytest
 from training_helpers import InterruptAt, Snapshot
 
 from alignment.jobs import RunStore
-from alignment.kto import KTORecipe, kto_report, train_kto
+from alignment.kto import KTORecipe, class_weights, kto_report, train_kto
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,6 +59,8 @@ def test_kto_job_trains_saves_and_registers(tiny_model, store, tmp_path):
     assert 0.0 <= m["desirable_positive_rate"] <= 1.0 and 0.0 <= m["undesirable_negative_rate"] <= 1.0
     assert m["desirable_mean_logratio"] != 0.0  # the adapter moved the policy off the reference
     assert result.global_step == 4
+    # Balanced data: 'auto' weights 7/6 : 1, a ratio inside TRL's [1, 4/3].
+    assert m["weights_from"] == "auto" and m["weighted_ratio"] == pytest.approx(7 / 6)
 
     run = runs.get_run(run_id)
     assert run.status == "succeeded" and run.progress == 1.0
@@ -139,3 +141,55 @@ def test_unknown_kto_recipe_key_is_named(tmp_path):
     path.write_text("beta: 0.1\nmin_pairs: 8\n")
     with pytest.raises(ValueError, match="min_pairs"):
         KTORecipe.from_yaml(path)
+
+
+@pytest.mark.parametrize("liked, disliked, expected", [
+    (49, 359, (7 / 6 * 359 / 49, 1.0)),  # the issue's feedback: the rare likes weigh 8.5x
+    (300, 100, (1.0, 300 / 100 / (7 / 6))),  # mostly likes: the dislikes are raised instead
+    (10, 10, (7 / 6, 1.0)),
+])
+def test_auto_weights_follow_the_data_balance(liked, disliked, expected):
+    weights = class_weights(KTORecipe(), liked, disliked)
+    assert (weights["desirable_weight"], weights["undesirable_weight"]) == pytest.approx(expected)
+    assert min(weights["desirable_weight"], weights["undesirable_weight"]) == 1.0
+    ratio = weights["desirable_weight"] * liked / (weights["undesirable_weight"] * disliked)
+    assert weights["weighted_ratio"] == pytest.approx(ratio) == pytest.approx(7 / 6)
+    assert weights["in_recommended_range"] is True and weights["weights_from"] == "auto"
+
+
+def test_recipe_weights_are_used_as_given_and_flagged_outside_the_guidance(caplog):
+    weights = class_weights(KTORecipe(desirable_weight=1.0, undesirable_weight=1.0), 49, 359)
+    assert (weights["desirable_weight"], weights["undesirable_weight"], weights["weights_from"]) == (1.0, 1.0, "recipe")
+    assert weights["weighted_ratio"] == pytest.approx(49 / 359) and weights["in_recommended_range"] is False
+    assert "outside TRL's recommended [1, 4/3]" in caplog.text
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"desirable_weight": "auto", "undesirable_weight": 2.0}, "both 'auto' or both numbers"),
+    ({"desirable_weight": 0, "undesirable_weight": 1.0}, "must be positive numbers or 'auto'"),
+    ({"desirable_weight": "heavy", "undesirable_weight": "auto"}, "both 'auto' or both numbers"),
+])
+def test_bad_weights_are_refused_when_the_recipe_loads(values, message):
+    with pytest.raises(ValueError, match=message):
+        KTORecipe(**values)
+
+
+def test_trained_weights_are_the_auto_ones(tiny_model, tmp_path):
+    """An unbalanced train split (6 liked, 18 disliked): the trainer got weights 3.5 : 1 and the run records them."""
+    rows = _rows(24)
+    for i, row in enumerate(rows):
+        row["label"] = i % 4 == 0
+    seen = {}
+
+    from transformers import TrainerCallback
+
+    class Weights(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.update(desirable=args.desirable_weight, undesirable=args.undesirable_weight)
+
+    result = train_kto(_recipe(tiny_model, max_steps=1), rows, _rows(8, offset=100), tmp_path / "run",
+                       progress=False, callbacks=[Weights()])
+    assert seen == {"desirable": pytest.approx(3.5), "undesirable": 1.0}
+    m = result.metrics
+    assert (m["train_desirable"], m["train_undesirable"]) == (6, 18)
+    assert (m["desirable_weight"], m["undesirable_weight"]) == (pytest.approx(3.5), 1.0)

@@ -47,6 +47,29 @@ def test_margin_auc_and_length_baseline():
     assert metrics.longer_reply_accuracy([10, 5, 3], [2, 5, 9]) == pytest.approx(1.5 / 3)
 
 
+def test_shortcut_report_separates_what_the_scores_follow():
+    import numpy as np
+
+    R = metrics.Reply
+    a, b = R("a", 1.0, 10, True), R("b", 0.0, 30, False)
+    c, d = R("c", 2.0, 20, True), R("d", 3.0, 21, True)
+    report = metrics.shortcut_report([(a, b), (c, d), (a, d)])
+    # Only (c, d) is length-matched (20 vs 21 tokens), and there the model is wrong.
+    assert (report["length_matched_pairs"], report["length_matched_accuracy"]) == (1, 0.0)
+    assert report["eval_replies"] == 4  # a and d appear in two pairs each, counted once
+    scores, labels, lengths, eos = [1, 0, 2, 3], [1, 0, 1, 0], [10, 30, 20, 21], [1, 0, 1, 1]
+    assert report["score_label_corr"] == pytest.approx(np.corrcoef(scores, labels)[0, 1])
+    assert report["score_length_corr"] == pytest.approx(np.corrcoef(scores, lengths)[0, 1])
+    assert report["score_eos_corr"] == pytest.approx(np.corrcoef(scores, eos)[0, 1])
+    assert report["label_length_corr"] == pytest.approx(np.corrcoef(labels, lengths)[0, 1])
+    # An unrecorded end and a constant column give None, not a made-up number.
+    unknown = metrics.shortcut_report([(R("x", 1.0, 5, None), R("y", 0.0, 5, True))])
+    assert unknown["score_eos_corr"] is None and unknown["score_length_corr"] is None
+    assert unknown["length_matched_accuracy"] == 1.0
+    assert metrics.length_matched(100, 110) and not metrics.length_matched(100, 112)
+    assert metrics.length_matched(3, 5) and not metrics.length_matched(3, 6)
+
+
 # -- the job ------------------------------------------------------------------
 
 
@@ -77,7 +100,9 @@ def test_reward_job_trains_saves_and_registers(tiny_model, store, tmp_path):
     runs = RunStore(store.engine)
     run_id = runs.create_run("reward", persona_id="pirate", output_dir=str(tmp_path / "run"))
     snapshot = Snapshot()
-    result = train_reward(_recipe(tiny_model), _rows(24), _rows(8, offset=100), tmp_path / "run",
+    # Eval rows carry data.DIAGNOSTIC_COLUMNS: here every liked reply ended with EOS, no disliked one did.
+    eval_rows = [{**row, "chosen_eos": True, "rejected_eos": False} for row in _rows(8, offset=100)]
+    result = train_reward(_recipe(tiny_model), _rows(24), eval_rows, tmp_path / "run",
                           run_store=runs, run_id=run_id, progress=False, callbacks=[snapshot.callback])
 
     changed = [n for n in snapshot.before if not snapshot.before[n].equal(snapshot.after[n])]
@@ -93,6 +118,10 @@ def test_reward_job_trains_saves_and_registers(tiny_model, store, tmp_path):
     assert 0.0 <= result.metrics["pairwise_accuracy"] <= 1.0
     assert result.metrics["eval_pairs"] == 8
     assert result.global_step == 4
+    m = result.metrics
+    assert m["eval_replies"] == 16 and 0 <= m["length_matched_pairs"] <= 8
+    assert m["score_eos_corr"] == pytest.approx(m["score_label_corr"])  # EOS is the label in these rows
+    assert -1.0 <= m["score_length_corr"] <= 1.0 and -1.0 <= m["label_length_corr"] <= 1.0
 
     run = runs.get_run(run_id)
     assert run.status == "succeeded" and run.progress == 1.0
