@@ -22,6 +22,13 @@ hash of (seed, group) falls under ``eval_fraction``: a group never changes side
 as more data arrives. By time, the newest groups (by when their first rated
 reply was written) are held out.
 
+The rest is split again, by conversation group, into two parts (``part``):
+the judge part (JUDGE_FRACTION of the groups, by a hash with a fixed salt)
+and the policy part. A policy and the reward model it is optimised against
+train on the policy part; a reward model that judges their candidates trains
+on the judge part, so it has never seen a conversation they learned from
+(``align evaluate`` checks this from the runs' train_prompts.json).
+
 Every split carries ``snapshot_hash``: sha256 of the canonical JSON of its rows
 and their side, stable across runs and changed by any vote that changes a label.
 """
@@ -42,6 +49,11 @@ from chatbot.store import ChatStore
 from chatbot.store.repository import MessageRecord, VoteRow
 
 SPLITS = ("conversation", "time")
+# Conversation-level parts of the feedback: the policy side (a policy and the reward model it is
+# optimised against) and the judge side (a reward model that judges their candidates), never both.
+PARTS = ("all", "policy", "judge")
+JUDGE_FRACTION = 0.25
+JUDGE_SALT = "judge-part"
 TRL_COLUMNS = {
     "preference": ("prompt", "chosen", "rejected"),
     "kto": ("prompt", "completion", "label"),
@@ -110,7 +122,10 @@ def require(split: Split, min_train: int, min_eval: int = 0) -> Split:
     filters = "".join(f", {name} {split.stats[key]}" for name, key in
                       (("since", "since"), ("model version", "model_version")) if split.stats.get(key))
     needs = f"at least {min_train + min_eval}" + (f" ({min_train} train, {min_eval} eval)" if min_eval else "")
-    message = (f"{train + eval_} {unit} for {who}{filters} ({train} train, {eval_} eval, split by "
+    part, other = split.stats.get("part", "all"), split.stats.get("other_part", 0)
+    where = "" if part == "all" else (f", {other} in the {'judge' if part == 'policy' else 'policy'} part: "
+                                      f"{part} jobs train on the {part} part only")
+    message = (f"{train + eval_ + other} {unit} for {who}{filters} ({train} train, {eval_} eval{where}; split by "
                f"{split.stats['split']}), the recipe needs {needs}; {HINTS[split.kind]}")
     raise DataTooSmall(message, kind=split.kind, persona=persona, train=train, eval=eval_,
                        min_train=min_train, min_eval=min_eval)
@@ -170,17 +185,34 @@ def snapshot_hash(kind: str, train: Sequence[dict], eval_: Sequence[dict]) -> st
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def in_part(group: int, part: str) -> bool:
+    """Is conversation group ``group`` in ``part`` of the feedback (PARTS)?
+
+    The judge part is JUDGE_FRACTION of the groups by a hash with a fixed salt:
+    unlike the eval split it does not depend on a recipe's seed, so whatever
+    seeds two jobs use, a job trained on the policy part and one trained on
+    the judge part never share a conversation.
+    """
+    if part not in PARTS:
+        raise ValueError(f"unknown feedback part {part!r}: use one of {', '.join(PARTS)}")
+    if part == "all":
+        return True
+    return (_hash_fraction(JUDGE_SALT, group) < JUDGE_FRACTION) == (part == "judge")
+
+
 def _finish(kind: str, rows: list[tuple[int, dict]], group_times: dict[int, datetime], votes: list[VoteRow],
-            filters: dict, split: str, eval_fraction: float, seed: int, extra: dict) -> Split:
-    """rows: (group id, row) in their final order."""
+            filters: dict, split: str, eval_fraction: float, seed: int, extra: dict, part: str = "all") -> Split:
+    """rows: (group id, row) in their final order. The eval rows are the held-out groups whatever
+    ``part`` is; the train rows are the other groups of that part."""
     held_out = _eval_groups(group_times, split, eval_fraction, seed)
-    train = tuple(row for g, row in rows if g not in held_out)
+    train = tuple(row for g, row in rows if g not in held_out and in_part(g, part))
+    other_part = sum(1 for g, _ in rows if g not in held_out) - len(train)
     eval_ = tuple(row for g, row in rows if g in held_out)
     rated = [v for v in votes if v.feedback.rating]
     stats = {
-        "kind": kind, **filters, "split": split, "eval_fraction": eval_fraction, "seed": seed,
+        "kind": kind, **filters, "split": split, "eval_fraction": eval_fraction, "seed": seed, "part": part,
         "votes": len(rated), "simulated_votes": sum(v.feedback.simulated for v in rated),
-        "train": len(train), "eval": len(eval_),
+        "train": len(train), "eval": len(eval_), "other_part": other_part,
         "train_conversations": len({r["conversation_id"] for r in train}),
         "eval_conversations": len({r["conversation_id"] for r in eval_}),
         "groups": len(group_times), "eval_groups": len(held_out), **extra,
@@ -215,7 +247,7 @@ def _pair_source(chosen: MessageRecord, rejected: MessageRecord) -> str:
 
 def build_preference(store: ChatStore, persona: str | None = None, since: datetime | None = None,
                      model_version: int | None = None, split: str = "conversation",
-                     eval_fraction: float = 0.2, seed: int = 0) -> Split:
+                     eval_fraction: float = 0.2, seed: int = 0, part: str = "all") -> Split:
     """Every liked x disliked pair of replies to the identical prompt; regenerations first."""
     votes, replies, groups, group_times, filters = _labelled(store, persona, since, model_version)
     by_context: dict[str, list[LabelledReply]] = defaultdict(list)
@@ -241,12 +273,12 @@ def build_preference(store: ChatStore, persona: str | None = None, since: dateti
              "regeneration_pairs": sum(row["source"] == "regeneration" for _, _, row in pairs),
              "same_prompt_pairs": sum(row["source"] == "same_prompt" for _, _, row in pairs)}
     return _finish("preference", [(g, row) for _, g, row in pairs], group_times, votes, filters,
-                   split, eval_fraction, seed, extra)
+                   split, eval_fraction, seed, extra, part)
 
 
 def build_kto(store: ChatStore, persona: str | None = None, since: datetime | None = None,
               model_version: int | None = None, split: str = "conversation",
-              eval_fraction: float = 0.2, seed: int = 0) -> Split:
+              eval_fraction: float = 0.2, seed: int = 0, part: str = "all") -> Split:
     """One row per reply whose current votes add up to a like or a dislike."""
     votes, replies, groups, group_times, filters = _labelled(store, persona, since, model_version)
     rows = [(groups[r.message.conversation_id],
@@ -255,12 +287,12 @@ def build_kto(store: ChatStore, persona: str | None = None, since: datetime | No
             for r in replies]
     liked = sum(r.liked for r in replies)
     return _finish("kto", rows, group_times, votes, filters, split, eval_fraction, seed,
-                   {"liked": liked, "disliked": len(replies) - liked})
+                   {"liked": liked, "disliked": len(replies) - liked}, part)
 
 
 def build_prompts(store: ChatStore, persona: str | None = None, since: datetime | None = None,
                   model_version: int | None = None, split: str = "conversation",
-                  eval_fraction: float = 0.2, seed: int = 0) -> Split:
+                  eval_fraction: float = 0.2, seed: int = 0, part: str = "all") -> Split:
     """Each distinct prompt (the chat messages before a rated reply, without the reply), once."""
     votes = _votes(store, persona, since, model_version)
     rated = sorted({v.message.id: v.message for v in votes if v.feedback.rating and v.message.prompt}.values(),
@@ -277,7 +309,7 @@ def build_prompts(store: ChatStore, persona: str | None = None, since: datetime 
             rows.append((g, {"prompt": m.prompt, "conversation_id": m.conversation_id, "message_id": m.id}))
     filters = {"persona": persona, "since": since.isoformat() if since else None, "model_version": model_version}
     return _finish("prompts", rows, group_times, votes, filters, split, eval_fraction, seed,
-                   {"rated_replies": len(rated)})
+                   {"rated_replies": len(rated)}, part)
 
 
 # -- which prompts a job trained on ---------------------------------------------
@@ -298,11 +330,17 @@ def prompt_fingerprints(rows: Iterable[dict]) -> list[str]:
     return list(seen)
 
 
-def write_train_prompts(output_dir, rows: Iterable[dict]):
-    """Write ``{"keys": prompt_fingerprints(rows)}`` to ``output_dir/train_prompts.json``; returns the path."""
+def write_train_prompts(output_dir, rows: Sequence[dict]):
+    """Write the prompt fingerprints (``keys``) and conversation ids (``conversations``) of the
+    train ``rows`` to ``output_dir/train_prompts.json``; returns the path.
+
+    ``align evaluate`` reads both: the prompts to hold out, the conversations to
+    prove a judge independent of the candidate it judges."""
     from pathlib import Path
 
     path = Path(output_dir) / TRAIN_PROMPTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"keys": prompt_fingerprints(rows)}), encoding="utf-8")
+    conversations = sorted({row["conversation_id"] for row in rows if "conversation_id" in row})
+    path.write_text(json.dumps({"keys": prompt_fingerprints(rows), "conversations": conversations}),
+                    encoding="utf-8")
     return path

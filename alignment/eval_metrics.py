@@ -99,3 +99,33 @@ def win_rate(candidate: Sequence[Sequence[float]], baseline: Sequence[Sequence[f
         "ties": sum(o == 0.5 for o in flat),
         "losses": sum(o == 0.0 for o in flat),
     }
+
+
+def paired_gain(candidate: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]],
+                resamples: int = RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE) -> dict:
+    """Candidate mean minus baseline mean of a per-reply value (a rule's 0/1, say), with a CI.
+
+    ``candidate[i]`` and ``baseline[i]`` are the values on prompt i. Each
+    bootstrap draw takes whole prompts for both models at once, so the CI is
+    of the paired difference: narrower than two separate CIs would suggest.
+    """
+    import numpy as np
+
+    if len(candidate) != len(baseline):
+        raise ValueError(f"{len(candidate)} candidate prompts but {len(baseline)} baseline prompts")
+    keep = [i for i in range(len(candidate)) if len(candidate[i]) and len(baseline[i])]
+    if not keep:
+        return {"candidate": None, "baseline": None, "value": None, "ci": None, "confidence": confidence,
+                "resamples": resamples}
+    c_sums = np.array([float(sum(candidate[i])) for i in keep])
+    b_sums = np.array([float(sum(baseline[i])) for i in keep])
+    c_counts = np.array([len(candidate[i]) for i in keep])
+    b_counts = np.array([len(baseline[i]) for i in keep])
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(keep), size=(resamples, len(keep)))  # (R, prompts)
+    gains = c_sums[picks].sum(1) / c_counts[picks].sum(1) - b_sums[picks].sum(1) / b_counts[picks].sum(1)  # (R,)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(gains, [tail, 1 - tail])
+    c_mean, b_mean = c_sums.sum() / c_counts.sum(), b_sums.sum() / b_counts.sum()
+    return {"candidate": float(c_mean), "baseline": float(b_mean), "value": float(c_mean - b_mean),
+            "ci": [float(low), float(high)], "confidence": confidence, "resamples": resamples}

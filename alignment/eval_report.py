@@ -40,8 +40,11 @@ def write_outputs(out: Path, evaluation: dict[str, Any], replies: dict[str, list
                   run_dir: Path) -> dict[str, Any]:
     """Write everything to ``out``; sets and returns ``evaluation["files"]`` (absolute paths)."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = [reward_plot(out / "reward_distribution.png", replies),
-             metrics_plot(out / "metrics_comparison.png", evaluation)]
+    plots = [metrics_plot(out / "metrics_comparison.png", evaluation)]
+    if evaluation["judge"] is not None:
+        plots.insert(0, reward_plot(out / "reward_distribution.png", replies))
+    else:
+        (out / "reward_distribution.png").unlink(missing_ok=True)
     curves = training_curves(out / "training_curves.png", run_dir / "metrics.jsonl")
     if curves is not None:
         plots.append(curves)
@@ -180,7 +183,8 @@ def _quote(text: str, limit: int = 300) -> str:
 def markdown(evaluation: dict[str, Any]) -> str:
     e = evaluation
     cand, base = e["metrics"]["candidate"], e["metrics"]["baseline"]
-    prompts, sampling, win, gate = e["prompts"], e["sampling"], e["win_rate"], e["gate"]
+    prompts, sampling, win, gate, judge, rule = (e["prompts"], e["sampling"], e["win_rate"], e["gate"], e["judge"],
+                                                 e["rule"])
     source = f"file `{prompts['file']}`" if prompts["source"] == "file" else "the run's held-out feedback prompts"
     lines = [
         f"# Evaluation of run {e['run']} ({e['kind']}), persona {e['persona'] or '(all)'}",
@@ -191,8 +195,6 @@ def markdown(evaluation: dict[str, Any]) -> str:
         f"- **Baseline:** {e['baseline']['label']}" + (f", adapter `{e['baseline']['adapter']}`"
                                                         if e["baseline"]["adapter"] else ""),
         f"- **Reference** (for KL and perplexity): the base model `{e['base_model']}` with adapters disabled",
-        f"- **Judge:** reward run {e['judge']['run']} (eval pairwise accuracy "
-        f"{_cell(e['judge']['eval_pairwise_accuracy'], '{:.2f}')})",
         f"- **Prompts:** {prompts['used']} from {source} ({prompts['available']} available; removed: "
         f"{prompts['removed_judge_trained']} the judge trained on, {prompts['removed_candidate_trained']} the "
         f"candidate trained on, {prompts['duplicates']} duplicates, {prompts.get('removed_too_long', 0)} too long)"
@@ -204,24 +206,45 @@ def markdown(evaluation: dict[str, Any]) -> str:
         f"repetition penalty {sampling['repetition_penalty']}, seed {sampling['seed']} (the same seed for both "
         "models per prompt and sample)",
     ]
-    if e["rule"]:
-        lines.append(f"- **Rule:** `{e['rule']['spec']}` ({e['rule']['description']})")
+    lines += ["", "## Judges", "", "A candidate is judged only by what it was not trained against.", ""]
+    if judge is not None:
+        role = "judge" if judge["independent"] else "NOT a judge (shown, never checked by the gate)"
+        lines.append(f"- **Reward run {judge['run']}** ({judge['part']} part of the feedback, eval pairwise accuracy "
+                     f"{_cell(judge['eval_pairwise_accuracy'], '{:.2f}')}): {role}. {_cell(judge['why'])}.")
+    if rule:
+        lines.append(f"- **Rule** `{rule['spec']}` ({rule['description']}): judge. {rule['why']}.")
+    if judge is None and not rule:
+        lines.append("- none")
     lines += ["", "## Metrics", "", "| metric | candidate | baseline |", "|---|---|---|"]
     for key, label, fmt in METRIC_ROWS:
-        if key == "rule_rate" and not e["rule"]:
+        if (key == "rule_rate" and not rule) or (key == "reward_mean" and judge is None):
             continue
         lines.append(f"| {label} | {_cell(cand[key], fmt)} | {_cell(base[key], fmt)} |")
-    lines.append(f"| mean reward 95% CI | {_cell(cand['reward_ci'])} | {_cell(base['reward_ci'])} |")
-    if e["rule"]:
+    if judge is not None:
+        lines.append(f"| mean reward 95% CI | {_cell(cand['reward_ci'])} | {_cell(base['reward_ci'])} |")
+    if rule:
         lines.append(f"| rule rate 95% CI | {_cell(cand['rule_ci'], '{:.2f}')} | {_cell(base['rule_ci'], '{:.2f}')} |")
+    if win is not None:
+        lines += [
+            "",
+            "## Win rate" + ("" if judge["independent"] else " (by a reward model the candidate was trained against)"),
+            "",
+            f"The candidate's reply scored higher than the baseline's (same prompt, same seed) in {win['wins']} of "
+            f"{win['comparisons']} comparisons, tied in {win['ties']} (counted as half), lost {win['losses']}: "
+            f"**win rate {_cell(win['value'], '{:.3f}')}**, {win['confidence']:.0%} CI "
+            f"{_cell(win['ci'], '{:.3f}')} ({win['resamples']} bootstrap resamples of prompts).",
+        ]
+    if rule:
+        gain = rule["gain"]
+        lines += [
+            "",
+            "## Rule",
+            "",
+            f"The rule liked {_cell(gain['baseline'], '{:.1%}')} of the baseline's replies and "
+            f"{_cell(gain['candidate'], '{:.1%}')} of the candidate's: **gain {_cell(gain['value'], '{:+.3f}')}**, "
+            f"{gain['confidence']:.0%} CI {_cell(gain['ci'], '{:+.3f}')} (prompts resampled, both models together).",
+        ]
     lines += [
-        "",
-        "## Win rate",
-        "",
-        f"The candidate's reply scored higher than the baseline's (same prompt, same seed) in {win['wins']} of "
-        f"{win['comparisons']} comparisons, tied in {win['ties']} (counted as half), lost {win['losses']}: "
-        f"**win rate {_cell(win['value'], '{:.3f}')}**, {win['confidence']:.0%} CI "
-        f"{_cell(win['ci'], '{:.3f}')} ({win['resamples']} bootstrap resamples of prompts).",
         "",
         f"## Promotion gate: {'PASSED' if gate['passed'] else 'FAILED'}",
         "",

@@ -20,9 +20,17 @@ What is compared (DESIGN.md "Alignment"):
   with the run's eval_fraction, seed and split), or ``--prompts FILE``
   rendered as the chat renders a first message; minus every prompt the judge
   or the candidate was trained on (their ``train_prompts.json``);
-- judge: a reward run (default: the newest succeeded one for the persona),
-  scoring ``chat_template(prompt) + reply + EOS`` exactly as it was trained
-  (``alignment.reward.encode_pair_side``).
+- judges: never a model the candidate was trained against. A reward run
+  scores ``chat_template(prompt) + reply + EOS`` exactly as it was trained
+  (``alignment.reward.encode_pair_side``); it counts as a judge only when it
+  is independent of the candidate (``independence``: not the reward model a
+  PPO run was optimised against, and no training conversation or prompt in
+  common with the candidate or that reward model; ``align reward --part
+  judge`` trains one). Default: the newest independent reward run for the
+  persona, else the newest one, reported as not independent. A declared
+  ``--rule`` (the rule `simulate` voted by) is a judge too: its rate's gain
+  over the baseline, paired by prompt, with a CI. People are the third judge,
+  through an A/B (`persona-studio models canary`);
 
 The base causal LM is loaded once; candidate and baseline are two named PEFT
 adapters on it and the reference is the same model with adapters disabled.
@@ -70,7 +78,7 @@ class EvaluationError(ValueError):
 @dataclass(frozen=True)
 class EvalOptions:
     baseline: str | None = None  # a version id, "base", or None: what serves the persona now
-    judge: int | None = None  # a reward run id; None: the newest succeeded one for the persona
+    judge: int | None = None  # a reward run id; None: the newest independent one for the persona
     prompts_file: Path | None = None
     samples: int = 2
     max_new_tokens: int = 64
@@ -223,17 +231,33 @@ def _persona(personas, persona_id: str | None):
         return None
 
 
-def judge_of(runs: RunStore, judge_id: int | None, run: RunRecord) -> tuple[RunRecord, set[str]]:
-    """The reward run that scores replies, and the fingerprints of the prompts it was trained on."""
+def judge_of(runs: RunStore, judge_id: int | None, run: RunRecord,
+             rule_declared: bool = False) -> tuple[RunRecord | None, set[str], dict[str, Any]]:
+    """The reward run that scores replies, the prompts it trained on, and whether it is independent.
+
+    Default: the newest succeeded reward run for the persona that is independent
+    of the candidate (``independence``); failing that, the newest one, which is
+    then reported as not independent and judges nothing in the gate. With no
+    reward run at all a declared rule judges alone; without a rule that is an
+    EvaluationError.
+    """
+    trainer = reward_run_of(runs, run)
     if judge_id is None:
         found = [r for r in runs.list_runs(JUDGE_KIND, limit=10_000)
-                 if r.status == "succeeded" and r.persona_id == run.persona_id]
+                 if r.status == "succeeded" and r.persona_id == run.persona_id
+                 and train_keys(Path(r.output_dir or ""), f"reward run {r.id}") is not None]
         if not found:
-            raise EvaluationError(f"no succeeded reward run for persona {run.persona_id or '(all)'} to judge with: "
-                                  "train one with `persona-studio align reward` or pass --judge RUN")
-        judge = found[0]
+            if rule_declared:
+                return None, set(), {"independent": False, "why": "no reward run to judge with: the rule judges alone"}
+            raise EvaluationError(
+                f"no succeeded reward run for persona {run.persona_id or '(all)'} to judge with: train an "
+                "independent judge with `persona-studio align reward --part judge`, pass --judge RUN, or declare "
+                "--rule for simulated feedback")
+        verdicts = [(r, independence(r, run, trainer)) for r in found]
+        judge, verdict = next(((r, v) for r, v in verdicts if v["independent"]), verdicts[0])
     else:
         judge = _run(runs, judge_id, "judge")
+        verdict = None
     if judge.kind != JUDGE_KIND:
         raise EvaluationError(f"judge run {judge.id} is a {judge.kind} run, not a reward run")
     if judge.status != "succeeded":
@@ -242,7 +266,73 @@ def judge_of(runs: RunStore, judge_id: int | None, run: RunRecord) -> tuple[RunR
     if keys is None:
         raise EvaluationError(f"judge run {judge.id} has no train_prompts.json in {judge.output_dir}: which "
                               "prompts it was trained on is unknown, so it cannot judge held-out prompts")
-    return judge, keys
+    return judge, keys, verdict or independence(judge, run, trainer)
+
+
+def reward_run_of(runs: RunStore, run: RunRecord) -> RunRecord | None:
+    """The reward run a PPO run was optimised against (its report's ``reward_model`` folder); None otherwise."""
+    if run.kind != "ppo" or not run.output_dir:
+        return None
+    report = Path(run.output_dir) / "report.json"
+    folder = (_read_json(report, f"run {run.id}'s report").get("metrics") or {}).get("reward_model") \
+        if report.is_file() else None
+    if not folder:
+        return None
+    for candidate in runs.list_runs(JUDGE_KIND, limit=10_000):
+        if candidate.output_dir and Path(candidate.output_dir).resolve() == Path(folder).resolve():
+            return candidate
+    return None
+
+
+def independence(judge: RunRecord, run: RunRecord, trainer: RunRecord | None) -> dict[str, Any]:
+    """``{"independent", "why"}``: was ``judge`` trained on nothing the candidate learned from?
+
+    The candidate learned from its own train conversations and, for PPO, from
+    its reward model (``trainer``) and the conversations that one trained on. A
+    judge is independent when it is not that reward model and shares none of
+    those conversations and none of their prompts, as their train_prompts.json
+    files record. What cannot be shown (a file from before conversations were
+    recorded) counts as not independent.
+    """
+    def no(why: str) -> dict[str, Any]:
+        return {"independent": False, "why": why}
+
+    if trainer is not None and trainer.id == judge.id:
+        return no(f"judge run {judge.id} is the reward model run {run.id} was optimised against: a win rate by it "
+                  "measures how well the policy exploits it, not what raters meant")
+    if run.kind == "ppo" and trainer is None:
+        return no(f"the reward model run {run.id} was optimised against is not a known run, so the judge cannot be "
+                  "shown to be another one")
+    judge_record = _train_record(judge)
+    if judge_record.get("conversations") is None:
+        return no(f"judge run {judge.id} did not record its training conversations, so its independence cannot "
+                  "be shown")
+    learners = [(f"the candidate (run {run.id})", run)] + ([(f"its reward model (run {trainer.id})", trainer)]
+                                                           if trainer is not None else [])
+    for label, learner in learners:
+        record = _train_record(learner)
+        if record.get("conversations") is None:
+            return no(f"{label} did not record its training conversations, so the judge's independence cannot "
+                      "be shown")
+        shared = set(judge_record["conversations"]) & set(record["conversations"])
+        if shared:
+            return no(f"judge run {judge.id} shares {len(shared)} of its {len(judge_record['conversations'])} "
+                      f"training conversations with {label}")
+        shared_prompts = set(judge_record.get("keys", [])) & set(record.get("keys", []))
+        if shared_prompts:
+            return no(f"judge run {judge.id} trained on {len(shared_prompts)} prompts {label} trained on")
+    part = (judge.dataset_stats or {}).get("part", "all")
+    return {"independent": True,
+            "why": f"judge run {judge.id} trained on {len(judge_record['conversations'])} conversations (the {part} "
+                   f"part of the feedback), none of them or their prompts seen by "
+                   f"{' or '.join(label for label, _ in learners)}"}
+
+
+def _train_record(run: RunRecord) -> dict[str, Any]:
+    from alignment.data import TRAIN_PROMPTS_FILE
+
+    path = Path(run.output_dir or "") / TRAIN_PROMPTS_FILE
+    return _read_json(path, f"run {run.id}'s train prompts") if path.is_file() else {}
 
 
 def train_keys(run_dir: Path, what: str) -> set[str] | None:
@@ -314,11 +404,12 @@ def drop_trained(prompts: Prompts, judge_keys: set[str], candidate_keys: set[str
     return Prompts(kept, stats)
 
 
-def _no_prompts_left(stats: dict[str, Any], judge: RunRecord, run: RunRecord) -> EvaluationError:
+def _no_prompts_left(stats: dict[str, Any], judge: RunRecord | None, run: RunRecord) -> EvaluationError:
     where = f"prompt file {stats['file']}" if stats["source"] == "file" else f"run {run.id}'s held-out split"
+    judge_name = f"judge run {judge.id}" if judge is not None else "the judge"
     return EvaluationError(
         f"no held-out prompts left: {stats['available']} from {where}, {stats['removed_judge_trained']} "
-        f"removed as judge run {judge.id} trained on them, {stats['removed_candidate_trained']} as the candidate "
+        f"removed as {judge_name} trained on them, {stats['removed_candidate_trained']} as the candidate "
         f"did, {stats['duplicates']} duplicates, {stats.get('removed_too_long', 0)} too long; "
         "rate replies to more prompts or pass --prompts FILE with new ones")
 
@@ -499,10 +590,11 @@ def score_replies(judge_dir: Path, base_path: Path, policy_tokenizer, prompts: l
     judge = PeftModel.from_pretrained(model, str(judge_dir / "adapter"))  # LoRA + the score head (modules_to_save)
     judge.eval()
     device = next(judge.parameters()).device
-    flat = [r for side in ("candidate", "baseline") for r in replies[side]]
+    # Each side in batches of its own: the same replies then meet the same padding, and score the same.
+    batches = [replies[side][start:start + BATCH] for side in ("candidate", "baseline")
+               for start in range(0, len(replies[side]), BATCH)]
     with torch.inference_mode():
-        for start in range(0, len(flat), BATCH):
-            batch = flat[start:start + BATCH]
+        for batch in batches:
             sequences = [encode_pair_side(tokenizer, prompts[r.prompt_index], r.text) for r in batch]
             input_ids, attention = _padded(sequences, tokenizer.pad_token_id)
             # The model pools at the last non-pad token: the EOS ending each reply.
@@ -544,11 +636,12 @@ def side_metrics(replies: list[Reply], n_prompts: int, options: EvalOptions) -> 
 
     texts = [r.text for r in replies]
     tokens = sum(len(r.token_ids) for r in replies)
-    rewards = by_prompt(lambda r: r.reward)
+    judged = all(r.reward is not None for r in replies)
+    rewards = by_prompt(lambda r: r.reward) if judged else None
     metrics: dict[str, Any] = {
         "replies": len(replies),
-        "reward_mean": em.group_mean(rewards),
-        "reward_ci": em.bootstrap_ci(rewards, options.resamples, options.seed),
+        "reward_mean": em.group_mean(rewards) if judged else None,
+        "reward_ci": em.bootstrap_ci(rewards, options.resamples, options.seed) if judged else None,
         "kl_mean": em.group_mean(by_prompt(lambda r: r.kl)),
         "length_mean": em.group_mean(by_prompt(lambda r: r.length)),
         "eos_rate": em.group_mean(by_prompt(lambda r: r.eos)),
@@ -566,11 +659,26 @@ def side_metrics(replies: list[Reply], n_prompts: int, options: EvalOptions) -> 
     return metrics
 
 
-def _per_prompt(replies: list[Reply], n_prompts: int) -> list[list[float]]:
+def _per_prompt(replies: list[Reply], n_prompts: int, value=lambda r: r.reward) -> list[list[float]]:
+    """``value`` of each reply, grouped by prompt, in sample order."""
     groups: list[list[float]] = [[] for _ in range(n_prompts)]
     for r in sorted(replies, key=lambda r: (r.prompt_index, r.sample)):
-        groups[r.prompt_index].append(r.reward)
+        groups[r.prompt_index].append(float(value(r)))
     return groups
+
+
+def rule_judgement(rule, spec: str, replies: dict[str, list[Reply]], n_prompts: int,
+                   options: EvalOptions) -> dict[str, Any]:
+    """The declared rule as a judge: its rate's gain over the baseline, paired by prompt, with a CI."""
+    for side in replies.values():
+        for r in side:
+            r.liked = rule.likes(r.text)
+    gain = em.paired_gain(_per_prompt(replies["candidate"], n_prompts, lambda r: r.liked),
+                          _per_prompt(replies["baseline"], n_prompts, lambda r: r.liked),
+                          options.resamples, options.seed)
+    return {"spec": spec, "description": rule.describe(), "gain": gain, "independent": True,
+            "why": "the rule the simulated raters voted by: no model was trained on it, only on the thumbs "
+                   "it gave, so a candidate that exploits a reward model does not move it"}
 
 
 def _user_text(prompt: list[dict]) -> str:
@@ -605,7 +713,7 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
     except ValueError as exc:
         raise EvaluationError(f"run {run_id}: {exc}") from None
     baseline = baseline_of(store, options.baseline, run, candidate, personas)
-    judge, judge_keys = judge_of(runs, options.judge, run)
+    judge, judge_keys, judge_verdict = judge_of(runs, options.judge, run, rule_declared=rule is not None)
     persona = _persona(personas, run.persona_id)
 
     if options.prompts_file is not None:
@@ -634,13 +742,10 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
     total = 2 * n * options.samples
     with tqdm(total=total, desc="generating", unit="reply", disable=not progress, file=sys.stderr) as bar:
         replies, tokenizer = generate_and_measure(base_path, candidate, baseline, prompts.rows, options, params, bar)
-    with tqdm(total=total, desc="judging", unit="reply", disable=not progress, file=sys.stderr) as bar:
-        score_replies(Path(judge.output_dir), _judge_base(judge, data_dir), tokenizer, prompts.rows, replies,
-                      judge.id, bar)
-    if rule is not None:
-        for side in replies.values():
-            for r in side:
-                r.liked = rule.likes(r.text)
+    if judge is not None:
+        with tqdm(total=total, desc="judging", unit="reply", disable=not progress, file=sys.stderr) as bar:
+            score_replies(Path(judge.output_dir), _judge_base(judge, data_dir), tokenizer, prompts.rows, replies,
+                          judge.id, bar)
 
     evaluation: dict[str, Any] = {
         "run": run.id,
@@ -650,16 +755,21 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
         "base_model": str(base_path),
         "candidate": candidate.to_dict(),
         "baseline": baseline.to_dict(),
-        "judge": {"run": judge.id, "adapter": str(Path(judge.output_dir) / "adapter"),
-                  "eval_pairwise_accuracy": ((judge.metrics or {}).get("eval") or {}).get("pairwise_accuracy")},
+        # The reward model that scored the replies (None: none did), and whether it counts as a judge.
+        "judge": None if judge is None else {
+            "run": judge.id, "adapter": str(Path(judge.output_dir) / "adapter"),
+            "part": (judge.dataset_stats or {}).get("part", "all"),
+            "eval_pairwise_accuracy": ((judge.metrics or {}).get("eval") or {}).get("pairwise_accuracy"),
+            **judge_verdict},
         "prompts": prompts.stats,
         "sampling": {"samples": options.samples, "max_new_tokens": options.max_new_tokens, "seed": options.seed,
                      "batch": options.batch, "temperature": params.temperature, "top_p": params.top_p,
                      "top_k": params.top_k, "repetition_penalty": params.repetition_penalty},
-        "rule": None if rule is None else {"spec": options.rule, "description": rule.describe()},
+        "rule": None if rule is None else rule_judgement(rule, options.rule, replies, n, options),
         "metrics": {side: side_metrics(replies[side], n, options) for side in ("candidate", "baseline")},
-        "win_rate": em.win_rate(_per_prompt(replies["candidate"], n), _per_prompt(replies["baseline"], n),
-                                options.resamples, options.seed),
+        "win_rate": None if judge is None else em.win_rate(
+            _per_prompt(replies["candidate"], n), _per_prompt(replies["baseline"], n), options.resamples,
+            options.seed),
     }
     evaluation["gate"] = bounds.check(evaluation)
     shown = [(c, b) for c, b in zip(replies["candidate"], replies["baseline"], strict=True) if c.sample == 0]
@@ -692,7 +802,7 @@ def _drop_too_long(prompts: Prompts, base_path: Path, max_new_tokens: int) -> Pr
 
 def add_arguments(parser) -> None:
     """The options of `persona-studio align evaluate`."""
-    parser.add_argument("run", type=int, help="the policy run (kto, ppo) whose candidate is evaluated")
+    parser.add_argument("run", type=int, help=f"the policy run ({', '.join(POLICY_KINDS)}) whose candidate is evaluated")
     parser.add_argument("--baseline", default=None, metavar="VERSION|base",
                         help="compare with this model version, or 'base' (no adapter); "
                              "default: what serves the persona now")
@@ -728,17 +838,28 @@ def command(args, settings, store) -> int:
         return 1
     gate = evaluation["gate"]
     cand, base = evaluation["metrics"]["candidate"], evaluation["metrics"]["baseline"]
-    win = evaluation["win_rate"]
+    win, judge, rule = evaluation["win_rate"], evaluation["judge"], evaluation["rule"]
+    judged = []
+    if win is not None:
+        judged.append(f"win rate {win['value']:.2f} (95% CI {win['ci'][0]:.2f}-{win['ci'][1]:.2f}) by reward run "
+                      f"{judge['run']}" + ("" if judge["independent"] else ", NOT independent"))
+    if rule is not None:
+        gain = rule["gain"]
+        judged.append(f"rule {rule['spec']} {gain['baseline']:.2f} -> {gain['candidate']:.2f} "
+                      f"(gain 95% CI {gain['ci'][0]:+.2f} to {gain['ci'][1]:+.2f})")
     print(f"run {evaluation['run']}: {evaluation['candidate']['label']} vs {evaluation['baseline']['label']} on "
-          f"{evaluation['prompts']['used']} prompts: win rate {win['value']:.2f} "
-          f"(95% CI {win['ci'][0]:.2f}-{win['ci'][1]:.2f}), gate {'PASSED' if gate['passed'] else 'FAILED'}",
+          f"{evaluation['prompts']['used']} prompts: {'; '.join(judged)}; gate {'PASSED' if gate['passed'] else 'FAILED'}",
           file=sys.stderr)
+    if judge is not None and not judge["independent"]:
+        print(f"  judge: {judge['why']}", file=sys.stderr)
     for line in failed_checks(gate):
         print(f"  failed: {line}", file=sys.stderr)
     summary = {
         "run": evaluation["run"], "version": evaluation["candidate"]["version"],
-        "baseline": evaluation["baseline"]["label"], "judge": evaluation["judge"]["run"],
-        "prompts": evaluation["prompts"]["used"], "win_rate": win["value"], "win_rate_ci": win["ci"],
+        "baseline": evaluation["baseline"]["label"], "judge": judge and judge["run"],
+        "judge_independent": judge and judge["independent"],
+        "prompts": evaluation["prompts"]["used"], "win_rate": win and win["value"], "win_rate_ci": win and win["ci"],
+        "rule_gain": rule and rule["gain"],
         "reward": {"candidate": cand["reward_mean"], "baseline": base["reward_mean"]},
         "kl": cand["kl_mean"], "rule_rate": {"candidate": cand["rule_rate"], "baseline": base["rule_rate"]},
         "gate_passed": gate["passed"], "failed_checks": [c["name"] for c in gate["checks"] if not c["passed"]],

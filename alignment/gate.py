@@ -1,9 +1,13 @@
 """The promotion gate: what an evaluation must show before a candidate may serve.
 
-DESIGN.md ("Alignment"): reward up on held-out prompts, KL to the reference
-bounded, length and end-of-sequence rate sane. A PPO run that collapsed into
-one repeated exclamation won on reward, so repetition and the reference
-model's perplexity of the new replies are checked too::
+Better by a judge the candidate was not trained against (an independent
+judge reward model, a declared rule; people judge through an A/B, see
+``persona-studio models canary``), KL to the reference bounded, length and
+end-of-sequence rate sane. A PPO run judged by the very reward model it was
+optimised against passed with win rate 0.79 while the raters' rule did not
+move: that reward model is reported but never judges. A PPO run that
+collapsed into one repeated exclamation won on reward, so repetition and the
+reference model's perplexity of the new replies are checked too::
 
     bounds = GateBounds.from_config(run.config)   # the recipe's ``gate:`` mapping
     verdict = bounds.check(evaluation)            # evaluation: alignment/evaluate.py
@@ -29,7 +33,10 @@ class GateBounds:
     """Bounds of the gate; a recipe overrides any of them under ``gate:``."""
 
     min_win_rate_lower: float = field(default=0.5, metadata={
-        "help": "The lower end of the win rate's 95 % CI must be above this."})
+        "help": "The lower end of the win rate's 95 % CI (by an independent judge reward model) must be above this."})
+    min_rule_gain_lower: float = field(default=0.0, metadata={
+        "help": "With a declared rule: the lower end of the 95 % CI of its rate's gain over the baseline must be "
+                "above this."})
     max_kl: float = field(default=5.0, metadata={
         "help": "Largest mean KL (nats per reply) of the candidate to the reference."})
     min_length_ratio: float = field(default=0.5, metadata={
@@ -71,15 +78,32 @@ class GateBounds:
         return dataclasses.asdict(self)
 
     def check(self, evaluation: dict[str, Any]) -> dict[str, Any]:
-        """The verdict on ``evaluation`` (needs "win_rate" and "metrics" candidate/baseline)."""
+        """The verdict on ``evaluation`` (alignment/evaluate.py: "metrics", "judge", "win_rate", "rule").
+
+        Judgement: at least one independent judge must have judged, and every
+        independent judge must find the candidate better: an independent
+        judge reward model by its win rate, a declared rule by its gain. A
+        reward model the candidate was trained against is no judge: its win
+        rate is reported, never checked. Then the fluency bounds.
+        """
         cand = evaluation["metrics"]["candidate"]
         base = evaluation["metrics"]["baseline"]
-        win_ci = (evaluation.get("win_rate") or {}).get("ci") or [None, None]
+        judge = evaluation.get("judge") or {}
+        rule = evaluation.get("rule") or {}
+        judge_counts = judge.get("independent") is True
+        rule_counts = rule.get("gain") is not None
+        judgement = [_check("independent_judges", ">=", int(judge_counts) + int(rule_counts), 1)]
+        if judge_counts:
+            win_ci = (evaluation.get("win_rate") or {}).get("ci") or [None, None]
+            judgement.append(_check("win_rate_lower", ">", win_ci[0], self.min_win_rate_lower))
+        if rule_counts:
+            gain_ci = rule["gain"].get("ci") or [None, None]
+            judgement.append(_check("rule_gain_lower", ">", gain_ci[0], self.min_rule_gain_lower))
         eos_floor = None if base.get("eos_rate") is None else base["eos_rate"] - self.max_eos_rate_drop
         repetition_cap = (None if base.get("repeated_3gram_rate") is None
                           else base["repeated_3gram_rate"] + self.max_repetition_increase)
         checks = [
-            _check("win_rate_lower", ">", win_ci[0], self.min_win_rate_lower),
+            *judgement,
             _check("kl", "<=", cand.get("kl_mean"), self.max_kl),
             _check("length_ratio", "within", _ratio(cand.get("length_mean"), base.get("length_mean")),
                    [self.min_length_ratio, self.max_length_ratio]),

@@ -1,11 +1,13 @@
 """`persona-studio align ...`: alignment jobs over the feedback store.
 
     persona-studio align reward --recipe alignment/recipes/reward_cpu.yaml [--persona ID]
-                                [--resume RUN] [--split conversation|time]
+                                [--resume RUN] [--split conversation|time] [--part P]
     persona-studio align kto --recipe alignment/recipes/kto_cpu.yaml [--persona ID]
-                             [--resume RUN] [--split conversation|time]
+                             [--resume RUN] [--split conversation|time] [--part P]
+    persona-studio align dpo --recipe alignment/recipes/dpo_cpu.yaml [--persona ID]
+                             [--resume RUN] [--split conversation|time] [--part P]
     persona-studio align ppo --recipe alignment/recipes/ppo_cpu.yaml [--persona ID] [--reward-run RUN]
-                             [--resume RUN] [--split conversation|time]
+                             [--resume RUN] [--split conversation|time] [--part P]
     persona-studio align runs [--kind reward]
     persona-studio align show RUN
     persona-studio align evaluate RUN [--baseline VERSION|base] [--judge RUN] [--prompts FILE]
@@ -15,8 +17,15 @@ Every job also takes ``--output DIR`` (default ``<data-dir>/runs/<kind>-<time>``
 which ``accelerate launch`` with several processes needs so that all of them
 write to one folder; only the main process (RANK 0) writes to the store.
 
-Each job writes ``train_prompts.json`` (fingerprints of its train prompts, so
-an evaluation can leave them out) and ``job.json`` (the process running it, so
+Every job takes ``--part policy|judge|all`` (default policy): the
+conversation-level part of the feedback it trains on. A judge reward model
+(``align reward --part judge``) never shares a conversation with the policies
+and reward models trained on the policy part, so ``align evaluate`` can use
+it as an independent judge.
+
+Each job writes ``train_prompts.json`` (fingerprints of its train prompts and
+the ids of its train conversations, so an evaluation can leave the prompts out
+and check a judge's independence) and ``job.json`` (the process running it, so
 a run whose process was killed is reported as interrupted, not running).
 """
 
@@ -35,7 +44,7 @@ from .settings import Settings
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("align", help="alignment jobs: reward model, PPO, KTO; runs; evaluation")
+    parser = subparsers.add_parser("align", help="alignment jobs: reward model, PPO, KTO, DPO; runs; evaluation")
     commands = parser.add_subparsers(dest="align_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     for name in ("db_url", "data_dir"):
@@ -43,7 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         common.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
     for kind, help_text in (("reward", "train a reward model on same-context pairs"),
                             ("ppo", "train a LoRA policy with PPO against a reward model"),
-                            ("kto", "train a LoRA policy with KTO on unpaired thumbs")):
+                            ("kto", "train a LoRA policy with KTO on unpaired thumbs"),
+                            ("dpo", "train a LoRA policy with DPO on same-context pairs")):
         job = commands.add_parser(kind, parents=[common], help=help_text)
         if kind == "ppo":
             job.add_argument("--reward-run", type=int, default=None, metavar="RUN",
@@ -55,6 +65,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         job.add_argument("--recipe", type=Path, required=True, help="YAML recipe (alignment/recipes/)")
         job.add_argument("--persona", default=None, help="only feedback on this persona")
         job.add_argument("--resume", type=int, default=None, metavar="RUN", help="continue run RUN from its checkpoint")
+        job.add_argument("--part", choices=("policy", "judge", "all"), default="policy",
+                         help="the conversations to train on: policy (default; policies and the reward model PPO "
+                              "optimises against), judge (a reward model that judges their candidates "
+                              "independently), or all")
         job.add_argument("--split", choices=("conversation", "time"), default="conversation",
                          help="hold out whole conversations (default) or the newest ones")
     runs = commands.add_parser("runs", parents=[common], help="list alignment runs, newest first")
@@ -114,6 +128,10 @@ def _job(kind: str):
         from alignment.kto import KTORecipe, train_kto
 
         return KTORecipe, data.build_kto, train_kto, "min_rows", "KTO policy", "rows"
+    if kind == "dpo":
+        from alignment.dpo import DPORecipe, train_dpo
+
+        return DPORecipe, data.build_preference, train_dpo, "min_pairs", "DPO policy", "pairs"
     from alignment.reward import RewardRecipe, train_reward
 
     return RewardRecipe, data.build_preference, train_reward, "min_pairs", "reward model", "pairs"
@@ -126,7 +144,7 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
     recipe_class, build, train, min_field, what, unit = _job(kind)
     try:
         recipe = recipe_class.from_yaml(args.recipe)
-        split = build(store, persona=args.persona, split=args.split,
+        split = build(store, persona=args.persona, split=args.split, part=args.part,
                       eval_fraction=recipe.eval_fraction, seed=recipe.seed)
         split.require(getattr(recipe, min_field), min_eval=1)
         if kind == "ppo":

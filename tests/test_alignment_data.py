@@ -169,3 +169,63 @@ def test_bad_split_arguments_are_refused(store, fill):
         build_kto(store, split="row")
     with pytest.raises(ValueError, match="eval_fraction"):
         build_kto(store, eval_fraction=1.5)
+
+
+# -- the judge's part of the feedback ---------------------------------------------
+
+
+def test_policy_and_judge_parts_never_share_a_conversation(store, fill):
+    from alignment.data import JUDGE_FRACTION
+
+    for i in range(200):
+        fill.conversation(f"Question {i}", [1, -1])
+    whole, policy, judge = (build_preference(store, eval_fraction=0.2, seed=3, part=part)
+                            for part in ("all", "policy", "judge"))
+    conversations = {name: {r["conversation_id"] for r in split.train}
+                     for name, split in (("all", whole), ("policy", policy), ("judge", judge))}
+    assert not conversations["policy"] & conversations["judge"]
+    assert conversations["policy"] | conversations["judge"] == conversations["all"]
+    share = len(conversations["judge"]) / len(conversations["all"])
+    assert abs(share - JUDGE_FRACTION) < 0.1, share
+    # The eval rows are the held-out conversations whatever the part.
+    assert whole.eval == policy.eval == judge.eval
+    assert (policy.stats["part"], judge.stats["part"]) == ("policy", "judge")
+    # The parts do not move with the recipe's seed: a judge trained with another seed is still disjoint.
+    other_seed = {r["conversation_id"] for r in build_preference(store, eval_fraction=0.2, seed=99,
+                                                                 part="judge").train}
+    assert not other_seed & conversations["policy"]
+    with pytest.raises(ValueError, match="unknown feedback part 'both'"):
+        build_kto(store, part="both")
+
+
+def test_too_little_data_in_a_part_says_which_part(store, fill):
+    fill.conversation("Hi", [1, -1])
+    with pytest.raises(DataTooSmall, match=r"1 pairs for all personas \(0 train, 0 eval, 1 in the policy part: "
+                                           r"judge jobs train on the judge part only; split by conversation\)"):
+        build_preference(store, eval_fraction=0, part="judge").require(5)
+
+
+def test_pairs_say_whether_each_reply_ended_on_its_own(store, fill):
+    conv = store.create_conversation(fill.ann, "pirate", "v1")
+    asked = store.add_message(conv, "user", "Hi")
+    ended = store.add_message(conv, "assistant", "Short.", parent_id=asked, prompt=prompt("Hi"), finish_reason="eos")
+    cut = store.add_message(conv, "assistant", "Long and", parent_id=asked, prompt=prompt("Hi"),
+                            finish_reason="length")
+    unknown = store.add_message(conv, "assistant", "Old row", parent_id=asked, prompt=prompt("Hi"))
+    for message, rating in ((ended, 1), (cut, -1), (unknown, -1)):
+        store.set_feedback(message, fill.ann, rating)
+    split = build_preference(store, eval_fraction=0)
+    assert [(r["chosen_eos"], r["rejected_eos"]) for r in split.train] == [(True, False), (True, None)]
+    assert split.trl("train")[0].keys() == {"prompt", "chosen", "rejected"}  # trainers never see them
+
+
+def test_train_prompts_file_names_prompts_and_conversations(store, fill, tmp_path):
+    import json
+
+    from alignment.data import prompt_fingerprints, write_train_prompts
+
+    c1, _ = fill.conversation("Hi", [1, -1])
+    c2, _ = fill.conversation("Bye", [1, -1])
+    split = build_preference(store, eval_fraction=0)
+    written = json.loads(write_train_prompts(tmp_path, split.train).read_text())
+    assert written == {"keys": prompt_fingerprints(split.train), "conversations": [c1, c2]}

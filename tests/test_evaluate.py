@@ -20,7 +20,7 @@ from chatbot.store import ChatStore
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONA = "pirate"
-CONVERSATIONS = 30
+CONVERSATIONS = 48
 EVAL_FRACTION = 0.3
 FAST = dict(samples=2, max_new_tokens=6)
 
@@ -95,8 +95,11 @@ def _evaluation(**candidate) -> dict:
     cand = {"kl_mean": 2.0, "length_mean": 18.0, "eos_rate": 0.85, "repeated_3gram_rate": 0.05,
             "reference_perplexity": 10.0}
     win_ci = candidate.pop("win_ci", [0.56, 0.71])
+    judge = {"run": 1, "independent": candidate.pop("independent", True)}
+    rule = candidate.pop("rule", None)
     cand.update(candidate)
-    return {"metrics": {"candidate": cand, "baseline": base}, "win_rate": {"value": 0.63, "ci": win_ci}}
+    return {"metrics": {"candidate": cand, "baseline": base}, "win_rate": {"value": 0.63, "ci": win_ci},
+            "judge": judge, "rule": rule}
 
 
 def _failed(verdict: dict) -> list[str]:
@@ -107,9 +110,10 @@ def test_gate_passes_a_better_and_still_fluent_candidate():
     verdict = check(_evaluation())
     assert verdict["passed"] is True and _failed(verdict) == []
     assert [c["name"] for c in verdict["checks"]] == [
-        "win_rate_lower", "kl", "length_ratio", "eos_rate", "repeated_3gram_rate", "reference_perplexity_ratio"]
+        "independent_judges", "win_rate_lower", "kl", "length_ratio", "eos_rate", "repeated_3gram_rate",
+        "reference_perplexity_ratio"]
     assert all(set(c) == {"name", "op", "value", "bound", "passed"} for c in verdict["checks"])
-    length = verdict["checks"][2]
+    length = verdict["checks"][3]
     assert length["value"] == pytest.approx(0.9) and length["bound"] == [0.5, 2.0]
     assert verdict["bounds"] == GateBounds().to_dict()
     json.dumps(verdict)  # stored in a JSON column
@@ -130,6 +134,27 @@ def test_gate_fails_each_bound(change, failed):
     verdict = check(_evaluation(**change))
     assert verdict["passed"] is False and _failed(verdict) == failed
     assert len(failed_checks(verdict)) == len(failed)
+
+
+def _rule(low: float, high: float) -> dict:
+    return {"spec": "contains:arr", "gain": {"candidate": 0.2, "baseline": 0.15, "value": 0.05, "ci": [low, high]}}
+
+
+def test_gate_refuses_a_candidate_that_fooled_its_own_reward_model():
+    """The issue's PPO run: win rate 0.79 [0.68, 0.88] by the reward model it was optimised against,
+    while the raters' rule went from 15.6 % to 20.3 %, no significant gain. The old gate passed it."""
+    fooled = _evaluation(independent=False, win_ci=[0.68, 0.88], rule=_rule(-0.05, 0.14))
+    verdict = check(fooled)
+    assert verdict["passed"] is False and _failed(verdict) == ["rule_gain_lower"]
+    assert "win_rate_lower" not in [c["name"] for c in verdict["checks"]]  # that reward model judges nothing
+    # Without the rule nothing independent judged it at all.
+    alone = check(_evaluation(independent=False, win_ci=[0.68, 0.88]))
+    assert _failed(alone) == ["independent_judges"]
+    assert failed_checks(alone) == ["independent_judges: 0 (must be >= 1)"]
+    # The rule alone can pass a candidate; an independent judge's losing win rate still fails it.
+    assert check(_evaluation(independent=False, rule=_rule(0.08, 0.3)))["passed"] is True
+    assert _failed(check(_evaluation(win_ci=[0.4, 0.6], rule=_rule(0.08, 0.3)))) == ["win_rate_lower"]
+    assert check(_evaluation(rule=_rule(0.08, 0.3)))["checks"][0]["value"] == 2
 
 
 def test_gate_bounds_come_from_the_recipe():
@@ -225,8 +250,8 @@ def _fill(store: ChatStore) -> None:
         store.set_feedback(bad, user, -1)
 
 
-def _train_run(store, runs, kind: str, recipe, build, train, out: Path) -> int:
-    split = build(store, persona=PERSONA, eval_fraction=recipe.eval_fraction, seed=recipe.seed)
+def _train_run(store, runs, kind: str, recipe, build, train, out: Path, part: str = "policy") -> int:
+    split = build(store, persona=PERSONA, eval_fraction=recipe.eval_fraction, seed=recipe.seed, part=part)
     run_id = runs.create_run(kind, persona_id=PERSONA, config=recipe.to_dict(), dataset_hash=split.snapshot_hash,
                              dataset_stats=split.stats, output_dir=str(out))
     data.write_train_prompts(out, split.train)  # what align_cli does for every job
@@ -236,7 +261,8 @@ def _train_run(store, runs, kind: str, recipe, build, train, out: Path) -> int:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, tmp_path_factory):
-    """A store with feedback, a tiny reward run (the judge) and a tiny KTO run (the candidate)."""
+    """A store with feedback, a tiny reward run on the judge part (the independent judge) and a tiny
+    KTO run on the policy part (the candidate)."""
     from alignment.kto import KTORecipe, train_kto
     from alignment.reward import RewardRecipe, train_reward
 
@@ -247,8 +273,8 @@ def setup(tiny_model, tmp_path_factory):
     common = dict(base_model=str(tiny_model), lora_r=4, lora_alpha=8, learning_rate=5e-3, max_steps=4,
                   per_device_train_batch_size=4, max_length=128, save_steps=100, seed=0,
                   eval_fraction=EVAL_FRACTION)
-    judge = _train_run(store, runs, "reward", RewardRecipe(**common, min_pairs=8), data.build_preference,
-                       train_reward, folder / "reward")
+    judge = _train_run(store, runs, "reward", RewardRecipe(**common, min_pairs=4), data.build_preference,
+                       train_reward, folder / "reward", part="judge")
     kto = _train_run(store, runs, "kto", KTORecipe(**common, min_rows=8), data.build_kto, train_kto,
                      folder / "kto")
     held_out = data.build_prompts(store, persona=PERSONA, eval_fraction=EVAL_FRACTION, seed=0)
@@ -278,7 +304,10 @@ def test_held_out_split_is_what_the_jobs_held_out(setup):
     judge_keys = set(json.loads((Path(setup["runs"].get_run(setup["judge"]).output_dir)
                                  / "train_prompts.json").read_text())["keys"])
     assert not judge_keys & set(data.prompt_fingerprints(held_out.eval))
-    assert judge_keys == set(data.prompt_fingerprints(held_out.train))
+    assert judge_keys < set(data.prompt_fingerprints(held_out.train))
+    kto_keys = set(json.loads((Path(setup["runs"].get_run(setup["kto"]).output_dir)
+                               / "train_prompts.json").read_text())["keys"])
+    assert kto_keys and not kto_keys & judge_keys  # the judge's part and the policy's part
 
 
 def test_judge_scores_as_the_reward_job_did(setup):
@@ -333,10 +362,20 @@ def test_evaluate_kto_run_against_the_base_model(setup):
     win = evaluation["win_rate"]
     assert win["comparisons"] == 2 * used == win["wins"] + win["ties"] + win["losses"]
     assert win["ci"][0] <= win["value"] <= win["ci"][1]
+    # Two independent judges: the reward run trained on the judge part, and the declared rule.
+    judge = evaluation["judge"]
+    assert (judge["run"], judge["part"], judge["independent"]) == (setup["judge"], "judge", True)
+    assert f"judge run {setup['judge']} trained on" in judge["why"] and f"the candidate (run {kto})" in judge["why"]
+    gain = evaluation["rule"]["gain"]
+    assert gain["value"] == pytest.approx(cand["rule_rate"] - base["rule_rate"])
+    assert gain["ci"][0] <= gain["value"] <= gain["ci"][1] and evaluation["rule"]["independent"] is True
     gate = evaluation["gate"]
-    assert len(gate["checks"]) == 6 and gate["passed"] == all(c["passed"] for c in gate["checks"])
-    assert gate["checks"][1] == {"name": "kl", "op": "<=", "value": cand["kl_mean"], "bound": 5.0,
+    assert [c["name"] for c in gate["checks"][:3]] == ["independent_judges", "win_rate_lower", "rule_gain_lower"]
+    assert len(gate["checks"]) == 8 and gate["passed"] == all(c["passed"] for c in gate["checks"])
+    assert gate["checks"][0]["value"] == 2
+    assert gate["checks"][3] == {"name": "kl", "op": "<=", "value": cand["kl_mean"], "bound": 5.0,
                                  "passed": cand["kl_mean"] <= 5.0}
+    assert cand["kl_mean"] > 0.0 and base["kl_mean"] == 0.0
 
     # Files: evaluation.json (= the return value), every reply, the report and its plots.
     assert json.loads((out / "evaluation.json").read_text()) == json.loads(json.dumps(evaluation))
@@ -350,6 +389,7 @@ def test_evaluate_kto_run_against_the_base_model(setup):
     assert f"# Evaluation of run {kto} (kto), persona {PERSONA}" in report
     assert f"**Prompts:** {used} from the run's held-out feedback prompts" in report
     assert "| mean reward (judge) |" in report and "| rule satisfaction rate |" in report
+    assert f"- **Reward run {setup['judge']}** (judge part of the feedback" in report and "## Rule" in report
     assert f"## Promotion gate: {'PASSED' if gate['passed'] else 'FAILED'}" in report
     assert "![training_curves.png](training_curves.png)" in report
     assert report.count("| Question ") == len(evaluation["samples"]) == min(used, 6)
@@ -372,8 +412,22 @@ def test_evaluate_ppo_run(setup, tiny_model):
                        min_prompts=4, save_steps=100, bf16=False, max_kl=None, seed=0, eval_fraction=EVAL_FRACTION)
     train = functools.partial(train_ppo, reward_dir=Path(runs.get_run(setup["judge"]).output_dir))
     ppo = _train_run(store, runs, "ppo", recipe, data.build_prompts, train, setup["folder"] / "ppo")
-    evaluation = evaluate(store, ppo, EvalOptions(baseline="base", judge=setup["judge"], samples=1, max_new_tokens=4),
+    # Judged by the reward model it was optimised against, and by a rule it never moved (the tiny model
+    # never says "arr"): that reward model is reported, not counted, and the rule refuses the candidate.
+    evaluation = evaluate(store, ppo, EvalOptions(baseline="base", judge=setup["judge"], samples=1, max_new_tokens=4,
+                                                  rule="contains:arr"),
                           personas=setup["personas"], progress=False)
+    judge = evaluation["judge"]
+    assert judge["run"] == setup["judge"] and judge["independent"] is False
+    assert f"is the reward model run {ppo} was optimised against" in judge["why"]
+    assert evaluation["win_rate"]["comparisons"] == evaluation["prompts"]["used"]  # still shown
+    assert evaluation["rule"]["gain"]["ci"] == [0.0, 0.0]
+    gate = evaluation["gate"]
+    assert gate["passed"] is False and "win_rate_lower" not in [c["name"] for c in gate["checks"]]
+    assert [c["name"] for c in gate["checks"] if not c["passed"]][0] == "rule_gain_lower"
+    report = (setup["folder"] / "ppo" / "evaluation" / "report.md").read_text()
+    assert "NOT a judge (shown, never checked by the gate)" in report
+    assert "## Win rate (by a reward model the candidate was trained against)" in report
     assert evaluation["kind"] == "ppo" and evaluation["candidate"]["version"] == runs.candidate_for_run(ppo)
     assert evaluation["prompts"]["used"] == len(setup["held_out"].eval)
     assert evaluation["metrics"]["candidate"]["kl_mean"] != 0.0
@@ -408,7 +462,10 @@ def test_same_seed_per_prompt_and_sample_for_both_models(setup, tiny_model):
     assert cand["kl_mean"] == pytest.approx(base["kl_mean"]) and cand["kl_mean"] != 0.0
     assert cand["length_mean"] == base["length_mean"] and cand["reward_mean"] == base["reward_mean"]
     assert evaluation["gate"]["passed"] is False
-    assert [c["name"] for c in evaluation["gate"]["checks"] if not c["passed"]] == ["win_rate_lower"]
+    # A copied judge that does not say which conversations it trained on cannot be shown independent.
+    assert evaluation["judge"]["independent"] is False
+    assert "did not record its training conversations" in evaluation["judge"]["why"]
+    assert [c["name"] for c in evaluation["gate"]["checks"] if not c["passed"]] == ["independent_judges"]
     assert evaluation["metrics"]["candidate"]["rule_rate"] is None  # no --rule
 
 
@@ -522,7 +579,7 @@ def _refused(setup, run_id, match, **options):
 
 
 def test_reward_run_is_not_a_candidate(setup):
-    _refused(setup, setup["judge"], rf"run {setup['judge']} is a reward run, not a policy run \(kto, ppo\)",
+    _refused(setup, setup["judge"], rf"run {setup['judge']} is a reward run, not a policy run \(kto, ppo, dpo\)",
              judge=setup["judge"])
 
 
