@@ -99,6 +99,9 @@ class PPORecipe(RecipeLoader):
     missing_eos_penalty: float | None = field(default=1.0, metadata={
         "help": "Subtracted from the score of a reply that hits response_length without EOS; null = none."})
     kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference."})
+    whiten_rewards: bool = field(default=False, metadata={
+        "help": "Whiten the per-token rewards within each batch (TRL PPOConfig): a reward model's scale then "
+                "no longer sets the step size, only its ranking of the batch's replies does."})
     kl_estimator: str = field(default="k1", metadata={"help": "'k1' or 'k3' (TRL's KL estimators)."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
@@ -414,6 +417,11 @@ def train_ppo(
         raise ValueError(f"steps must be >= 1, not {recipe.steps}")
     if recipe.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"kl_estimator must be 'k1' or 'k3', not {recipe.kl_estimator!r}")
+    if recipe.whiten_rewards and recipe.batch_size() // recipe.num_mini_batches < 8:
+        # TRL asserts this deep inside train(); say it before anything loads.
+        raise ValueError(f"whiten_rewards needs at least 8 rollouts per mini-batch, not "
+                         f"{recipe.batch_size() // recipe.num_mini_batches} (batch {recipe.batch_size()} / "
+                         f"num_mini_batches {recipe.num_mini_batches})")
     if recipe.batch_size() % recipe.num_mini_batches:
         raise ValueError(f"the batch ({recipe.batch_size()} rollouts) must split evenly into "
                          f"num_mini_batches={recipe.num_mini_batches}")
@@ -477,6 +485,7 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
         missing_eos_penalty=recipe.missing_eos_penalty,
         kl_coef=recipe.kl_coef,
         kl_estimator=recipe.kl_estimator,
+        whiten_rewards=recipe.whiten_rewards,
         cliprange=recipe.cliprange,
         vf_coef=recipe.vf_coef,
         cliprange_value=recipe.cliprange_value,

@@ -222,3 +222,21 @@ def test_the_recipes_bf16_reaches_ppos_accelerator(tiny_model, reward_dir, tmp_p
               reward_dir=reward_dir, progress=False)
     assert built["precision"] == ("bf16" if bf16 else "no")
     assert "ACCELERATE_MIXED_PRECISION" not in os.environ  # set only while the trainer is built
+
+
+def test_whiten_rewards_reaches_the_trainer(tiny_model, reward_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Args(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.update(whiten=args.whiten_rewards, kl_coef=args.kl_coef)
+
+    with pytest.raises(ValueError, match="whiten_rewards needs at least 8 rollouts per mini-batch, not 4"):
+        train_ppo(_recipe(tiny_model, whiten_rewards=True), _prompts(8), [], tmp_path / "small", reward_dir=reward_dir)
+    train_ppo(_recipe(tiny_model, steps=1, whiten_rewards=True, kl_coef=0.2, per_device_train_batch_size=4),
+              _prompts(8), _prompts(2, 100), tmp_path / "run", reward_dir=reward_dir, progress=False,
+              callbacks=[Args()])
+    assert seen == {"whiten": True, "kl_coef": 0.2}
+    assert PPORecipe.from_yaml(REPO / "alignment" / "recipes" / "ppo_cpu.yaml").whiten_rewards is False
