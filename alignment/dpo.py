@@ -2,7 +2,7 @@
 
 Learns from the same-context pairs the reward job uses (a liked and a
 disliked reply to the identical prompt), with no reward model and no
-sampling (DESIGN.md "Alignment")::
+sampling::
 
     recipe = DPORecipe.from_yaml("alignment/recipes/dpo_cpu.yaml")
     split = build_preference(store, persona, eval_fraction=recipe.eval_fraction, seed=recipe.seed)

@@ -9,7 +9,7 @@ From Python::
                           personas=PersonaLibrary(folder))
     evaluation["win_rate"]["ci"], evaluation["gate"]["passed"]
 
-What is compared (DESIGN.md "Alignment"):
+What is compared:
 
 - candidate: the version a policy run (kto, ppo, dpo) registered, its LoRA adapter
   at ``<output_dir>/adapter``;

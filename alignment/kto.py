@@ -1,6 +1,6 @@
 """KTO job: TRL KTOTrainer on the base causal LM with a LoRA adapter.
 
-Learns straight from unpaired thumbs (DESIGN.md "Alignment")::
+Learns straight from unpaired thumbs::
 
     recipe = KTORecipe.from_yaml("alignment/recipes/kto_cpu.yaml")
     split = build_kto(store, persona, eval_fraction=recipe.eval_fraction, seed=recipe.seed)

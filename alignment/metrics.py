@@ -1,7 +1,7 @@
 """Reward-model metrics computed per pair, never per batch.
 
 TRL's ``eval_accuracy`` is a mean of batch means: 17 pairs in batches of
-8/8/1 weight the last pair like eight others (DESIGN.md, "Alignment").
+8/8/1 weight the last pair like eight others.
 Everything here works on one score per reply, so the batch size used to
 compute the scores cannot change the result.
 """

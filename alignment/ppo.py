@@ -1,6 +1,6 @@
 """PPO job: TRL PPOTrainer on a LoRA adapter, rewarded by a trained reward model.
 
-Every import of ``trl.experimental.ppo`` is in this module (DESIGN.md: it
+Every import of ``trl.experimental.ppo`` is in this module (it
 exists in trl 0.26 to 1.12 and was removed in 1.13, hence ``trl<1.13``)::
 
     recipe = PPORecipe.from_yaml("alignment/recipes/ppo_cpu.yaml")

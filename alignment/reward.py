@@ -11,7 +11,7 @@ Usage (from Python; the CLI wraps this)::
 Rows are TRL conversational preference rows: ``{"prompt": [messages],
 "chosen": [{"role": "assistant", "content": ...}], "rejected": [...]}``.
 
-Token boundary (DESIGN.md trap): TRL's own conversational tokenization
+Token boundary (a silent trap): TRL's own conversational tokenization
 renders prompt + reply through the chat template, which ends the sequence
 with ``<|im_end|>`` and a newline; a PPO policy's reply ends at the EOS
 token (``<|im_end|>``) it generated. A reward model scores the last token,

@@ -10,7 +10,7 @@
 # Run it again on the same DATA_DIR to resume after the last finished stage.
 # Settings (environment): PERSONA (assistant), RULE (short:40: likes replies
 # under 40 words), SAMPLES (8 replies per training prompt: the reward model
-# needs many same-context pairs, DESIGN.md), MAX_NEW_TOKENS (64).
+# needs many same-context pairs), MAX_NEW_TOKENS (64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

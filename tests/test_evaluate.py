@@ -125,7 +125,7 @@ def test_gate_passes_a_better_and_still_fluent_candidate():
     ({"length_mean": 45.0}, ["length_ratio"]),
     ({"length_mean": 9.0}, ["length_ratio"]),
     ({"eos_rate": 0.6}, ["eos_rate"]),
-    # The collapsed PPO run of DESIGN.md: won on reward, one repeated exclamation.
+    # A collapsed PPO run measured on this model: won on reward, one repeated exclamation.
     ({"repeated_3gram_rate": 0.6, "reference_perplexity": 40.0}, ["repeated_3gram_rate",
                                                                    "reference_perplexity_ratio"]),
     ({"reference_perplexity": None}, ["reference_perplexity_ratio"]),  # unknown is not a pass

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_pairwise_accuracy_is_per_pair_not_per_batch():
-    # DESIGN.md: 17 pairs in batches 8/8/1. Batch 1 has 8/8 right, batch 2
+    # 17 pairs in batches 8/8/1. Batch 1 has 8/8 right, batch 2
     # 5/8, the last pair is wrong: a mean of batch means says 0.54, the
     # pairs say 13/17 = 0.76.
     chosen = [1.0] * 13 + [0.0] * 4
