@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole alignment loop on the bundled model, CPU only, from an empty store:
-#   SIMULATED feedback from a rule -> reward model -> PPO -> evaluation on
-#   held-out prompts -> promotion through the gate.
+#   SIMULATED feedback from a rule -> reward model (policy part) and judge reward
+#   model (judge part) -> PPO -> evaluation on held-out prompts, judged by the
+#   judge and the rule -> promotion through the gate.
 #
 #   bash bench/acceptance.sh [DATA_DIR]      (default: .acceptance/ in the repository)
 #
@@ -45,6 +46,9 @@ field() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]
 stage simulate "$PS" simulate "${COMMON[@]}" --persona "$PERSONA" --rule "$RULE" \
     --prompts alignment/prompts/everyday_train.txt --samples "$SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" --seed 1
 stage reward "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml --persona "$PERSONA"
+# An independent judge: a reward model on the judge part of the feedback, which PPO and its reward model never see.
+stage judge "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml --persona "$PERSONA" \
+    --part judge
 stage ppo "$PS" align ppo "${COMMON[@]}" --recipe alignment/recipes/ppo_cpu.yaml --persona "$PERSONA"
 PPO_RUN=$(field "$DATA_DIR/logs/ppo.json" run)
 VERSION=$(field "$DATA_DIR/logs/ppo.json" version)

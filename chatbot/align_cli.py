@@ -211,11 +211,16 @@ def _reward_dir(runs, reward_run: int | None, persona: str | None) -> Path:
         if run.kind != "reward" or run.status != "succeeded":
             raise ValueError(f"--reward-run {reward_run} is a {run.status} {run.kind} run; "
                              "it must be a succeeded reward run")
+        if (run.dataset_stats or {}).get("part") == "judge":
+            print(f"warning: reward run {reward_run} was trained as a judge (--part judge); optimised against, "
+                  "it can no longer judge this policy", file=sys.stderr)
         return Path(run.output_dir)
     for run in runs.list_runs("reward"):
-        if run.status == "succeeded" and run.persona_id == persona:
+        # A judge-part reward model is kept for judging: optimising against it would leave no independent judge.
+        if run.status == "succeeded" and run.persona_id == persona and \
+                (run.dataset_stats or {}).get("part") != "judge":
             return Path(run.output_dir)
-    raise ValueError(f"no succeeded reward run for persona {persona or '(all personas)'}: "
+    raise ValueError(f"no succeeded reward run for persona {persona or '(all personas)'} outside the judge part: "
                      "train one with `persona-studio align reward`, or name one with --reward-run")
 
 

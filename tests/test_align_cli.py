@@ -170,3 +170,23 @@ def test_a_job_refused_before_training_is_marked_failed(store, tiny_model, tmp_p
 
     run = RunStore(store.engine).list_runs()[0]
     assert run.status == "failed" and "max_length=8" in run.error
+
+
+def test_ppo_never_picks_a_judge_reward_model_by_default(store, tmp_path, capsys):
+    from alignment.jobs import RunStore
+    from chatbot.align_cli import _reward_dir
+
+    runs = RunStore(store.engine)
+
+    def reward_run(part: str) -> int:
+        run_id = runs.create_run("reward", persona_id="pirate", output_dir=str(tmp_path / part),
+                                 dataset_stats={"part": part})
+        runs.register_candidate(run_id, base_model="tiny", adapter_path=str(tmp_path / part / "adapter"), metrics={})
+        return run_id
+
+    policy = reward_run("policy")
+    judge = reward_run("judge")  # newer, but kept for judging
+    assert _reward_dir(runs, None, "pirate") == tmp_path / "policy"
+    assert _reward_dir(runs, judge, "pirate") == tmp_path / "judge"  # named explicitly: allowed, with a warning
+    assert f"reward run {judge} was trained as a judge" in capsys.readouterr().err
+    assert policy < judge
