@@ -84,15 +84,19 @@ class ChatService:
         self.store = store
         self._base_mismatch_warned: set[int] = set()  # promoted versions made for another base model
 
-    def serving(self, persona: LoadedPersona) -> tuple[str | None, ModelVersionRecord | None]:
+    def serving(self, persona: LoadedPersona,
+                conversation_id: int | None = None) -> tuple[str | None, ModelVersionRecord | None]:
         """(adapter folder, promoted version) that answers for ``persona`` now.
 
         Asked for every reply, so a promotion or rollback made anywhere (the
         `models` command in another process) takes effect on the next one.
+        In a conversation that a running canary put in its candidate arm, the
+        canary's candidate version answers: every reply of it, Retry included
+        (the arm was stored when the conversation was created).
         Without a promoted version for this engine's base model: the persona
         file's own adapter (or the bare base, None), and no version.
         """
-        version = self.store.serving_version(persona.id)
+        version = self.store.serving_version(persona.id, conversation_id)
         if version is not None and version.base_model == self.engine.model_id:
             return version.adapter_path, version
         if version is not None and version.id not in self._base_mismatch_warned:
@@ -301,6 +305,10 @@ class ChatService:
         try:
             yield from self.engine.stream(prompt, params, stop, adapter=adapter)
         except ModelLoadError as exc:
+            if promoted is not None and promoted.status != "serving":  # a canary's candidate
+                raise ChatError(f"{exc} (model version {promoted.id}, on trial in a canary for persona "
+                                f"{session.persona.id}; `persona-studio models canary-stop "
+                                f"{session.persona.id}` ends it)") from None
             if promoted is not None:
                 raise ChatError(f"{exc} (model version {promoted.id}, promoted for persona "
                                 f"{session.persona.id}; `persona-studio models rollback "
@@ -321,7 +329,7 @@ class ChatService:
     def _reply(self, session: ChatSession, params: GenerationParams,
                stop: threading.Event | None) -> Iterator[Reply]:
         # Looked up once per reply: the adapter that writes it is the one recorded with it.
-        adapter, promoted = self.serving(session.persona)
+        adapter, promoted = self.serving(session.persona, session.conversation_id)
         reply = None
         for reply in self._stream(session, session.prompt(), params, stop, adapter, promoted):
             yield reply

@@ -1,15 +1,23 @@
 """`persona-studio models ...`: model versions, promotion through the gate, rollback.
 
     persona-studio models list [--persona ID] [--json]
-    persona-studio models promote VERSION [--persona ID] [--force --reason TEXT] [--by NAME]
+    persona-studio models promote VERSION [--persona ID] [--force --reason TEXT] [--require-ab] [--by NAME]
     persona-studio models rollback PERSONA [--by NAME]
     persona-studio models log PERSONA
+    persona-studio models canary VERSION [--share 0.2] [--persona ID] [--min-votes 100] [--include-simulated]
+                                         [--by NAME]
+    persona-studio models canary-status PERSONA [--include-simulated] [--json]
+    persona-studio models canary-stop PERSONA [--by NAME]
 
 A promoted version serves its persona in the running app from the next reply
 on (the app asks the store for every reply); rollback puts back whatever
 served before it. Promotion needs a passed gate from `persona-studio align
 evaluate RUN`; `--force --reason TEXT` overrides a missing or failed gate and
-is recorded. `--by` defaults to the OS user. Opens only the database
+is recorded. A canary serves a version to a share of the persona's new
+conversations (an A/B on people's thumbs, see store/canary.py); an A/B that
+shows it significantly better also gets it past the gate, and
+`--require-ab` refuses a promotion without a sufficient A/B that is not
+significantly worse. `--by` defaults to the OS user. Opens only the database
 (`--db-url` / `--data-dir`), never the model. Errors: one line, exit 1.
 """
 
@@ -46,11 +54,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="the persona to serve; required for a version trained without one")
     promote.add_argument("--force", action="store_true", help="promote past a missing or failed gate")
     promote.add_argument("--reason", default=None, help="why (required with --force; recorded)")
+    promote.add_argument("--require-ab", action="store_true",
+                         help="refuse unless the version's canary reached its minimum votes in both arms and is "
+                              "not significantly worse than what serves now")
     rollback = commands.add_parser("rollback", parents=[common, by],
                                    help="take a persona's serving version off; what served before serves again")
     rollback.add_argument("persona", help="persona id")
-    log = commands.add_parser("log", parents=[common], help="a persona's promotions and rollbacks, oldest first")
+    log = commands.add_parser("log", parents=[common],
+                              help="a persona's promotions, rollbacks and canaries, oldest first")
     log.add_argument("persona", help="persona id")
+
+    canary = commands.add_parser("canary", parents=[common, by],
+                                 help="A/B a version on people's thumbs: it serves a share of the persona's new "
+                                      "conversations")
+    canary.add_argument("version", type=int, help="model version id (see `models list`)")
+    canary.add_argument("--share", type=float, default=0.2,
+                        help="the share of new conversations the version gets (default 0.2)")
+    canary.add_argument("--persona", default=None,
+                        help="the persona; required for a version trained without one")
+    canary.add_argument("--min-votes", type=int, default=100,
+                        help="votes per arm before anything is decided (default 100)")
+    canary.add_argument("--include-simulated", action="store_true",
+                        help="count `simulate`'s votes in its decisions (demos and tests only)")
+    status = commands.add_parser("canary-status", parents=[common],
+                                 help="a persona's canary: both arms' like rates and their difference with a 95%% CI")
+    status.add_argument("persona", help="persona id")
+    status.add_argument("--include-simulated", action="store_true",
+                        help="count simulated votes too (a canary started with --include-simulated always does)")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    stop = commands.add_parser("canary-stop", parents=[common, by],
+                               help="end a persona's running canary; the control serves everyone again")
+    stop.add_argument("persona", help="persona id")
     return parser
 
 
@@ -67,10 +101,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return _list(store, args.persona, args.json)
         if command == "log":
             return _log(store, args.persona)
+        if command == "canary-status":
+            return _canary_status(store, args.persona, args.include_simulated, args.json)
         who = args.by or getpass.getuser()
+        if command == "canary":
+            return _canary_start(store, args, who, settings.personas_dir)
+        if command == "canary-stop":
+            ended = store.stop_canary(args.persona, by=who)
+            print(f"canary {ended.id} ended ({ended.outcome}): {_served_by_control(ended)} serves persona "
+                  f"{ended.persona_id} again; the running app uses it from its next reply")
+            return 0
         if command == "promote":
             change = store.promote(args.version, by=who, force=args.force, reason=args.reason,
-                                   persona_id=args.persona)
+                                   persona_id=args.persona, require_ab=args.require_ab)
             _warn_unknown_persona(change.entry.persona_id, settings.personas_dir)
         else:
             change = store.rollback(args.persona, by=who)
@@ -92,9 +135,83 @@ def _describe(change) -> str:
         text = f"version {entry.version_id} now serves persona {persona} (was {_served(change.previous)})"
         if entry.forced:
             text += f"; forced past its gate: {entry.reason}"
+        if entry.ab is not None:
+            text += f"; A/B (canary {entry.ab['canary']}): {entry.ab['verdict']}"
     else:
         text = f"rolled back version {entry.version_id}: {_served(change.serving)} serves persona {persona} again"
+    if change.ended_canary is not None:
+        text += f"; canary {change.ended_canary.id} ended ({change.ended_canary.outcome})"
     return text + "; the running app uses it from its next reply"
+
+
+def _served_by_control(canary) -> str:
+    return _served(None) if canary.control_id is None else f"version {canary.control_id}"
+
+
+def _canary_start(store, args, who: str, personas_dir: Path) -> int:
+    started = store.start_canary(args.version, by=who, share=args.share, min_votes=args.min_votes,
+                                 persona_id=args.persona, include_simulated=args.include_simulated)
+    _warn_unknown_persona(started.persona_id, personas_dir)
+    verdict = _verdict(store.get_version(started.candidate_id))
+    if verdict != "passed":
+        print(f"warning: version {started.candidate_id}'s offline gate: {verdict}; promoting it will need an A/B "
+              "that shows it significantly better, or --force --reason TEXT", file=sys.stderr)
+    votes = "people's and simulated votes" if started.include_simulated else "people's votes only"
+    print(f"canary {started.id}: version {started.candidate_id} serves {started.share:.0%} of persona "
+          f"{started.persona_id}'s new conversations; the control ({_served_by_control(started)}) the rest; "
+          f"conversations already started keep what they have; at least {started.min_votes} votes per arm "
+          f"({votes}) before any decision; `persona-studio models canary-status {started.persona_id}` "
+          "shows the like rates")
+    return 0
+
+
+def _rate(arm) -> str:
+    return "-" if arm.like_rate is None else f"{arm.like_rate:.1%}"
+
+
+def _canary_status(store, persona: str, include_simulated: bool, as_json: bool) -> int:
+    from .store import CanaryRefused
+
+    history = store.canaries(persona)
+    if not history:
+        raise CanaryRefused(f"no canary for persona {persona}: start one with `persona-studio models canary VERSION`")
+    canary = history[-1]
+    figures = store.canary_stats(canary.id, include_simulated)
+    if as_json:
+        data = figures.to_dict()
+        ended_at = canary.ended_at.isoformat() if canary.ended_at is not None else None
+        data.update(persona=persona, running=canary.running, started_by=canary.started_by,
+                    started_at=canary.started_at.isoformat(), ended_at=ended_at, ended_by=canary.ended_by,
+                    outcome=canary.outcome, decisions_count_simulated=canary.include_simulated)
+        print(json.dumps(data, indent=2))
+        return 0
+    state = ("running" if canary.running else
+             f"ended {canary.ended_at:%Y-%m-%d %H:%M} by {canary.ended_by}: {canary.outcome}")
+    print(f"canary {canary.id} for persona {persona}: version {canary.candidate_id} on {canary.share:.0%} of new "
+          f"conversations vs {_served_by_control(canary)} (control); started {canary.started_at:%Y-%m-%d %H:%M} "
+          f"by {canary.started_by}; {state}")
+    print("votes counted: " + ("people's and simulated" if figures.include_simulated else
+                               "people's only (--include-simulated counts simulated ones too)"))
+    rows = [("arm", "version", "conversations", "voted", "votes", "liked", "like rate")]
+    for arm in (figures.control, figures.candidate):
+        rows.append((arm.arm, "-" if arm.version_id is None else str(arm.version_id), str(arm.assigned),
+                     str(arm.conversations), str(arm.votes), str(arm.liked), _rate(arm)))
+    _print_table(rows)
+    if figures.difference is None:
+        print("difference (candidate - control): n/a (an arm has no votes yet)")
+    elif figures.ci is None:
+        print(f"difference (candidate - control): {figures.difference * 100:+.1f} points; no 95% CI yet "
+              "(each arm needs votes in two conversations)")
+    else:
+        print(f"difference (candidate - control): {figures.difference * 100:+.1f} points, 95% CI "
+              f"[{figures.ci[0] * 100:+.1f}, {figures.ci[1] * 100:+.1f}] (conversations as the unit)")
+    reached = "reached" if figures.min_votes_reached else "not reached"
+    print(f"minimum sample: {canary.min_votes} votes per arm: {reached} (control {figures.control.votes}, "
+          f"candidate {figures.candidate.votes})")
+    print(f"verdict: {figures.verdict}")
+    decisions = "people's and simulated votes" if canary.include_simulated else "people's votes only"
+    print(f"decisions (auto-rollback, promote) count {decisions}")
+    return 0
 
 
 def _warn_unknown_persona(persona_id: str, personas_dir: Path) -> None:
@@ -154,11 +271,12 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 def _log(store, persona: str) -> int:
     entries = store.promotion_log(persona)
-    if not entries:
+    canaries = store.canaries(persona)
+    if not entries and not canaries:
         print(f"no promotions for persona {persona}: it uses its persona file's adapter (or the base model)",
               file=sys.stderr)
         return 0
-    rows = [("when", "by", "action", "version", "note")]
+    events = []  # (when, order, row): promotions and canary starts and ends, by time
     for e in entries:
         if e.forced:
             note = f"FORCED past its gate: {e.reason}"
@@ -166,6 +284,22 @@ def _log(store, persona: str) -> int:
             note = "not evaluated"
         else:
             note = e.reason or ""
-        rows.append((f"{e.created_at:%Y-%m-%d %H:%M}", e.by, e.action, str(e.version_id), note))
+        if e.action == "promote" and e.ab is not None:
+            ab = f"A/B canary {e.ab['canary']}: {e.ab['verdict']}, {e.ab['summary']}"
+            if not e.forced and not (e.gate is not None and e.gate.get("passed") is True):
+                ab += " (promoted on its A/B: the gate did not pass)"
+            note = f"{note}; {ab}" if note else ab
+        events.append((e.created_at, 1, (e.by, e.action, str(e.version_id), note)))
+    for c in canaries:
+        votes = ", simulated votes count" if c.include_simulated else ""
+        events.append((c.started_at, 0, (c.started_by, "canary", str(c.candidate_id),
+                                         f"canary {c.id}: {c.share:.0%} of new conversations, min "
+                                         f"{c.min_votes} votes per arm{votes}")))
+        if c.ended_at is not None:
+            events.append((c.ended_at, 2, (c.ended_by or "", "canary-end", str(c.candidate_id),
+                                           f"canary {c.id}: {c.outcome}")))
+    rows = [("when", "by", "action", "version", "note")]
+    for when, _, row in sorted(events, key=lambda event: event[:2]):
+        rows.append((f"{when:%Y-%m-%d %H:%M}", *row))
     _print_table(rows)
     return 0

@@ -15,6 +15,11 @@ Votes go through ``ChatService.vote`` like a person's, with ``simulated`` set an
 replies per prompt (``--samples``, default 4) give the liked/disliked siblings
 that reward-model pairs are made of. Prompt files hold one prompt per line;
 blank lines and lines starting with # are skipped (alignment/prompts/general.txt).
+
+During a canary (`persona-studio models canary`), each simulated chat is a new
+conversation that gets an A/B arm like anyone's: the store assigns it when the
+conversation is created. So simulate can play the users of an A/B. Its votes
+count in the canary's figures only with `--include-simulated`.
 """
 
 from __future__ import annotations

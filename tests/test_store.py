@@ -43,6 +43,7 @@ EXPECTED_COLUMNS = {
     },
     "conversations": {
         "id", "user_id", "persona_id", "persona_hash", "title", "created_at", "updated_at",
+        "canary_id", "canary_arm",
     },
     "messages": {
         "id", "conversation_id", "parent_id", "role", "content", "model_version_id",
@@ -54,7 +55,10 @@ EXPECTED_COLUMNS = {
     "alignment_runs": {"id", "kind", "persona_id", "config", "dataset_hash", "dataset_stats", "status",
                        "progress", "metrics", "error", "output_dir", "created_at", "updated_at"},
     "feedback_events": {"id", "feedback_id", "message_id", "user_id", "rating", "reason", "comment", "created_at"},
-    "promotions": {"id", "persona_id", "version_id", "action", "forced", "reason", "gate", "by", "created_at"},
+    "promotions": {"id", "persona_id", "version_id", "action", "forced", "reason", "gate", "by", "created_at",
+                   "ab"},
+    "canaries": {"id", "persona_id", "candidate_id", "control_id", "share", "min_votes", "include_simulated",
+                 "started_by", "started_at", "ended_at", "ended_by", "outcome", "result"},
 }
 
 
@@ -102,7 +106,8 @@ def _table_schema(inspector, table: str) -> tuple:
         sorted((i["name"], tuple(map(str, i["column_names"])), i["unique"])
                for i in inspector.get_indexes(table)),
         sorted((u["name"], tuple(u["column_names"])) for u in inspector.get_unique_constraints(table)),
-        sorted((f["name"], tuple(f["constrained_columns"]), f["referred_table"])
+        # SQLite reflects no name for a foreign key declared inline by ADD COLUMN (0006's canary_id).
+        sorted((f["name"] or "", tuple(f["constrained_columns"]), f["referred_table"])
                for f in inspector.get_foreign_keys(table)),
         sorted((c["name"], c["sqltext"]) for c in inspector.get_check_constraints(table)),
     )
@@ -127,7 +132,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0005_promotions",)
+                ("0006_canaries",)
             ]
     finally:
         engine.dispose()
@@ -532,6 +537,7 @@ def test_upgrade_from_the_0001_schema_keeps_data_and_backfills_persona_versions(
         migrate(engine)
         columns = {c["name"] for c in inspect(engine).get_columns("messages")}
         assert columns == EXPECTED_COLUMNS["messages"]
+        assert {c["name"] for c in inspect(engine).get_columns("conversations")} == EXPECTED_COLUMNS["conversations"]
     finally:
         engine.dispose()
     store = ChatStore.open(db_url)
@@ -578,5 +584,46 @@ def test_upgrade_from_0002_gives_existing_votes_one_event_each(db_url: str) -> N
             assert conn.exec_driver_sql(
                 "SELECT message_id, user_id, rating FROM feedback_events").all() == [(1, 1, -1)]
             assert conn.exec_driver_sql("SELECT reason, comment FROM feedback").all() == [(None, None)]
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0005_keeps_conversations_and_promotions_outside_any_canary(db_url: str) -> None:
+    """Existing conversations get no arm (they keep what served them); the canary constraints hold."""
+    from alembic import command
+    from sqlalchemy.exc import IntegrityError as Refused
+
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0005_promotions")
+            conn.exec_driver_sql("INSERT INTO users (name, role) VALUES ('old', 'user')")
+            conn.exec_driver_sql("INSERT INTO conversations (user_id, persona_id, persona_hash) "
+                                 "VALUES (1, 'pirate', 'abc')")
+            conn.exec_driver_sql("INSERT INTO model_versions (base_model, adapter_path, status) "
+                                 "VALUES ('base', '/a', 'serving')")
+            conn.exec_driver_sql("INSERT INTO promotions (persona_id, version_id, action, forced, by) "
+                                 "VALUES ('pirate', 1, 'promote', false, 'ops')")
+        migrate(engine)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT canary_id, canary_arm FROM conversations").all() == [(None, None)]
+            assert conn.exec_driver_sql("SELECT ab FROM promotions").all() == [(None,)]
+        inspector = inspect(engine)
+        assert (("canary_id",), "canaries") in {
+            (tuple(f["constrained_columns"]), f["referred_table"]) for f in inspector.get_foreign_keys("conversations")}
+        running = {i["name"]: i for i in inspector.get_indexes("canaries")}["uq_canaries_running"]
+        assert running["unique"] and running["column_names"] == ["persona_id"]
+        insert = ("INSERT INTO canaries (persona_id, candidate_id, share, min_votes, started_by) "
+                  "VALUES ('pirate', 1, {share}, 10, 'ops')")
+        for bad in ("UPDATE conversations SET canary_arm = 'both'", insert.format(share="1.5")):
+            with pytest.raises(Refused), engine.begin() as conn:
+                conn.exec_driver_sql(bad)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(insert.format(share="0.2"))
+        with pytest.raises(Refused), engine.begin() as conn:  # a second running canary for the persona
+            conn.exec_driver_sql(insert.format(share="0.2"))
+        with engine.begin() as conn:  # one that ended does not count
+            conn.exec_driver_sql("UPDATE canaries SET ended_at = CURRENT_TIMESTAMP, outcome = 'stopped'")
+            conn.exec_driver_sql(insert.format(share="0.2"))
     finally:
         engine.dispose()

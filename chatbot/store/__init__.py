@@ -4,9 +4,11 @@
 Alembic migrations shipped in ``migrations/`` and applied by ``migrate``.
 """
 
+from chatbot.store.canary import CanaryRecord, CanaryRefused, CanaryStats
 from chatbot.store.db import StoreError, make_engine, migrate
 from chatbot.store.models import (
     Base,
+    Canary,
     Conversation,
     Feedback,
     FeedbackEvent,
@@ -21,6 +23,10 @@ from chatbot.store.versions import ModelVersionRecord, PromotionChange, Promotio
 
 __all__ = [
     "Base",
+    "Canary",
+    "CanaryRecord",
+    "CanaryRefused",
+    "CanaryStats",
     "ChatStore",
     "ConversationRecord",
     "FeedbackRecord",

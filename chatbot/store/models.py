@@ -42,6 +42,7 @@ FINISH_REASONS = ("eos", "length", "stopped", "greeting")
 RATINGS = (1, -1)
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "interrupted")
 PROMOTION_ACTIONS = ("promote", "rollback")
+CANARY_ARMS = ("control", "candidate")
 
 # Deterministic constraint names: Alembic's batch mode (how SQLite alters a
 # table) can only drop or change a constraint it can name.
@@ -168,6 +169,7 @@ class ModelVersion(Base):
 
 class Conversation(Base):
     __tablename__ = "conversations"
+    __table_args__ = (CheckConstraint(_in("canary_arm", CANARY_ARMS), name="canary_arm"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
@@ -176,6 +178,10 @@ class Conversation(Base):
     title: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+    # The A/B arm it was given when created during a canary (see store/canary.py);
+    # NULL for one started with no canary running. Never changes afterwards.
+    canary_id: Mapped[int | None] = mapped_column(ForeignKey("canaries.id"), index=True)
+    canary_arm: Mapped[str | None] = mapped_column(String(20))
 
 
 class Message(Base):
@@ -289,3 +295,39 @@ class Promotion(Base):
     gate: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the gate result as it was when promoted
     by: Mapped[str] = mapped_column(String(200))  # who: the OS user or `--by`
     created_at: Mapped[datetime] = _created_at()
+    # The version's A/B on people's thumbs (a canary's figures) as they were when promoted.
+    ab: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Canary(Base):
+    """An A/B of a candidate version against what serves a persona, on new conversations' thumbs.
+
+    While it runs (``ended_at`` NULL; at most one per persona) each new
+    conversation of the persona is assigned an arm (``conversations.canary_arm``)
+    and keeps it; see ``store/canary.py``.
+    """
+
+    __tablename__ = "canaries"
+    __table_args__ = (
+        CheckConstraint("share > 0 AND share < 1", name="share"),
+        CheckConstraint("min_votes >= 1", name="min_votes"),
+        CheckConstraint("ended_at IS NULL OR outcome IS NOT NULL", name="ended_outcome"),
+        Index("uq_canaries_running", "persona_id", unique=True,
+              sqlite_where=text("ended_at IS NULL"), postgresql_where=text("ended_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    persona_id: Mapped[str] = mapped_column(String(200), index=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    # What served the persona when it started; NULL: its persona file's adapter (or the base model).
+    control_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    share: Mapped[float] = mapped_column(Float)  # of new conversations given to the candidate
+    min_votes: Mapped[int] = mapped_column(Integer)  # per arm, before any decision
+    # Whether simulated votes count in its decisions (auto-rollback, promotion): demos and tests.
+    include_simulated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    started_by: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = _created_at()
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_by: Mapped[str | None] = mapped_column(String(200))  # a name, or "auto"
+    outcome: Mapped[str | None] = mapped_column(Text)  # why it ended, one line
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # its figures when it ended

@@ -42,6 +42,7 @@ from chatbot.store.models import (
 )
 
 if TYPE_CHECKING:
+    from chatbot.store.canary import CanaryRecord, CanaryStats
     from chatbot.store.versions import ModelVersionRecord, PromotionChange, PromotionRecord
 
 TITLE_LENGTH = 60
@@ -72,6 +73,8 @@ class ConversationRecord(DetachedRow):
     title: str | None
     created_at: datetime
     updated_at: datetime
+    canary_id: int | None = None  # the canary that assigned it an arm (store/canary.py), if one ran
+    canary_arm: str | None = None  # "control" or "candidate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,11 +259,17 @@ class ChatStore:
 
     # -- model versions and promotions (the logic is in store/versions.py) --
 
-    def serving_version(self, persona_id: str) -> ModelVersionRecord | None:
-        """The promoted version serving the persona; None: its persona file's adapter (or the bare base)."""
-        from chatbot.store import versions
+    def serving_version(self, persona_id: str, conversation_id: int | None = None) -> ModelVersionRecord | None:
+        """The promoted version serving the persona; None: its persona file's adapter (or the bare base).
 
-        return versions.serving_version(self, persona_id)
+        With a conversation: the canary's candidate if the conversation is in the candidate arm of a
+        running canary (store/canary.py), else the same.
+        """
+        from chatbot.store import canary, versions
+
+        if conversation_id is None:
+            return versions.serving_version(self, persona_id)
+        return canary.serving_version(self, persona_id, conversation_id)
 
     def get_version(self, version_id: int) -> ModelVersionRecord:
         """One model version; KeyError if there is none with that id."""
@@ -275,15 +284,19 @@ class ChatStore:
         return versions.list_versions(self, persona_id)
 
     def promote(self, version_id: int, *, by: str, force: bool = False, reason: str | None = None,
-                persona_id: str | None = None) -> PromotionChange:
+                persona_id: str | None = None, require_ab: bool = False) -> PromotionChange:
         """Make a version serve its persona (or ``persona_id``, for a version without one), past the gate.
 
         Raises PromotionRefused (a ValueError) saying why when it may not,
-        KeyError for an unknown version. ``force`` needs a ``reason``.
+        KeyError for an unknown version. ``force`` needs a ``reason``. An A/B
+        (canary) showing the version significantly better stands in for the
+        gate; ``require_ab`` demands one that reached its minimum sample and
+        is not significantly worse.
         """
         from chatbot.store import versions
 
-        return versions.promote(self, version_id, by=by, force=force, reason=reason, persona_id=persona_id)
+        return versions.promote(self, version_id, by=by, force=force, reason=reason, persona_id=persona_id,
+                                require_ab=require_ab)
 
     def rollback(self, persona_id: str, *, by: str) -> PromotionChange:
         """Take the persona's serving version off; the one promoted before it serves again."""
@@ -296,6 +309,42 @@ class ChatStore:
         from chatbot.store import versions
 
         return versions.promotion_log(self, persona_id)
+
+    # -- canaries: A/B on people's thumbs (the logic is in store/canary.py) --
+
+    def start_canary(self, version_id: int, *, by: str, share: float = 0.2, min_votes: int = 100,
+                     persona_id: str | None = None, include_simulated: bool = False) -> CanaryRecord:
+        """Serve ``share`` of the persona's new conversations from the version, the rest from the control.
+
+        Raises CanaryRefused (a PromotionRefused) saying why when it may not, KeyError for an unknown version.
+        """
+        from chatbot.store import canary
+
+        return canary.start(self, version_id, by=by, share=share, min_votes=min_votes, persona_id=persona_id,
+                            include_simulated=include_simulated)
+
+    def stop_canary(self, persona_id: str, *, by: str) -> CanaryRecord:
+        """End the persona's running canary: every conversation gets the control again."""
+        from chatbot.store import canary
+
+        return canary.stop(self, persona_id, by=by)
+
+    def running_canary(self, persona_id: str) -> CanaryRecord | None:
+        from chatbot.store import canary
+
+        return canary.running_canary(self, persona_id)
+
+    def canaries(self, persona_id: str) -> list[CanaryRecord]:
+        """The persona's canaries, running or ended, oldest first."""
+        from chatbot.store import canary
+
+        return canary.canaries(self, persona_id)
+
+    def canary_stats(self, canary_id: int, include_simulated: bool | None = None) -> CanaryStats:
+        """Both arms' like rates and their difference with a 95 % CI; KeyError for an unknown canary."""
+        from chatbot.store import canary
+
+        return canary.stats(self, canary_id, include_simulated)
 
     # -- conversations and messages -------------------------------------
 
@@ -310,6 +359,9 @@ class ChatStore:
             )
             session.add(conversation)
             session.flush()
+            from chatbot.store import canary
+
+            canary.assign(session, conversation)  # its A/B arm, if a canary runs: decided once, here
             return conversation.id
 
     def add_message(
@@ -482,6 +534,10 @@ class ChatStore:
             session.flush()
             session.add(FeedbackEvent(feedback_id=vote.id, message_id=message_id, user_id=user_id,
                                       rating=vote.rating, reason=vote.reason, comment=vote.comment))
+            from chatbot.store import canary
+
+            # A vote in a canary's conversation may show its candidate significantly worse: ended here.
+            canary.after_vote(session, message.conversation_id, simulated)
 
         self._write_retrying(work)
 

@@ -14,7 +14,10 @@ pushed down is "retired"; one never promoted stays "candidate".
 A version is promotable when it is a policy adapter (not a reward model)
 whose folder is on disk and whose ``metrics["evaluation"]["gate"]`` (written
 by ``persona-studio align evaluate``) passed. ``force`` with a reason
-promotes past a missing or failed gate, never past the first two.
+promotes past a missing or failed gate, never past the first two; so does an
+A/B on people's thumbs that shows the version significantly better
+(``store/canary.py``), and ``require_ab`` demands a sufficient A/B that does
+not show it worse. A promote or rollback ends the persona's running canary.
 
 Promote and rollback each run in one transaction, serialized per persona:
 on SQLite by the write lock every store transaction takes (BEGIN IMMEDIATE,
@@ -88,6 +91,7 @@ class PromotionRecord(DetachedRow):
     gate: dict[str, Any] | None
     by: str
     created_at: datetime
+    ab: dict[str, Any] | None = None  # the A/B's figures when promoted (CanaryStats.to_dict)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class PromotionChange:
     version: ModelVersionRecord  # the version promoted, or the one rolled back (status as it is now)
     previous: ModelVersionRecord | None  # what served the persona before (None: its own adapter / base)
     serving: ModelVersionRecord | None  # what serves it now (None: its own adapter / base)
+    ended_canary: Any = None  # the persona's canary (canary.CanaryRecord) this change ended, if one ran
 
 
 # -- reading ----------------------------------------------------------------
@@ -245,12 +250,14 @@ def _append(session: Session, **values: Any) -> Promotion:
     return entry
 
 
-def _change(session: Session, entry: Promotion, version_id: int, previous: int | None) -> PromotionChange:
+def _change(session: Session, entry: Promotion, version_id: int, previous: int | None,
+            ended_canary: Any = None) -> PromotionChange:
     session.flush()
     stack = _stack(session, entry.persona_id)
     return PromotionChange(
         entry=PromotionRecord.from_row(entry), version=_record(session, version_id),
-        previous=_record(session, previous), serving=_record(session, stack[-1] if stack else None))
+        previous=_record(session, previous), serving=_record(session, stack[-1] if stack else None),
+        ended_canary=ended_canary)
 
 
 def _who(by: str) -> str:
@@ -259,8 +266,27 @@ def _who(by: str) -> str:
     return by.strip()
 
 
+def _target(version: ModelVersionRecord, persona_id: str | None) -> str:
+    """The persona a version is to serve: its own, or ``persona_id`` for one trained without a persona."""
+    if version.persona_id is None and persona_id is None:
+        raise PromotionRefused(f"version {version.id} belongs to no persona: name the one it should "
+                               "serve with --persona ID")
+    if version.persona_id is not None and persona_id is not None and persona_id != version.persona_id:
+        raise PromotionRefused(f"version {version.id} was trained for persona {version.persona_id!r}, "
+                               f"not {persona_id!r}")
+    return persona_id or version.persona_id
+
+
+def _run_kind(session: Session, version: ModelVersionRecord) -> str | None:
+    if version.run_id is None:
+        return None
+    return session.scalar(select(AlignmentRun.kind).where(AlignmentRun.id == version.run_id))
+
+
 def promote(store: ChatStore, version_id: int, *, by: str, force: bool = False, reason: str | None = None,
-            persona_id: str | None = None) -> PromotionChange:
+            persona_id: str | None = None, require_ab: bool = False) -> PromotionChange:
+    from chatbot.store import canary
+
     by = _who(by)
     reason = reason.strip() if reason and reason.strip() else None
     if force and reason is None:
@@ -271,32 +297,41 @@ def promote(store: ChatStore, version_id: int, *, by: str, force: bool = False, 
         if row is None:
             raise KeyError(f"model version {version_id} does not exist")
         version = ModelVersionRecord.from_row(row)
-        if version.persona_id is None and persona_id is None:
-            raise PromotionRefused(f"version {version_id} belongs to no persona: name the one it should "
-                                   "serve with --persona ID")
-        if version.persona_id is not None and persona_id is not None and persona_id != version.persona_id:
-            raise PromotionRefused(f"version {version_id} was trained for persona {version.persona_id!r}, "
-                                   f"not {persona_id!r}")
-        target = persona_id or version.persona_id
-        run_kind = session.scalar(select(AlignmentRun.kind).where(AlignmentRun.id == version.run_id)) \
-            if version.run_id is not None else None
-        gate = check_gate(version, run_kind, force=force)
+        target = _target(version, persona_id)
+        run_kind = _run_kind(session, version)
+        check_gate(version, run_kind, force=True)  # what can never be promoted, whatever the A/B says
         _lock_persona(session, target)
         stack = _stack(session, target)
         previous = stack[-1] if stack else None
+        ab = canary.ab_for(session, target, version_id, previous)
+        if require_ab:
+            canary.require_ab(ab, version_id, target)
+        # People are an independent judge: an A/B that shows it significantly better stands in for the gate.
+        try:
+            gate = check_gate(version, run_kind, force=force or (ab is not None and ab.better))
+        except PromotionRefused as refused:
+            if ab is None:
+                raise
+            raise PromotionRefused(f"{refused}; nor does its A/B (canary {ab.canary.id}) show it significantly "
+                                   f"better: {ab.verdict} ({ab.summary()})") from None
         if previous == version_id:
             raise PromotionRefused(f"version {version_id} already serves persona {target!r}")
-        # Forced only when the gate was really overridden: --force on a passing version changes nothing.
-        forced = force and not (gate is not None and gate.get("passed") is True)
+        # Forced only when the gate was really overridden: --force on a passing version changes nothing,
+        # nor on one whose A/B shows it better.
+        forced = force and not (gate is not None and gate.get("passed") is True) and not (ab is not None and ab.better)
         entry = _append(session, persona_id=target, version_id=version_id, action="promote",
-                        forced=forced, reason=reason, gate=gate, by=by)
+                        forced=forced, reason=reason, gate=gate, by=by,
+                        ab=ab.to_dict() if ab is not None else None)
+        ended = canary.end_for_change(session, target, by=by, promoted=version_id)
         _refresh_statuses(session, {version_id} | ({previous} if previous is not None else set()))
-        return _change(session, entry, version_id, previous)
+        return _change(session, entry, version_id, previous, ended)
 
     return store._write_retrying(work)
 
 
 def rollback(store: ChatStore, persona_id: str, *, by: str) -> PromotionChange:
+    from chatbot.store import canary
+
     by = _who(by)
 
     def work(session: Session) -> PromotionChange:
@@ -307,7 +342,8 @@ def rollback(store: ChatStore, persona_id: str, *, by: str) -> PromotionChange:
                                    "(it uses its persona file's adapter, or the base model)")
         top = stack[-1]
         entry = _append(session, persona_id=persona_id, version_id=top, action="rollback", by=by)
+        ended = canary.end_for_change(session, persona_id, by=by, promoted=None)
         _refresh_statuses(session, {top} | ({stack[-2]} if len(stack) > 1 else set()))
-        return _change(session, entry, top, top)
+        return _change(session, entry, top, top, ended)
 
     return store._write_retrying(work)
