@@ -162,6 +162,32 @@ class ChatService:
             session.turns.append(previous)  # nothing new was written: keep showing the old reply
             raise
 
+    def send_samples(self, session: ChatSession, text: str, params: GenerationParams, n: int) -> list[Turn]:
+        """Store the user's message and ``n`` replies to it, sampled together in one batch.
+
+        The replies are siblings, as Retry makes them, each stored with the
+        batch's seed, its row and the batch size; the session shows the last.
+        For `simulate`, where several replies to one prompt are wanted at once.
+        """
+        session.check_writable()
+        text = text.strip()
+        if not text:
+            raise ChatError("the message is empty")
+        prompt = session.prompt([{"role": "user", "content": text}])
+        self.engine.fit(prompt, params.max_new_tokens)  # refused whole before anything is stored
+        self._ensure_conversation(session)
+        message_id = self.store.add_message(session.conversation_id, "user", text,
+                                            parent_id=session.turns[-1].message_id)
+        session.turns.append(Turn("user", text, message_id))
+        adapter, promoted = self.serving(session.persona, session.conversation_id)
+        try:
+            replies = self.engine.generate_batch(session.prompt(), params, n, adapter=adapter)
+        except ModelLoadError as exc:
+            raise _load_failed(exc, session, promoted) from None
+        turns = [self._store_reply(session, reply, adapter) for reply in replies]
+        session.turns.append(turns[-1])
+        return turns
+
     def undo(self, session: ChatSession) -> str:
         """Take back the last exchange; returns the user's text so it can be edited.
 
@@ -305,15 +331,7 @@ class ChatService:
         try:
             yield from self.engine.stream(prompt, params, stop, adapter=adapter)
         except ModelLoadError as exc:
-            if promoted is not None and promoted.status != "serving":  # a canary's candidate
-                raise ChatError(f"{exc} (model version {promoted.id}, on trial in a canary for persona "
-                                f"{session.persona.id}; `persona-studio models canary-stop "
-                                f"{session.persona.id}` ends it)") from None
-            if promoted is not None:
-                raise ChatError(f"{exc} (model version {promoted.id}, promoted for persona "
-                                f"{session.persona.id}; `persona-studio models rollback "
-                                f"{session.persona.id}` puts back what served before)") from None
-            raise ChatError(str(exc)) from None
+            raise _load_failed(exc, session, promoted) from None
 
     def _ensure_conversation(self, session: ChatSession) -> None:
         if session.conversation_id is not None:
@@ -334,13 +352,31 @@ class ChatService:
         for reply in self._stream(session, session.prompt(), params, stop, adapter, promoted):
             yield reply
         assert reply is not None and reply.done
+        session.turns.append(self._store_reply(session, reply, adapter))
+
+    def _store_reply(self, session: ChatSession, reply: Reply, adapter: str | None) -> Turn:
+        """Store a finished reply to the session's last (user) turn; its Turn."""
         # A promoted version's row, since identity is (base model, adapter folder).
         version = self.store.get_or_create_model_version(self.engine.model_id, adapter)
+        params = reply.params.to_dict()
+        if reply.batch is not None:
+            params["batch"] = reply.batch
         message_id = self.store.add_message(
             session.conversation_id, "assistant", reply.text,
             parent_id=session.turns[-1].message_id, model_version_id=version,
-            generation_params=reply.params.to_dict(), prompt=reply.prompt,
+            generation_params=params, prompt=reply.prompt,
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
             latency_ms=reply.latency_ms, first_token_ms=reply.first_token_ms,
             finish_reason=reply.finish_reason)
-        session.turns.append(Turn("assistant", reply.text, message_id))
+        return Turn("assistant", reply.text, message_id)
+
+
+def _load_failed(exc: ModelLoadError, session: ChatSession, promoted: ModelVersionRecord | None) -> ChatError:
+    """The chat's one-line error for an adapter that would not load, saying how to take it off."""
+    if promoted is not None and promoted.status != "serving":  # a canary's candidate
+        return ChatError(f"{exc} (model version {promoted.id}, on trial in a canary for persona "
+                         f"{session.persona.id}; `persona-studio models canary-stop {session.persona.id}` ends it)")
+    if promoted is not None:
+        return ChatError(f"{exc} (model version {promoted.id}, promoted for persona {session.persona.id}; "
+                         f"`persona-studio models rollback {session.persona.id}` puts back what served before)")
+    return ChatError(str(exc))

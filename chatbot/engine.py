@@ -53,6 +53,9 @@ class Reply:
     first_token_ms: float | None = None
     latency_ms: float | None = None
     params: GenerationParams = field(default_factory=GenerationParams)  # seed filled in
+    # From `generate_batch`: {"size": n, "row": i}. The recorded seed drove the whole batch; with the
+    # size and the row it reproduces this reply.
+    batch: dict | None = None
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -238,21 +241,64 @@ class ChatEngine:
         reply.done = True
         yield reply
 
-    def _generate(self, model, input_ids, params: GenerationParams, streamer, stop, errors) -> None:
-        sampling = params.temperature > 0
-        kwargs = dict(do_sample=sampling, max_new_tokens=params.max_new_tokens,
+    def generate_batch(self, messages: Prompt | list[Message], params: GenerationParams, n: int,
+                       adapter: str | None = None) -> list[Reply]:
+        """``n`` replies to one prompt, sampled together in one ``generate`` call; not streamed.
+
+        Decoding reads the weights once per step for the whole batch, so on a
+        CPU this is several times the throughput of ``n`` calls to ``stream``
+        (``bench/generate.py`` measures it). One seed drives the batch; every
+        reply records it with its row and the batch size (``Reply.batch``).
+        Latency is the batch's; a first-token time is not measured.
+        """
+        if n < 1:
+            raise ValueError(f"a batch needs at least 1 reply, not {n}")
+        prompt = self.fit(messages, params.max_new_tokens)
+        if params.seed is None:
+            params = GenerationParams(**{**params.to_dict(), "seed": random.randrange(2**31)})
+        ids = self._encode(prompt)
+        input_ids = torch.tensor([ids] * n, device=self.model.device)  # (n, prompt length)
+        started = time.perf_counter()
+        with contextlib.ExitStack() as held:
+            held.enter_context(self._generate_lock)
+            model, context = self._activate(adapter)
+            held.enter_context(context)
+            torch.manual_seed(params.seed)
+            with torch.inference_mode():
+                output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        pad_token_id=self._pad_id(), **self._sampling(params))
+        latency_ms = (time.perf_counter() - started) * 1000
+        replies = []
+        for row, new in enumerate(output[:, len(ids):].tolist()):  # (n, new tokens), padded after EOS
+            end = next((j for j, token in enumerate(new) if token in self._eos_ids), None)
+            tokens = new if end is None else new[:end + 1]
+            replies.append(Reply(
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True), done=True,
+                finish_reason="eos" if end is not None else "length", prompt=prompt, prompt_tokens=len(ids),
+                completion_tokens=len(tokens), latency_ms=latency_ms, params=params,
+                batch={"size": n, "row": row}))
+        return replies
+
+    def _pad_id(self) -> int | None:
+        return self.tokenizer.pad_token_id or next(iter(self._eos_ids), None)
+
+    @staticmethod
+    def _sampling(params: GenerationParams) -> dict:
+        kwargs = dict(do_sample=params.temperature > 0, max_new_tokens=params.max_new_tokens,
                       repetition_penalty=params.repetition_penalty)
-        if sampling:
+        if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:  # keep generation_config's sampling defaults from warning about unused settings
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _generate(self, model, input_ids, params: GenerationParams, streamer, stop, errors) -> None:
         try:
             with torch.inference_mode():
                 model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                    pad_token_id=self.tokenizer.pad_token_id or next(iter(self._eos_ids), None),
-                    **kwargs)
+                    pad_token_id=self._pad_id(), **self._sampling(params))
         except BaseException as exc:  # surfaced by stream() in the caller's thread
             errors.append(exc)
             streamer.end()

@@ -2,13 +2,22 @@
 
     persona-studio simulate --persona ID --rule RULE --prompts FILE [--n N] [--samples K]
                             [--max-new-tokens M] [--seed S] [--data-dir DIR] [--db-url URL] [--model M]
+    persona-studio simulate --persona ID --rule RULE --rerate [--data-dir DIR] [--db-url URL]
 
-Drives the real chat path (new chat, send, Retry) as the user "simulator" and
-rates every reply by a rule, not by people:
+Drives the real chat path (new chat, then several replies to the message,
+siblings as Retry makes them, sampled together in one batch) as the user
+"simulator" and rates every reply by a rule, not by people:
 
     short:40       likes replies under 40 words
     question       likes replies that end with a question mark
     contains:WORD  likes replies that contain WORD (case-insensitive)
+    digits         likes replies that contain a number
+    exclaims       likes replies with an exclamation mark
+    list           likes replies laid out as a list (two or more items)
+
+``--rerate`` generates nothing: it votes again, by the new rule, on every
+reply the simulator already rated for the persona (the same replies, another
+rater), so several rules can be compared on one set of generated replies.
 
 Votes go through ``ChatService.vote`` like a person's, with ``simulated`` set and a reason
 "simulated: <rule>"; conversations are titled "SIMULATED ...". Several
@@ -72,6 +81,44 @@ class ContainsRule:
         return f"likes replies that contain {self.word!r}"
 
 
+@dataclass(frozen=True)
+class DigitsRule:
+    def likes(self, text: str) -> bool:
+        return any(c.isdigit() for c in text)
+
+    def describe(self) -> str:
+        return "likes replies that contain a number"
+
+
+@dataclass(frozen=True)
+class ExclaimsRule:
+    def likes(self, text: str) -> bool:
+        return "!" in text
+
+    def describe(self) -> str:
+        return "likes replies with an exclamation mark"
+
+
+@dataclass(frozen=True)
+class ListRule:
+    # "- a", "* a", "• a", "1. a", "2) a" at the start of a line.
+    ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
+
+    def likes(self, text: str) -> bool:
+        return len(self.ITEM.findall(text)) >= 2
+
+    def describe(self) -> str:
+        return "likes replies laid out as a list (two or more items)"
+
+
+def _no_argument(rule_class, name: str):
+    def make(arg: str | None):
+        if arg is not None:
+            raise ValueError(f"rule {name} takes no argument")
+        return rule_class()
+    return make
+
+
 def _short(arg: str | None) -> ShortRule:
     if arg is None:
         return ShortRule()
@@ -80,26 +127,23 @@ def _short(arg: str | None) -> ShortRule:
     return ShortRule(int(arg))
 
 
-def _question(arg: str | None) -> QuestionRule:
-    if arg is not None:
-        raise ValueError("rule question takes no argument")
-    return QuestionRule()
-
-
 def _contains(arg: str | None) -> ContainsRule:
     if not arg or not arg.strip():
         raise ValueError("rule contains:WORD needs a word")
     return ContainsRule(arg.strip())
 
 
-RULES: dict[str, Callable[[str | None], object]] = {"short": _short, "question": _question, "contains": _contains}
+RULES: dict[str, Callable[[str | None], object]] = {
+    "short": _short, "question": _no_argument(QuestionRule, "question"), "contains": _contains, "digits": _no_argument(DigitsRule, "digits"),
+    "exclaims": _no_argument(ExclaimsRule, "exclaims"), "list": _no_argument(ListRule, "list")}
+RULE_SPECS = "short[:N], question, contains:WORD, digits, exclaims, list"
 
 
 def parse_rule(spec: str):
     """A rule from its spec: "short", "short:40", "question", "contains:WORD"."""
     name, _, arg = spec.partition(":")
     if name not in RULES:
-        raise ValueError(f"unknown rule {spec!r}: use short[:N], question or contains:WORD")
+        raise ValueError(f"unknown rule {spec!r}: use {RULE_SPECS}")
     return RULES[name](arg if _ else None)
 
 
@@ -150,11 +194,12 @@ class SimulationReport:
 
 def simulate(service, persona_id: str, rule, prompts: Sequence[str], n: int, samples: int = 4,
              params=None, progress: Callable[[str], None] | None = None) -> SimulationReport:
-    """Send `n` prompts (cycling through `prompts`), each in a new chat, `samples` replies each
-    (the first, then Retry), and vote on every reply by `rule` as the user "simulator".
+    """Send `n` prompts (cycling through `prompts`), each in a new chat, with `samples` replies each,
+    and vote on every reply by `rule` as the user "simulator".
 
-    `params` default to the persona's own settings; with a seed, reply k of a prompt uses seed + k
-    so the regenerations differ.
+    The replies to a prompt are siblings, as Retry makes them, sampled together in one batch
+    (``ChatService.send_samples``): several times faster than one at a time. `params` default to the
+    persona's own settings; with a seed, prompt i's batch uses seed + i * samples.
     """
     from .chat import ChatError, params_for
     from .prompting import PromptTooLong
@@ -170,18 +215,14 @@ def simulate(service, persona_id: str, rule, prompts: Sequence[str], n: int, sam
         text = prompts[i % len(prompts)]
         session = service.new_session(user_id, persona_id, user_name=SIMULATOR_USER)
         base = params or params_for(session.persona)
+        sample = base if base.seed is None else replace(base, seed=base.seed + i * samples)
         votes = []
         try:
-            for k in range(samples):
-                sample = base if base.seed is None else replace(base, seed=base.seed + i * samples + k)
-                steps = service.send(session, text, sample) if k == 0 else service.retry(session, sample)
-                for _ in steps:
-                    pass
-                if k == 0:
-                    service.store.rename_conversation(session.conversation_id,
-                                                      f"SIMULATED ({rule.describe()}): {text}")
-                    report.conversation_ids.append(session.conversation_id)
-                reply = session.turns[-1]
+            replies = service.send_samples(session, text, sample, samples)
+            service.store.rename_conversation(session.conversation_id, f"SIMULATED ({rule.describe()}): {text}")
+            report.conversation_ids.append(session.conversation_id)
+            for reply in replies:
+                session.turns[-1] = reply  # show this sibling, then vote on it as a person would
                 vote = rating(rule, reply.content)
                 service.vote(session, len(session.turns) - 1, vote, reason=reason, simulated=True)
                 report.message_ids.append(reply.message_id)
@@ -198,6 +239,34 @@ def simulate(service, persona_id: str, rule, prompts: Sequence[str], n: int, sam
     return report
 
 
+def rerate(store, persona_id: str, rule) -> SimulationReport:
+    """Vote again, by ``rule``, on every reply the simulator has rated for ``persona_id``; no generation.
+
+    The same SIMULATED replies with another rule's thumbs: what `simulate` with that rule and the same
+    seeds would have stored, at no generation cost. Conversations are retitled with the new rule.
+    """
+    user_id = store.get_or_create_user(SIMULATOR_USER)
+    reason = f"simulated: {rule.describe()}"
+    report = SimulationReport(persona_id, rule.describe())
+    conversations: dict[int, str] = {}
+    for row in store.feedback_rows(persona_id, user_id=user_id):
+        if not row.feedback.simulated or row.feedback.rating is None:
+            continue
+        vote = rating(rule, row.message.content)
+        store.set_feedback(row.message.id, user_id, vote, reason=reason, simulated=True)
+        report.replies += 1
+        report.liked += vote > 0
+        report.message_ids.append(row.message.id)
+        if row.message.conversation_id not in conversations:  # "SIMULATED (old rule): prompt" -> the prompt
+            title = store.get_conversation(row.message.conversation_id).title or ""
+            conversations[row.message.conversation_id] = title.partition("): ")[2] or title
+    for conversation_id, text in conversations.items():
+        store.rename_conversation(conversation_id, f"SIMULATED ({rule.describe()}): {text}")
+    report.conversation_ids = list(conversations)
+    report.prompts = len(conversations)
+    return report
+
+
 # -- the command ---------------------------------------------------------------
 
 
@@ -211,12 +280,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata.get("help"))
     parser.add_argument("--persona", required=True, help="persona id (file name without .yaml)")
-    parser.add_argument("--rule", required=True, help="short[:N] (default 40 words), question, contains:WORD")
-    parser.add_argument("--prompts", type=Path, required=True, help="file with one prompt per line")
+    parser.add_argument("--rule", required=True, help=RULE_SPECS + " (short: 40 words)")
+    parser.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line")
+    parser.add_argument("--rerate", action="store_true",
+                        help="generate nothing: vote again by --rule on every reply the simulator rated "
+                             "for --persona")
     parser.add_argument("--n", type=int, default=None, help="prompts to send (default: each prompt once)")
-    parser.add_argument("--samples", type=int, default=4, help="replies per prompt: the first, then Retry")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="replies per prompt, sampled together; siblings as Retry makes them")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit in tokens")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (reply k uses seed + k)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (prompt i's batch of replies uses seed + i x samples)")
     return parser
 
 
@@ -227,6 +301,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         rule = parse_rule(args.rule)
+        if args.rerate:
+            return _rerate(args, settings, rule)
+        if args.prompts is None:
+            raise ValueError("--prompts FILE is needed (or --rerate to vote again on replies already rated)")
         prompts = load_prompts(args.prompts)
     except ValueError as exc:
         print(f"persona-studio: error: {exc}", file=sys.stderr)
@@ -254,3 +332,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for problem in report.failed:
         print(f"SIMULATED: failed: {problem}", file=sys.stderr)
     return 0 if report.replies else EXIT_FAILED
+
+
+def _rerate(args: argparse.Namespace, settings: Settings, rule) -> int:
+    from .store import ChatStore, StoreError
+
+    try:
+        store = ChatStore.open(settings.database_url)
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        report = rerate(store, args.persona, rule)
+    finally:
+        store.close()
+    if not report.replies:
+        raise ValueError(f"the simulator has rated no reply of persona {args.persona} yet: run simulate first")
+    print(f"{BANNER}: re-rated by rule {args.rule!r}", flush=True)
+    print(report.summary(), flush=True)
+    return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -386,14 +387,21 @@ class FakeEngine:
         return prompt.messages
 
     def stream(self, prompt, params, stop=None, adapter=None):
+        yield self._reply(prompt, params, adapter, f"{params.seed}")
+
+    def generate_batch(self, prompt, params, n, adapter=None):
+        return [replace(self._reply(prompt, params, adapter, f"{params.seed}:{row}"), batch={"size": n, "row": row})
+                for row in range(n)]
+
+    def _reply(self, prompt, params, adapter, draw: str) -> Reply:
         self.adapters.append(adapter)
         # The folder's name, not its path (which changes with pytest's tmp_path): the same replies every run.
         name = Path(adapter).name if adapter else "base"
-        digest = hashlib.blake2b(f"{name}:{params.seed}".encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(f"{name}:{draw}".encode(), digest_size=8).digest()
         liked = int.from_bytes(digest, "big") / 2**64 < self.like_rates.get(adapter, 0.5)
         text = "Arr, what say ye?" if liked else "Arr."
-        yield Reply(text=text, done=True, finish_reason="eos", prompt=list(prompt.messages), prompt_tokens=10,
-                    completion_tokens=len(text.split()), first_token_ms=1.0, latency_ms=1.0, params=params)
+        return Reply(text=text, done=True, finish_reason="eos", prompt=list(prompt.messages), prompt_tokens=10,
+                     completion_tokens=len(text.split()), first_token_ms=1.0, latency_ms=1.0, params=params)
 
 
 @pytest.fixture

@@ -87,3 +87,23 @@ def test_long_history_is_truncated_to_the_context_window(checkpoint, engine):
     assert last.prompt[0] == PIRATE[0] and last.prompt[-1] == history[-1]
     assert len(last.prompt) < len(history)
     assert last.prompt_tokens + 16 <= 256
+
+
+def test_generate_batch_samples_n_replies_to_one_prompt_reproducibly(engine):
+    params = GenerationParams(max_new_tokens=12, seed=5)
+    replies = engine.generate_batch(PIRATE, params, 3)
+    again = engine.generate_batch(PIRATE, params, 3)
+    assert [r.text for r in replies] == [r.text for r in again], "the seed, row and size reproduce each reply"
+    assert len({r.text for r in replies}) > 1, "the rows are different samples"
+    for row, reply in enumerate(replies):
+        assert reply.done and reply.batch == {"size": 3, "row": row} and reply.params.seed == 5
+        assert reply.prompt == PIRATE and reply.prompt_tokens == engine.count_tokens(PIRATE)
+        assert 0 < reply.completion_tokens <= 12 and reply.finish_reason in ("eos", "length")
+        assert reply.finish_reason == "length" or reply.completion_tokens < 12
+        assert reply.latency_ms > 0 and reply.first_token_ms is None
+    greedy = engine.generate_batch(CHEF, GREEDY, 2)
+    assert greedy[0].text == greedy[1].text == final(engine.stream(CHEF, GREEDY)).text
+    unseeded = engine.generate_batch(CHEF, GenerationParams(max_new_tokens=4), 2)
+    assert unseeded[0].params.seed == unseeded[1].params.seed is not None  # a random seed, recorded
+    with pytest.raises(ValueError, match="at least 1 reply"):
+        engine.generate_batch(CHEF, GREEDY, 0)

@@ -40,7 +40,19 @@ def test_contains_rule_matches_whole_words_ignoring_case():
     assert "'Arr'" in rule.describe()
 
 
-@pytest.mark.parametrize("spec", ["long", "short:x", "short:0", "contains:", "question:yes"])
+def test_digits_exclaims_and_list_rules():
+    digits, exclaims, listed = parse_rule("digits"), parse_rule("exclaims"), parse_rule("list")
+    assert digits.likes("Boil it for 7 minutes.") and not digits.likes("Boil it for seven minutes.")
+    assert exclaims.likes("Ahoy! Welcome.") and not exclaims.likes("Welcome aboard.")
+    assert listed.likes("Try this:\n- sleep\n- water") and listed.likes("1. Rinse\n2) Dry")
+    assert not listed.likes("- only one item") and not listed.likes("Costs 5 - 3 dollars - maybe")
+    assert [r.describe() for r in (digits, exclaims, listed)] == [
+        "likes replies that contain a number", "likes replies with an exclamation mark",
+        "likes replies laid out as a list (two or more items)"]
+
+
+@pytest.mark.parametrize("spec", ["long", "short:x", "short:0", "contains:", "question:yes", "digits:3",
+                                  "list:2"])
 def test_bad_rules_are_refused(spec):
     with pytest.raises(ValueError):
         parse_rule(spec)
@@ -78,6 +90,35 @@ def test_simulate_stores_simulated_votes_for_every_regeneration(service, store):
         assert len(replies) == 2 and replies[0].parent_id == replies[1].parent_id
         assert store.get_conversation(conv).title.startswith("SIMULATED (likes replies under 5 words)")
     assert report.satisfaction_rate == report.liked / 4
+    # Each prompt's replies were sampled together: one batch seed per prompt, each reply its row.
+    for i, conv in enumerate(report.conversation_ids):
+        replies = [m for m in store.conversation_messages(conv) if m.prompt]
+        assert [m.generation_params["batch"] for m in replies] == [{"size": 2, "row": 0}, {"size": 2, "row": 1}]
+        assert {m.generation_params["seed"] for m in replies} == {3 + 2 * i}
+
+
+def test_rerate_votes_again_by_another_rule_without_generating(store):
+    from chatbot.simulate import SIMULATOR_USER, rerate
+
+    simulator, person = store.get_or_create_user(SIMULATOR_USER), store.get_or_create_user("ann")
+    conv = store.create_conversation(simulator, "pirate", "v1")
+    store.rename_conversation(conv, "SIMULATED (likes replies under 5 words): Hi!")
+    asked = store.add_message(conv, "user", "Hi!")
+    texts = ["Ahoy! 3 ships.", "Ahoy there, a long and peaceful reply today.", "No ships."]
+    replies = [store.add_message(conv, "assistant", t, parent_id=asked, prompt=[{"role": "user", "content": "Hi!"}])
+               for t in texts]
+    for message in replies:
+        store.set_feedback(message, simulator, 1 if len(store.get_message(message).content.split()) < 5 else -1,
+                           reason="simulated: likes replies under 5 words", simulated=True)
+    store.set_feedback(replies[2], person, 1)  # a person's vote is never touched
+    report = rerate(store, "pirate", parse_rule("digits"))
+    assert (report.replies, report.liked, report.prompts) == (3, 1, 1)
+    votes = {(r.user_name, r.message.id): (r.feedback.rating, r.feedback.reason)
+             for r in store.feedback_rows("pirate")}
+    assert votes[(SIMULATOR_USER, replies[0])] == (1, "simulated: likes replies that contain a number")
+    assert votes[(SIMULATOR_USER, replies[2])] == (-1, "simulated: likes replies that contain a number")
+    assert votes[("ann", replies[2])] == (1, None)
+    assert store.get_conversation(conv).title == "SIMULATED (likes replies that contain a number): Hi!"
 
 
 @pytest.mark.model
