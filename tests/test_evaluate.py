@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -567,6 +568,32 @@ def test_prompts_file_and_a_judge_that_trained_on_one_of_them(setup, tmp_path):
     assert (prompts["source"], prompts["available"], prompts["removed_judge_trained"], prompts["used"]) == (
         "file", 3, 1, 2)
     assert [s["prompt"] for s in evaluation["samples"]] == ["Where be the treasure?", "Who is the captain?"]
+
+
+def test_a_declared_rule_judges_alone_when_there_is_no_reward_run(setup, tmp_path):
+    """A policy run of a persona with no reward run: the rule is the only judge; no win rate, no reward."""
+    runs, store = setup["runs"], setup["store"]
+    kto = runs.get_run(setup["kto"])
+    out = tmp_path / "assistant-kto"
+    shutil.copytree(kto.output_dir, out)
+    shutil.rmtree(out / "evaluation", ignore_errors=True)
+    run_id = runs.create_run("kto", persona_id="assistant", config=kto.config, output_dir=str(out))
+    runs.register_candidate(run_id, base_model=str(setup["tiny_model"]), adapter_path=str(out / "adapter"),
+                            metrics={})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do I boil an egg?\nWhat is a cloud?\n")
+    options = EvalOptions(baseline="base", prompts_file=prompts, samples=1, max_new_tokens=4)
+    with pytest.raises(EvaluationError, match="no succeeded reward run for persona assistant to judge with"):
+        evaluate(store, run_id, options, personas=setup["personas"], progress=False)
+    evaluation = evaluate(store, run_id, replace(options, rule="digits"), personas=setup["personas"],
+                          progress=False)
+    assert evaluation["judge"] is None and evaluation["win_rate"] is None
+    assert evaluation["metrics"]["candidate"]["reward_mean"] is None
+    assert [c["name"] for c in evaluation["gate"]["checks"][:2]] == ["independent_judges", "rule_gain_lower"]
+    assert evaluation["gate"]["checks"][0]["value"] == 1
+    report = (out / "evaluation" / "report.md").read_text()
+    assert "## Win rate" not in report and "**Rule** `digits`" in report and "| mean reward" not in report
+    assert not (out / "evaluation" / "reward_distribution.png").exists()
 
 
 # -- refusals ----------------------------------------------------------------------------
