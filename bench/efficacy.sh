@@ -11,8 +11,9 @@
 #   bash bench/efficacy.sh [DATA_DIR]      (default: .efficacy/ in the repository)
 #   .venv/bin/python bench/efficacy_table.py DATA_DIR     # the table, from what has finished
 #
-# Rules are not about length and not "ends with a question". Settings
-# (environment): RULES ("digits exclaims list"), METHODS ("ppo kto dpo"),
+# Rules are not about length and not "ends with a question"; the defaults liked
+# 22 %, 17 % and 23 % of the bundled model's replies. Settings
+# (environment): RULES ("digits contains:also mark::"), METHODS ("ppo kto dpo"),
 # PERSONA (assistant), N (64 training prompts), SAMPLES (8 replies each),
 # MAX_NEW_TOKENS (64), EVAL_SAMPLES (2 per held-out prompt). Every stage's wall
 # time goes to DATA_DIR/timings.tsv; rerunning resumes after the last finished
@@ -21,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DATA_DIR=$(realpath -m "${1:-.efficacy}")
-RULES=${RULES:-digits exclaims list}
+RULES=${RULES:-digits contains:also mark::}
 METHODS=${METHODS:-ppo kto dpo}
 PERSONA=${PERSONA:-assistant}
 N=${N:-64}
@@ -58,7 +59,8 @@ stage simulate "$PS" simulate "${BASE[@]}" --persona "$PERSONA" --rule "$FIRST_R
     --max-new-tokens "$MAX_NEW_TOKENS" --seed 1
 
 for RULE in $RULES; do
-    DIR="$DATA_DIR/$RULE"
+    NAME=${RULE//:/_}  # a file name: contains:also -> contains_also
+    DIR="$DATA_DIR/$NAME"
     COMMON=(--data-dir "$DIR" --db-url "sqlite:///$DIR/chat.db")
     if [ ! -e "$DIR/chat.db" ]; then
         mkdir -p "$DIR"
@@ -66,17 +68,17 @@ for RULE in $RULES; do
         .venv/bin/python -c "import sqlite3,sys; s=sqlite3.connect(sys.argv[1]); d=sqlite3.connect(sys.argv[2]); s.backup(d)" \
             "$DATA_DIR/replies/chat.db" "$DIR/chat.db"
     fi
-    stage "$RULE-rerate" "$PS" simulate "${COMMON[@]}" --persona "$PERSONA" --rule "$RULE" --rerate
-    stage "$RULE-reward" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
+    stage "$NAME-rerate" "$PS" simulate "${COMMON[@]}" --persona "$PERSONA" --rule "$RULE" --rerate
+    stage "$NAME-reward" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
         --persona "$PERSONA"
-    stage "$RULE-judge" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
+    stage "$NAME-judge" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
         --persona "$PERSONA" --part judge
-    JUDGE_RUN=$(field "$DATA_DIR/logs/$RULE-judge.json" run)
+    JUDGE_RUN=$(field "$DATA_DIR/logs/$NAME-judge.json" run)
     for METHOD in $METHODS; do
-        stage "$RULE-$METHOD" "$PS" align "$METHOD" "${COMMON[@]}" --recipe "alignment/recipes/${METHOD}_cpu.yaml" \
+        stage "$NAME-$METHOD" "$PS" align "$METHOD" "${COMMON[@]}" --recipe "alignment/recipes/${METHOD}_cpu.yaml" \
             --persona "$PERSONA"
-        RUN=$(field "$DATA_DIR/logs/$RULE-$METHOD.json" run)
-        stage "$RULE-$METHOD-evaluate" "$PS" align evaluate "$RUN" "${COMMON[@]}" --baseline base \
+        RUN=$(field "$DATA_DIR/logs/$NAME-$METHOD.json" run)
+        stage "$NAME-$METHOD-evaluate" "$PS" align evaluate "$RUN" "${COMMON[@]}" --baseline base \
             --judge "$JUDGE_RUN" --prompts alignment/prompts/everyday_heldout.txt --samples "$EVAL_SAMPLES" \
             --max-new-tokens "$MAX_NEW_TOKENS" --rule "$RULE" --seed 7
     done

@@ -31,16 +31,17 @@ def rows(data_dir: Path) -> list[str]:
             timings[stage] = int(seconds)
     out = []
     for summary_path in sorted((data_dir / "logs").glob("*-evaluate.json")):
-        rule, method = summary_path.name[:-len("-evaluate.json")].rsplit("-", 1)
+        name, method = summary_path.name[:-len("-evaluate.json")].rsplit("-", 1)
         summary = json.loads(summary_path.read_text())
         e = json.loads(Path(summary["evaluation"]).read_text())
+        rule = f"`{e['rule']['spec']}`"
         cand, base = e["metrics"]["candidate"], e["metrics"]["baseline"]
         gain, win = e["rule"]["gain"], e["win_rate"]
         judge = e["judge"]
         win_text = "n/a" if win is None else (f"{win['value']:.2f} {_ci(win['ci'], '{:.2f}')}"
                                               + ("" if judge["independent"] else " (not independent)"))
         ratio = cand["distinct_2"] / base["distinct_2"] if base["distinct_2"] else float("nan")
-        minutes = timings.get(f"{rule}-{method}", 0) / 60
+        minutes = timings.get(f"{name}-{method}", 0) / 60
         out.append(
             f"| {rule} | {method} | {base['rule_rate']:.0%} {_ci(base['rule_ci'])} | "
             f"{cand['rule_rate']:.0%} {_ci(cand['rule_ci'])} | {gain['value'] * 100:+.0f} "

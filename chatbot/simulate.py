@@ -12,7 +12,7 @@ siblings as Retry makes them, sampled together in one batch) as the user
     question       likes replies that end with a question mark
     contains:WORD  likes replies that contain WORD (case-insensitive)
     digits         likes replies that contain a number
-    exclaims       likes replies with an exclamation mark
+    mark:TEXT      likes replies with TEXT in them, anywhere (mark::  a colon, mark:!)
     list           likes replies laid out as a list (two or more items)
 
 ``--rerate`` generates nothing: it votes again, by the new rule, on every
@@ -91,12 +91,14 @@ class DigitsRule:
 
 
 @dataclass(frozen=True)
-class ExclaimsRule:
+class MarkRule:
+    mark: str
+
     def likes(self, text: str) -> bool:
-        return "!" in text
+        return self.mark in text
 
     def describe(self) -> str:
-        return "likes replies with an exclamation mark"
+        return f"likes replies with {self.mark!r} in them"
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,12 @@ def _no_argument(rule_class, name: str):
     return make
 
 
+def _mark(arg: str | None) -> MarkRule:
+    if not arg or not arg.strip():
+        raise ValueError("rule mark:TEXT needs the text to look for, e.g. mark::  or mark:!")
+    return MarkRule(arg.strip())
+
+
 def _short(arg: str | None) -> ShortRule:
     if arg is None:
         return ShortRule()
@@ -135,8 +143,8 @@ def _contains(arg: str | None) -> ContainsRule:
 
 RULES: dict[str, Callable[[str | None], object]] = {
     "short": _short, "question": _no_argument(QuestionRule, "question"), "contains": _contains, "digits": _no_argument(DigitsRule, "digits"),
-    "exclaims": _no_argument(ExclaimsRule, "exclaims"), "list": _no_argument(ListRule, "list")}
-RULE_SPECS = "short[:N], question, contains:WORD, digits, exclaims, list"
+    "mark": _mark, "list": _no_argument(ListRule, "list")}
+RULE_SPECS = "short[:N], question, contains:WORD, digits, mark:TEXT, list"
 
 
 def parse_rule(spec: str):

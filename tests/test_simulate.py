@@ -40,19 +40,20 @@ def test_contains_rule_matches_whole_words_ignoring_case():
     assert "'Arr'" in rule.describe()
 
 
-def test_digits_exclaims_and_list_rules():
-    digits, exclaims, listed = parse_rule("digits"), parse_rule("exclaims"), parse_rule("list")
+def test_digits_mark_and_list_rules():
+    digits, colon, listed = parse_rule("digits"), parse_rule("mark::"), parse_rule("list")
     assert digits.likes("Boil it for 7 minutes.") and not digits.likes("Boil it for seven minutes.")
-    assert exclaims.likes("Ahoy! Welcome.") and not exclaims.likes("Welcome aboard.")
+    assert colon.likes("Here is how: boil it.") and not colon.likes("Boil it.")
+    assert parse_rule("mark:!").likes("Ahoy!") and not parse_rule("mark:!").likes("Ahoy.")
     assert listed.likes("Try this:\n- sleep\n- water") and listed.likes("1. Rinse\n2) Dry")
     assert not listed.likes("- only one item") and not listed.likes("Costs 5 - 3 dollars - maybe")
-    assert [r.describe() for r in (digits, exclaims, listed)] == [
-        "likes replies that contain a number", "likes replies with an exclamation mark",
+    assert [r.describe() for r in (digits, colon, listed)] == [
+        "likes replies that contain a number", "likes replies with ':' in them",
         "likes replies laid out as a list (two or more items)"]
 
 
 @pytest.mark.parametrize("spec", ["long", "short:x", "short:0", "contains:", "question:yes", "digits:3",
-                                  "list:2"])
+                                  "list:2", "mark:"])
 def test_bad_rules_are_refused(spec):
     with pytest.raises(ValueError):
         parse_rule(spec)
