@@ -52,10 +52,9 @@ from typing import Any
 
 from alignment.jobs import RunStore
 from alignment.kto import encode_row, implicit_rewards
+from alignment.recipe import EpochFields, GateFields
 from alignment.metrics import Reply, longer_reply_accuracy, mean_margin, pairwise_accuracy, shortcut_report
 from alignment.reward import (
-    BUNDLED,
-    RecipeLoader,
     ensure_pad_token,
     find_checkpoint,
     job_callback,
@@ -77,46 +76,23 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 @dataclass
-class DPORecipe(RecipeLoader):
-    """Settings of one DPO job; each maps onto DPOConfig/LoraConfig."""
+class DPORecipe(EpochFields, GateFields):
+    """Settings of one DPO job; each maps onto DPOConfig/LoraConfig (bases: alignment/recipe.py)."""
 
-    base_model: str = field(default=BUNDLED, metadata={
-        "help": "Base checkpoint folder, or 'bundled' for the converted bundled SmolLM2."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "Linear layers that get LoRA adapters."})
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
     beta: float = field(default=0.1, metadata={
         "help": "DPO beta: strength of the pull towards the reference (higher = closer)."})
     loss_type: str = field(default="sigmoid", metadata={
         "help": "DPOConfig loss_type: 'sigmoid' is the DPO paper's loss; 'ipo', 'hinge', ... are variants."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train split."})
-    max_steps: int = field(default=-1, metadata={
-        "help": "Optimizer steps; overrides num_train_epochs when > 0."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Pairs per step and device."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     max_length: int = field(default=512, metadata={
         "help": "Longest prompt+reply in tokens; longer replies are truncated, pairs whose prompt fills it are "
                 "dropped and counted."})
-    eval_fraction: float = field(default=0.2, metadata={
-        "help": "Share of conversations held out for eval; read by the data split, not the trainer."})
     min_pairs: int = field(default=16, metadata={"help": "Refuse to train on fewer usable train pairs."})
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (set explicitly)."})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations to save memory (set explicitly)."})
     seed: int = field(default=42, metadata={"help": "Seed for the LoRA init and data order."})
-    gate: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "Promotion gate bounds for `align evaluate` (alignment/gate.py GateBounds); absent = defaults."})
 
     def __post_init__(self) -> None:
-        from alignment.gate import GateBounds
-
-        GateBounds.from_mapping(self.gate, source="recipe gate")  # a typo fails before training, not after
+        super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"recipe loss_type {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
 

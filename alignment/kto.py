@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from alignment.jobs import RunStore
+from alignment.recipe import EpochFields, GateFields
 from alignment.reward import (
-    BUNDLED,
-    RecipeLoader,
     ensure_pad_token,
     find_checkpoint,
     job_callback,
@@ -59,17 +58,9 @@ AUTO_RATIO = 7 / 6
 
 
 @dataclass
-class KTORecipe(RecipeLoader):
-    """Settings of one KTO job; each maps onto KTOConfig/LoraConfig."""
+class KTORecipe(EpochFields, GateFields):
+    """Settings of one KTO job; each maps onto KTOConfig/LoraConfig (bases: alignment/recipe.py)."""
 
-    base_model: str = field(default=BUNDLED, metadata={
-        "help": "Base checkpoint folder, or 'bundled' for the converted bundled SmolLM2."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "Linear layers that get LoRA adapters."})
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
     beta: float = field(default=0.1, metadata={
         "help": "KTO beta: strength of the pull towards the reference (higher = closer)."})
@@ -77,31 +68,16 @@ class KTORecipe(RecipeLoader):
         "help": "Loss weight of liked replies, or 'auto': set from the data's balance (class_weights)."})
     undesirable_weight: float | str = field(default=AUTO, metadata={
         "help": "Loss weight of disliked replies, or 'auto' (both or neither are 'auto')."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train split."})
-    max_steps: int = field(default=-1, metadata={
-        "help": "Optimizer steps; overrides num_train_epochs when > 0."})
     per_device_train_batch_size: int = field(default=4, metadata={
         "help": "Rows per step and device; > 1, the KL estimate mismatches completions within a batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     max_length: int = field(default=512, metadata={
         "help": "Longest prompt+reply in tokens; longer rows are truncated, rows whose prompt fills it are dropped "
                 "and counted."})
-    eval_fraction: float = field(default=0.2, metadata={
-        "help": "Share of conversations held out for eval; read by the data split, not the trainer."})
     min_rows: int = field(default=16, metadata={"help": "Refuse to train on fewer usable train rows."})
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (set explicitly)."})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations to save memory (set explicitly)."})
     seed: int = field(default=42, metadata={"help": "Seed for the LoRA init and data order."})
-    gate: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "Promotion gate bounds for `align evaluate` (alignment/gate.py GateBounds); absent = defaults."})
 
     def __post_init__(self) -> None:
-        from alignment.gate import GateBounds
-
-        GateBounds.from_mapping(self.gate, source="recipe gate")  # a typo fails before training, not after
+        super().__post_init__()
         weights = (self.desirable_weight, self.undesirable_weight)
         if (AUTO in weights) != (weights == (AUTO, AUTO)):
             raise ValueError("desirable_weight and undesirable_weight are both 'auto' or both numbers, "

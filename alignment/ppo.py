@@ -53,9 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from alignment.jobs import RunStore
+from alignment.recipe import BUNDLED, GateFields, TrainingFields
 from alignment.reward import (
-    BUNDLED,
-    RecipeLoader,
     ensure_pad_token,
     find_checkpoint,
     job_callback,
@@ -73,18 +72,15 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
-class PPORecipe(RecipeLoader):
-    """Settings of one PPO job; each maps onto PPOConfig/LoraConfig or the job's own controls."""
+class PPORecipe(TrainingFields, GateFields):
+    """Settings of one PPO job; each maps onto PPOConfig/LoraConfig or the job's own controls
+    (bases: alignment/recipe.py)."""
 
     base_model: str = field(default=BUNDLED, metadata={
         "help": "Base checkpoint folder, or 'bundled'; must be the reward model's base."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (policy and value adapters)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={
         "help": "Dropout on the LoRA branch; PPO disables dropout in its models anyway."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "Linear layers that get LoRA adapters."})
     learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate."})
     steps: int = field(default=40, metadata={
         "help": "PPO updates; each draws a batch of prompts and generates one reply per prompt."})
@@ -116,18 +112,8 @@ class PPORecipe(RecipeLoader):
         "help": "Share of conversations held out; read by the data split. Held-out prompts are for evaluate."})
     min_prompts: int = field(default=16, metadata={"help": "Refuse to train on fewer distinct train prompts."})
     save_steps: int = field(default=10, metadata={"help": "Checkpoint every N updates."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 mixed precision (set explicitly)."})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations to save memory (set explicitly)."})
     seed: int = field(default=42, metadata={"help": "Seed for the LoRA init, prompt order and sampling."})
-    gate: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Promotion gate bounds read by `align evaluate` (alignment/gate.py)."})
-
-    def __post_init__(self) -> None:
-        from alignment.gate import GateBounds
-
-        GateBounds.from_mapping(self.gate, source="recipe gate")  # a typo fails before training, not after
 
     def batch_size(self, world_size: int = 1) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size

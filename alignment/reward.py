@@ -28,7 +28,6 @@ own tokenization.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -37,70 +36,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from alignment.jobs import RunStore
+from alignment.recipe import BUNDLED, EpochFields, RecipeLoader  # noqa: F401 - BUNDLED, RecipeLoader: re-exported
 from alignment.metrics import Reply, reward_report, shortcut_report
 
 log = logging.getLogger(__name__)
 
 KIND = "reward"
-BUNDLED = "bundled"  # recipe placeholder for the converted bundled SmolLM2 checkpoint
-
-
-class RecipeLoader:
-    """YAML loading for recipe dataclasses; unknown keys are an error."""
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> Any:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> Any:
-        path = Path(path)
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(values, dict):
-            # ValueError like every other recipe problem: callers catch one type.
-            raise ValueError(f"{path}: a recipe is a mapping of keys to values")  # noqa: TRY004
-        values.update(overrides)
-        return cls.from_dict(values, source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
-class RewardRecipe(RecipeLoader):
-    """Settings of one reward-model job; each maps onto RewardConfig/LoraConfig."""
+class RewardRecipe(EpochFields):
+    """Settings of one reward-model job; each maps onto RewardConfig/LoraConfig (bases: alignment/recipe.py)."""
 
-    base_model: str = field(default=BUNDLED, metadata={
-        "help": "Base checkpoint folder, or 'bundled' for the converted bundled SmolLM2."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "Linear layers that get LoRA adapters."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train split."})
-    max_steps: int = field(default=-1, metadata={
-        "help": "Optimizer steps; overrides num_train_epochs when > 0."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Pairs per step and device."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     max_length: int = field(default=512, metadata={
         "help": "Longest prompt+reply in tokens; longer pairs are dropped and counted."})
-    eval_fraction: float = field(default=0.2, metadata={
-        "help": "Share of conversations held out for eval; read by the data split, not the trainer."})
     min_pairs: int = field(default=16, metadata={"help": "Refuse to train on fewer usable train pairs."})
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (set explicitly)."})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations to save memory (set explicitly)."})
     seed: int = field(default=42, metadata={"help": "Seed for the score-head init and data order."})
 
 
