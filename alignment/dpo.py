@@ -37,8 +37,8 @@ tokens (the reply's end goes first), and drops pairs whose prompt alone
 reaches max_length. Each
 side is scored here as a KTO row with exactly that split, so training and the
 report agree. Recipe plumbing (YAML, checkpoints, run-store tracking, the
-per-step callback, base-model resolution, pad token) is shared with
-alignment/reward.py.
+per-step callback, base-model resolution, pad token, finishing) is in
+alignment/training.py and alignment/recipe.py.
 """
 
 from __future__ import annotations
@@ -52,19 +52,19 @@ from typing import Any
 
 from alignment.jobs import RunStore
 from alignment.kto import encode_row, implicit_rewards
-from alignment.recipe import EpochFields, GateFields
 from alignment.metrics import Reply, longer_reply_accuracy, mean_margin, pairwise_accuracy, shortcut_report
-from alignment.reward import (
+from alignment.recipe import EpochFields, GateFields
+from alignment.reward import reply_text, validate_rows
+from alignment.training import (
+    JobResult,
     ensure_pad_token,
     find_checkpoint,
+    finish_job,
     job_callback,
     lora_config,
-    reply_text,
     resolve_base_model,
     run_tracked,
-    served_model_id,
     trainer_arguments,
-    validate_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -95,15 +95,6 @@ class DPORecipe(EpochFields, GateFields):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"recipe loss_type {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
-
-
-@dataclass(frozen=True)
-class DPOResult:
-    metrics: dict[str, Any]
-    adapter_dir: Path
-    global_step: int = 0
-    resumed_from: Path | None = None
-    version_id: int | None = None
 
 
 # -- data ---------------------------------------------------------------------
@@ -183,7 +174,7 @@ def train_dpo(
     progress: bool = True,
     data_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
-) -> DPOResult:
+) -> JobResult:
     """Train a LoRA adapter with DPO, report it on ``eval_rows`` and register a candidate.
 
     Layout of ``output_dir`` as for the reward job: ``checkpoints/``,
@@ -202,7 +193,7 @@ def train_dpo(
 
 
 def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
-           run_store, run_id, progress, data_dir, callbacks) -> DPOResult:
+           run_store, run_id, progress, data_dir, callbacks) -> JobResult:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -249,15 +240,6 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
                    global_step=trainer.state.global_step,
                    token_boundary="chat_template(prompt + reply), reply after the generation prompt")
 
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # adapter + tokenizer (with its pad token)
-    (output_dir / "report.json").write_text(json.dumps(
-        {"recipe": recipe.to_dict(), "base_model": str(base), "metrics": metrics}, indent=2), encoding="utf-8")
-
-    version_id = None
-    if run_store is not None and run_id is not None:
-        version_id = run_store.register_candidate(
-            run_id, base_model=served_model_id(recipe.base_model), adapter_path=str(adapter_dir.resolve()),
-            metrics=metrics)
-    return DPOResult(metrics=metrics, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
-                     resumed_from=last_checkpoint, version_id=version_id)
+    # The adapter and the tokenizer (with its pad token).
+    return finish_job(lambda folder: trainer.save_model(str(folder)), recipe, base, metrics, output_dir,
+                      run_store, run_id, trainer.state.global_step, last_checkpoint)

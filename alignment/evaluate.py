@@ -520,7 +520,7 @@ def generate_and_measure(base_path: Path, candidate: Side, baseline: Side, promp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignment.reward import ensure_pad_token
+    from alignment.training import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
@@ -578,7 +578,8 @@ def score_replies(judge_dir: Path, base_path: Path, policy_tokenizer, prompts: l
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignment.reward import encode_pair_side, ensure_pad_token
+    from alignment.reward import encode_pair_side
+    from alignment.training import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
@@ -614,7 +615,7 @@ def _base_path(report: dict[str, Any], run: RunRecord, data_dir: Path | None) ->
     path = Path(report.get("base_model") or "")
     if (path / "config.json").is_file():
         return path
-    from alignment.reward import resolve_base_model
+    from alignment.training import resolve_base_model
 
     try:
         return resolve_base_model((run.config or {}).get("base_model", ""), data_dir)

@@ -20,13 +20,12 @@ Token boundary: TRL tokenizes a conversational row itself as
 ``chat_template(prompt + completion)`` (the reply, ``<|im_end|>`` and a
 newline). The eval log-probs here use exactly that split, so training and
 the report agree. Recipe plumbing (YAML, checkpoints, run-store tracking,
-the per-step callback, base-model resolution, pad token) is shared with
-alignment/reward.py.
+the per-step callback, base-model resolution, pad token, finishing) is in
+alignment/training.py and alignment/recipe.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,15 +34,16 @@ from typing import Any
 
 from alignment.jobs import RunStore
 from alignment.recipe import EpochFields, GateFields
-from alignment.reward import (
+from alignment.reward import reply_text
+from alignment.training import (
+    JobResult,
     ensure_pad_token,
     find_checkpoint,
+    finish_job,
     job_callback,
     lora_config,
-    reply_text,
     resolve_base_model,
     run_tracked,
-    served_model_id,
     trainer_arguments,
 )
 
@@ -86,15 +86,6 @@ class KTORecipe(EpochFields, GateFields):
                                            for w in weights):
             raise ValueError(f"desirable_weight and undesirable_weight must be positive numbers or 'auto', "
                              f"not {weights[0]!r} and {weights[1]!r}")
-
-
-@dataclass(frozen=True)
-class KTOResult:
-    metrics: dict[str, Any]
-    adapter_dir: Path
-    global_step: int = 0
-    resumed_from: Path | None = None
-    version_id: int | None = None
 
 
 # -- data ---------------------------------------------------------------------
@@ -279,7 +270,7 @@ def train_kto(
     progress: bool = True,
     data_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
-) -> KTOResult:
+) -> JobResult:
     """Train a LoRA adapter with KTO, report it on ``eval_rows`` and register a candidate.
 
     Layout of ``output_dir`` as for the reward job: ``checkpoints/``,
@@ -300,7 +291,7 @@ def train_kto(
 
 
 def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
-           run_store, run_id, progress, data_dir, callbacks) -> KTOResult:
+           run_store, run_id, progress, data_dir, callbacks) -> JobResult:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -349,15 +340,6 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
                    global_step=trainer.state.global_step,
                    token_boundary="chat_template(prompt + completion), completion after the generation prompt")
 
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # adapter + tokenizer (with its pad token)
-    (output_dir / "report.json").write_text(json.dumps(
-        {"recipe": recipe.to_dict(), "base_model": str(base), "metrics": metrics}, indent=2), encoding="utf-8")
-
-    version_id = None
-    if run_store is not None and run_id is not None:
-        version_id = run_store.register_candidate(
-            run_id, base_model=served_model_id(recipe.base_model), adapter_path=str(adapter_dir.resolve()),
-            metrics=metrics)
-    return KTOResult(metrics=metrics, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
-                     resumed_from=last_checkpoint, version_id=version_id)
+    # The adapter and the tokenizer (with its pad token).
+    return finish_job(lambda folder: trainer.save_model(str(folder)), recipe, base, metrics, output_dir,
+                      run_store, run_id, trainer.state.global_step, last_checkpoint)

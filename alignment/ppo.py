@@ -54,14 +54,15 @@ from typing import Any
 
 from alignment.jobs import RunStore
 from alignment.recipe import BUNDLED, GateFields, TrainingFields
-from alignment.reward import (
+from alignment.training import (
+    JobResult,
     ensure_pad_token,
     find_checkpoint,
+    finish_job,
     job_callback,
     lora_config,
     resolve_base_model,
     run_tracked,
-    served_model_id,
     trainer_arguments,
 )
 
@@ -117,15 +118,6 @@ class PPORecipe(TrainingFields, GateFields):
 
     def batch_size(self, world_size: int = 1) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
-
-
-@dataclass(frozen=True)
-class PPOResult:
-    metrics: dict[str, Any]
-    adapter_dir: Path
-    global_step: int = 0
-    resumed_from: Path | None = None
-    version_id: int | None = None
 
 
 class KLExceeded(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -384,7 +376,7 @@ def train_ppo(
     progress: bool = True,
     data_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
-) -> PPOResult:
+) -> JobResult:
     """Train a LoRA policy with PPO against the reward model in ``reward_dir`` and register a candidate.
 
     ``output_dir``: ``checkpoints/checkpoint-N`` (every save_steps),
@@ -427,7 +419,7 @@ def _find_ppo_checkpoint(checkpoints: Path, resume: bool) -> Path | None:
 
 
 def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpoint,
-           run_store, run_id, progress, data_dir, callbacks) -> PPOResult:
+           run_store, run_id, progress, data_dir, callbacks) -> JobResult:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -533,24 +525,17 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
                    reward_model=str(reward_dir), batch_size=args.batch_size,
                    token_boundary="chat_template(prompt, add_generation_prompt) + reply up to EOS")
 
-    adapter_dir = output_dir / "adapter"
     if not trainer.accelerator.is_main_process:  # one writer under `accelerate launch`
-        return PPOResult(metrics=metrics, adapter_dir=adapter_dir, global_step=final_step,
+        return JobResult(metrics=metrics, adapter_dir=output_dir / "adapter", global_step=final_step,
                          resumed_from=last_checkpoint)
-    wrapper.policy.save_pretrained(str(adapter_dir))
-    tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(str(adapter_dir))
-    (output_dir / "report.json").write_text(json.dumps(
-        {"recipe": recipe.to_dict(), "base_model": str(base), "metrics": metrics}, indent=2, default=str),
-        encoding="utf-8")
 
-    version_id = None
-    if run_store is not None and run_id is not None:
-        version_id = run_store.register_candidate(
-            run_id, base_model=served_model_id(recipe.base_model), adapter_path=str(adapter_dir.resolve()),
-            metrics=metrics)
-    return PPOResult(metrics=metrics, adapter_dir=adapter_dir, global_step=final_step,
-                     resumed_from=last_checkpoint, version_id=version_id)
+    def save_adapter(folder: Path) -> None:
+        wrapper.policy.save_pretrained(str(folder))
+        tokenizer.padding_side = "right"
+        tokenizer.save_pretrained(str(folder))
+
+    return finish_job(save_adapter, recipe, base, metrics, output_dir, run_store, run_id, final_step,
+                      last_checkpoint)
 
 
 @contextlib.contextmanager

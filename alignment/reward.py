@@ -28,17 +28,26 @@ own tokenization.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alignment.jobs import RunStore
-from alignment.recipe import BUNDLED, EpochFields, RecipeLoader  # noqa: F401 - BUNDLED, RecipeLoader: re-exported
 from alignment.metrics import Reply, reward_report, shortcut_report
+from alignment.recipe import EpochFields
+from alignment.training import (
+    JobResult,
+    ensure_pad_token,
+    find_checkpoint,
+    finish_job,
+    job_callback,
+    lora_config,
+    resolve_base_model,
+    run_tracked,
+    trainer_arguments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +63,6 @@ class RewardRecipe(EpochFields):
         "help": "Longest prompt+reply in tokens; longer pairs are dropped and counted."})
     min_pairs: int = field(default=16, metadata={"help": "Refuse to train on fewer usable train pairs."})
     seed: int = field(default=42, metadata={"help": "Seed for the score-head init and data order."})
-
-
-@dataclass(frozen=True)
-class RewardResult:
-    metrics: dict[str, Any]
-    adapter_dir: Path
-    global_step: int = 0
-    resumed_from: Path | None = None
-    version_id: int | None = None
 
 
 # -- data ---------------------------------------------------------------------
@@ -144,28 +144,6 @@ def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]],
     return encoded, too_long
 
 
-def ensure_pad_token(tokenizer: Any, model: Any | None = None) -> None:
-    """Give the tokenizer a pad token distinct from EOS.
-
-    Sequence classification scores the last non-pad token; with pad == EOS a
-    reply ending at EOS would be scored one token early. An existing special
-    token distinct from EOS (SmolLM2's ``<|endoftext|>``) is reused so that
-    the vocabulary, and hence the policy sharing this tokenizer, stays the
-    same size; otherwise ``<|pad|>`` is added and the embeddings resized.
-    """
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        pass
-    elif tokenizer.unk_token is not None and tokenizer.unk_token_id not in (
-            tokenizer.eos_token_id, tokenizer.bos_token_id):
-        tokenizer.pad_token = tokenizer.unk_token
-    else:
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-        if model is not None:
-            model.resize_token_embeddings(len(tokenizer))
-    if model is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-
-
 def score_pairs(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int = 8,
                 max_length: int | None = None) -> tuple[list[float], list[float]]:
     """Scores of each pair's chosen and rejected reply, tokenized as in training."""
@@ -202,112 +180,6 @@ def _score_encoded(model: Any, tokenizer: Any, encoded: list[dict[str, Any]],
 # -- training -----------------------------------------------------------------
 
 
-def resolve_base_model(base_model: str, data_dir: Path | None) -> Path:
-    if base_model == BUNDLED:
-        if data_dir is None:
-            raise ValueError("recipe base_model is 'bundled': pass data_dir to find the converted checkpoint")
-        from chatbot import default_model
-
-        return default_model.ensure_checkpoint(Path(data_dir))
-    path = Path(base_model).expanduser()
-    if not (path / "config.json").is_file():
-        raise ValueError(f"base_model {base_model!r} is not a checkpoint folder (no config.json)")
-    return path
-
-
-def served_model_id(base_model: str) -> str:
-    """The id the chat app records for this base model (``ChatEngine.model_id``).
-
-    Candidate versions are registered under it so that a promoted adapter is
-    the same ``model_versions`` row the app writes replies with: the bundled
-    model's id for ``bundled``, otherwise the folder exactly as written (give
-    ``serve --model`` the same string).
-    """
-    if base_model == BUNDLED:
-        from chatbot import default_model
-
-        return default_model.MODEL_ID
-    return base_model
-
-
-def job_callback(run_store: RunStore | None, run_id: int | None, metrics_path: Path, step_offset: int = 0):
-    """Per-step progress and logs to the run store and metrics.jsonl.
-
-    ``step_offset``: steps done before this process started, for a resumed job
-    whose trainer counts from 0 again (PPO); the logged step and the progress
-    are over the whole run.
-    """
-    from transformers import TrainerCallback
-
-    def progress(state) -> float:
-        # Leave the last percent for eval and registration.
-        return 0.99 * (step_offset + state.global_step) / (step_offset + state.max_steps)
-
-    class JobCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if run_store is not None and run_id is not None and state.max_steps and state.is_world_process_zero:
-                run_store.record_step(run_id, progress(state))
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or not state.is_world_process_zero:  # one writer under `accelerate launch`
-                return
-            # `time` (Unix seconds) makes a run's step speed readable from the file alone.
-            entry = {"step": step_offset + state.global_step, "time": round(time.time(), 3),
-                     **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
-            with metrics_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
-            if run_store is not None and run_id is not None and state.max_steps:
-                run_store.record_step(run_id, progress(state), entry)
-
-    return JobCallback()
-
-
-def trainer_arguments(recipe: Any, checkpoints: Path, progress: bool) -> dict[str, Any]:
-    """The TRL config fields every job kind sets the same way from its recipe.
-
-    Epochs, max_steps and max_length are included when the recipe has them:
-    the reward and KTO recipes do, PPO's counts its steps itself.
-    """
-    arguments = dict(
-        output_dir=str(checkpoints),
-        learning_rate=recipe.learning_rate,
-        per_device_train_batch_size=recipe.per_device_train_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        logging_steps=1,
-        eval_strategy="no",  # eval metrics are computed by the job itself, per pair or row
-        bf16=recipe.bf16,
-        # bf16 on a machine without a GPU is CPU autocast, which the arguments accept only with use_cpu.
-        use_cpu=not _has_gpu(),
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        seed=recipe.seed,
-        report_to=["tensorboard"],  # event files under checkpoints/runs/ (tensorboardX)
-        disable_tqdm=not progress,  # the trainer's bar shows steps and ETA
-        dataset_num_proc=None,
-    )
-    for name in ("num_train_epochs", "max_steps", "max_length"):
-        if hasattr(recipe, name):
-            arguments[name] = getattr(recipe, name)
-    return arguments
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def lora_config(recipe: Any, task_type: str, **extra: Any):
-    """The recipe's LoRA settings as a peft LoraConfig (imported here: peft is slow to import)."""
-    from peft import LoraConfig
-
-    return LoraConfig(task_type=task_type, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
-                      lora_dropout=recipe.lora_dropout, target_modules=list(recipe.lora_target_modules),
-                      **extra)
-
-
 def train_reward(
     recipe: RewardRecipe,
     train_rows: Sequence[dict[str, Any]],
@@ -319,7 +191,7 @@ def train_reward(
     progress: bool = True,
     data_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
-) -> RewardResult:
+) -> JobResult:
     """Train a reward model, report it on ``eval_rows`` and register a candidate.
 
     Layout of ``output_dir``: ``checkpoints/checkpoint-N`` (every save_steps),
@@ -339,38 +211,8 @@ def train_reward(
         run_store, run_id, progress, data_dir, callbacks))
 
 
-def find_checkpoint(checkpoints: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; ValueError if one exists and ``resume`` is false."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if last_checkpoint and not resume:
-        raise ValueError(f"{checkpoints} already has {Path(last_checkpoint).name}: "
-                         "resume it, or use a new output directory")
-    if resume and not last_checkpoint:
-        log.warning("no checkpoint under %s: starting from step 0", checkpoints)
-    return Path(last_checkpoint) if last_checkpoint else None
-
-
-def run_tracked(run_store: RunStore | None, run_id: int | None, train: Any) -> Any:
-    """Call ``train()`` with the run marked running; interrupted or failed (re-raised) if it raises."""
-    if run_store is not None and run_id is not None:
-        run_store.set_status(run_id, "running")
-    try:
-        result = train()
-    except KeyboardInterrupt:
-        if run_store is not None and run_id is not None:
-            run_store.set_status(run_id, "interrupted", "interrupted; resume with --resume")
-        raise
-    except BaseException as exc:
-        if run_store is not None and run_id is not None:
-            run_store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    return result
-
-
 def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
-           run_store, run_id, progress, data_dir, callbacks) -> RewardResult:
+           run_store, run_id, progress, data_dir, callbacks) -> JobResult:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
@@ -419,15 +261,6 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
                    eval_dropped_too_long=eval_too_long, global_step=trainer.state.global_step,
                    token_boundary="chat_template(prompt, add_generation_prompt) + reply + eos")
 
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # adapter + score head + tokenizer (with its pad token)
-    (output_dir / "report.json").write_text(json.dumps(
-        {"recipe": recipe.to_dict(), "base_model": str(base), "metrics": metrics}, indent=2), encoding="utf-8")
-
-    version_id = None
-    if run_store is not None and run_id is not None:
-        version_id = run_store.register_candidate(
-            run_id, base_model=served_model_id(recipe.base_model), adapter_path=str(adapter_dir.resolve()),
-            metrics=metrics)
-    return RewardResult(metrics=metrics, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
-                        resumed_from=last_checkpoint, version_id=version_id)
+    # The adapter with the score head and the tokenizer (with its pad token).
+    return finish_job(lambda folder: trainer.save_model(str(folder)), recipe, base, metrics, output_dir,
+                      run_store, run_id, trainer.state.global_step, last_checkpoint)

@@ -40,14 +40,8 @@ from alignment.ppo import (
     train_ppo,
     value_model_from,
 )
-from alignment.reward import (
-    RewardRecipe,
-    encode_rows,
-    ensure_pad_token,
-    lora_config,
-    train_reward,
-    trainer_arguments,
-)
+from alignment.reward import RewardRecipe, encode_rows, train_reward
+from alignment.training import ensure_pad_token, lora_config, trainer_arguments
 from chatbot.default_model import ensure_checkpoint
 from chatbot.settings import Settings
 from chatbot.simulate import load_prompts

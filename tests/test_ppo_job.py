@@ -10,7 +10,8 @@ from training_helpers import InterruptAt, Snapshot
 
 from alignment.jobs import RunStore
 from alignment.ppo import PPORecipe, train_ppo
-from alignment.reward import RewardRecipe, ensure_pad_token, score_pairs, train_reward
+from alignment.reward import RewardRecipe, score_pairs, train_reward
+from alignment.training import ensure_pad_token
 
 REPO = Path(__file__).resolve().parent.parent
 PER_STEP = ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy",

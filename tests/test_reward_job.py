@@ -11,12 +11,8 @@ from training_helpers import InterruptAt, Snapshot
 
 from alignment import metrics
 from alignment.jobs import RunStore
-from alignment.reward import (
-    RewardRecipe,
-    encode_pair_side,
-    ensure_pad_token,
-    train_reward,
-)
+from alignment.reward import RewardRecipe, encode_pair_side, train_reward
+from alignment.training import ensure_pad_token
 
 REPO = Path(__file__).resolve().parent.parent
 
