@@ -31,12 +31,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check, timeout=60.0, what="condition"):
+def wait_until(check, timeout=60.0, what="condition", progress=None):
+    """``check()``'s first truthy result, polled; AssertionError after ``timeout`` seconds without one.
+
+    With ``progress`` (say, the reply on screen) the wait lasts as long as
+    ``progress()`` keeps changing, and times out only after ``timeout`` seconds
+    without a change: a whole reply on a loaded machine takes as long as it
+    takes, and a stalled one still fails.
+    """
     deadline = time.monotonic() + timeout
+    last = progress() if progress is not None else None
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
+        if progress is not None and (now := progress()) != last:
+            last, deadline = now, time.monotonic() + timeout
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
 

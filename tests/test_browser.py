@@ -50,7 +50,7 @@ def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(page, data_dir):
             seen.add(texts[1])
         return db_rows(data_dir, "select id, content from messages where role='assistant' and parent_id is not null")
 
-    [(reply_id, stored)] = wait_until(reply_stored, what="the reply to be stored")
+    [(reply_id, stored)] = wait_until(reply_stored, what="the reply to be stored", progress=lambda: bot_texts(page))
     assert len(seen) >= 2, f"the reply should appear piece by piece, saw {len(seen)} states"
     wait_until(lambda: plain(bot_texts(page)[1]) == plain(stored), what="the full reply on screen")
     assert db_rows(data_dir, "select persona_id from conversations") == [("pirate",)]

@@ -30,11 +30,13 @@ def history_labels(page) -> list[str]:
 
 def test_history_versions_feedback_details_and_feedback_tab(page, data_dir):
     send(page, "First chat about cats.")
-    wait_until(lambda: len(replies(data_dir)) == 1, what="the first reply")
+    wait_until(lambda: len(replies(data_dir)) == 1, what="the first reply",
+               progress=lambda: bot_texts(page))
     page.locator("#new-chat").click()
     wait_until(lambda: len(bot_texts(page)) == 1, what="a fresh chat")
     send(page, "Second chat about dogs.")
-    wait_until(lambda: len(replies(data_dir)) == 2, what="the second reply")
+    wait_until(lambda: len(replies(data_dir)) == 2, what="the second reply",
+               progress=lambda: bot_texts(page))
     page.locator("#history-sidebar .toggle-button").click()  # the sidebar starts closed
     wait_until(lambda: len(history_labels(page)) == 2, what="both chats in the sidebar")
     assert history_labels(page)[0].startswith("Second chat about dogs."), "newest first"
@@ -48,7 +50,8 @@ def test_history_versions_feedback_details_and_feedback_tab(page, data_dir):
 
     # Retry makes a second version; the arrows page between them.
     page.get_by_role("button", name="Retry", exact=True).click()
-    wait_until(lambda: len(replies(data_dir, cats)) == 2, what="the retried reply")
+    wait_until(lambda: len(replies(data_dir, cats)) == 2, what="the retried reply",
+               progress=lambda: bot_texts(page))
     wait_until(lambda: "version 2/2" in page.locator("#versions").inner_text(), what="the versions counter")
     (first_id, first_text), _ = replies(data_dir, cats)
     page.locator("#prev-version").click()

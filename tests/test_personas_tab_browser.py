@@ -126,7 +126,7 @@ def test_edit_try_save_and_a_new_chat_uses_the_new_system_prompt(page, data_dir,
     send(page, "Hello!")
     [(prompt, params)] = wait_until(lambda: db_rows(
         data_dir, "select prompt, generation_params from messages where role='assistant' and parent_id is not null"),
-        timeout=120, what="the reply to be stored")
+        timeout=120, what="the reply to be stored", progress=lambda: bot_texts(page))
     system = json.loads(prompt)[0]
     assert system["role"] == "system" and system["content"].startswith(NEW_PROMPT)
     assert json.loads(params)["max_new_tokens"] == 24
