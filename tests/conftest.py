@@ -8,6 +8,7 @@ directory and SQLite file under tmp_path, with the converted model linked in.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,8 +118,27 @@ def postgres_url(_pg_admin) -> Iterator[str]:
     try:
         yield make_url(TEST_PG_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        # FORCE: a test that failed half-way may have left a connection open.
-        _pg_admin.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop_database(_pg_admin, name)
+
+
+def _drop_database(admin, name: str, attempts: int = 100) -> None:
+    """DROP ... WITH (FORCE): a test that failed half-way may have left a connection open.
+
+    FORCE may not end a server process of another role (seen in CI: "must be a member of the role
+    whose process is being terminated", a background worker on the new database); that one ends
+    by itself, so the drop is tried again until it is gone.
+    """
+    import psycopg
+    from sqlalchemy.exc import ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            admin.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except ProgrammingError as exc:
+            if not isinstance(exc.orig, psycopg.errors.InsufficientPrivilege) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -77,9 +77,13 @@ def test_edit_try_save_and_a_new_chat_uses_the_new_system_prompt(page, data_dir,
     page.locator("#persona-system-prompt textarea").fill(NEW_PROMPT)
     page.get_by_text("Generation defaults").click()
     tokens = page.locator("#persona-max-new-tokens input[type=number]")
+    slider = page.locator("#persona-max-new-tokens input[type=range]")
+    # The accordion mounts its fields when it first opens, and they take the form's values after that:
+    # text typed in between was overwritten by the persona's 160 (a CI failure). Type once they show it.
+    wait_until(lambda: tokens.input_value() == slider.input_value() == "160",
+               what="the opened fields to show the persona's max_new_tokens")
     tokens.fill("24")
     tokens.press("Enter")
-    slider = page.locator("#persona-max-new-tokens input[type=range]")
     wait_until(lambda: slider.input_value() == "24", what="the slider to take the typed 24")
 
     # Try the draft before saving: a reply streams, nothing is written or stored.
