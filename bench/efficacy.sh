@@ -3,8 +3,9 @@
 # bundled model, CPU only, with the shipped CPU recipes:
 #
 #   simulate once (a prompt's replies sampled together) -> per rule: a copy of
-#   the store, re-rated by that rule -> reward model (policy part) and judge
-#   reward model (judge part) -> PPO, KTO and DPO on the policy part -> each
+#   the store, re-rated by that rule -> judge reward model (judge part) ->
+#   PPO (after a reward model on the policy part), KTO and DPO on the policy
+#   part -> each
 #   candidate evaluated against the base model on held-out prompts, judged by
 #   the rule and by the judge reward model.
 #
@@ -69,12 +70,14 @@ for RULE in $RULES; do
             "$DATA_DIR/replies/chat.db" "$DIR/chat.db"
     fi
     stage "$NAME-rerate" "$PS" simulate "${COMMON[@]}" --persona "$PERSONA" --rule "$RULE" --rerate
-    stage "$NAME-reward" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
-        --persona "$PERSONA"
     stage "$NAME-judge" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
         --persona "$PERSONA" --part judge
     JUDGE_RUN=$(field "$DATA_DIR/logs/$NAME-judge.json" run)
     for METHOD in $METHODS; do
+        if [ "$METHOD" = ppo ]; then  # only PPO needs a reward model of its own (policy part)
+            stage "$NAME-reward" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
+                --persona "$PERSONA"
+        fi
         stage "$NAME-$METHOD" "$PS" align "$METHOD" "${COMMON[@]}" --recipe "alignment/recipes/${METHOD}_cpu.yaml" \
             --persona "$PERSONA"
         RUN=$(field "$DATA_DIR/logs/$NAME-$METHOD.json" run)
