@@ -165,8 +165,8 @@ class ChatService:
     def send_samples(self, session: ChatSession, text: str, params: GenerationParams, n: int) -> list[Turn]:
         """Store the user's message and ``n`` replies to it, sampled together in one batch.
 
-        The replies are siblings, as Retry makes them, each stored with the
-        batch's seed, its row and the batch size; the session shows the last.
+        The replies are siblings, as Retry makes them, each stored with its own
+        seed (the given seed + its row); the session shows the last.
         For `simulate`, where several replies to one prompt are wanted at once.
         """
         session.check_writable()
@@ -359,8 +359,6 @@ class ChatService:
         # A promoted version's row, since identity is (base model, adapter folder).
         version = self.store.get_or_create_model_version(self.engine.model_id, adapter)
         params = reply.params.to_dict()
-        if reply.batch is not None:
-            params["batch"] = reply.batch
         message_id = self.store.add_message(
             session.conversation_id, "assistant", reply.text,
             parent_id=session.turns[-1].message_id, model_version_id=version,

@@ -1,16 +1,15 @@
 """ChatEngine: one model per process, streaming replies to many users.
 
-The model is loaded once and shared. Generation runs in a worker thread that
-pushes token ids into a queue; `stream()` decodes them and yields the reply
-so far. Replies are generated one at a time (a lock): on a 2-core CPU two
-concurrent generations are no faster than two in a row, and serializing keeps
-a seeded reply reproducible (the torch RNG is process-wide).
+The model is loaded once and shared. Every reply is a request to one decode
+thread that batches all running replies continuously (chatbot/batching.py);
+`stream()` decodes the token ids it sends back and yields the reply so far.
+Each request samples from its own seeded generator, so a seeded reply is
+reproducible whoever else is chatting.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import random
 import threading
 import time
@@ -19,10 +18,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import default_model
+from .batching import ATTENTION, Request, Sampling, Scheduler
 from .default_model import ModelLoadError
 from .prompting import Message, Prompt, fit_to_context
 
@@ -53,9 +52,6 @@ class Reply:
     first_token_ms: float | None = None
     latency_ms: float | None = None
     params: GenerationParams = field(default_factory=GenerationParams)  # seed filled in
-    # From `generate_batch`: {"size": n, "row": i}. The recorded seed drove the whole batch; with the
-    # size and the row it reproduces this reply.
-    batch: dict | None = None
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -93,55 +89,37 @@ def load_model(spec: str, data_dir: Path, dtype: str = "auto"):
     return model, tokenizer, model_id
 
 
-class _StopOnEvent(StoppingCriteria):
-    """Ends generation at the next token once `event` is set (the Stop button)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
-                          device=input_ids.device)
-
-
-class _TokenQueue(BaseStreamer):
-    """Receives new token ids from `generate` (the first `put` is the prompt)."""
-
-    DONE = object()
-
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value):
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self):
-        self.queue.put(self.DONE)
-
-
 class ChatEngine:
+    """The embedded transformers backend: one model, every request continuously batched.
+
+    ``stream``/``generate_batch`` hand requests to a ``Scheduler``
+    (chatbot/batching.py), whose thread decodes all running replies together.
+    """
+
     def __init__(self, model, tokenizer, model_id: str, context_tokens: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
         model_max = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context_tokens = min(context_tokens, model_max) if context_tokens > 0 else model_max
-        self._generate_lock = threading.Lock()
         self._adapters: dict[str, str] = {}  # adapter folder -> PEFT adapter name; loaded once each
         self._peft = None  # the PeftModel around `model`, once an adapter was asked for
         eos = model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         if tokenizer.eos_token_id is not None:
             self._eos_ids.add(tokenizer.eos_token_id)
+        model.set_attn_implementation(ATTENTION)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self._scheduler = Scheduler(self._model_for, self._eos_ids, vocab, model.device)
 
     @classmethod
     def load(cls, spec: str, data_dir: Path, dtype: str = "auto", context_tokens: int = 0) -> "ChatEngine":
         model, tokenizer, model_id = load_model(spec, data_dir, dtype)
         return cls(model, tokenizer, model_id, context_tokens)
+
+    def close(self) -> None:
+        """Stop the decode thread; requests still running end with an error."""
+        self._scheduler.close()
 
     def _encode(self, messages: list[Message]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -157,18 +135,22 @@ class ChatEngine:
             prompt = Prompt(list(prompt))
         return fit_to_context(prompt, self.count_tokens, self.context_tokens, max_new_tokens)
 
-    def _activate(self, adapter: str | None):
-        """(model to generate with, context to generate in) for the base model or an adapter.
+    @contextlib.contextmanager
+    def _model_for(self, adapter: str | None):
+        """The model to run for the base (None) or a LoRA adapter folder; called by the decode thread only.
 
-        Call with the generation lock held. The base weights are loaded once;
-        LoRA adapters are small, loaded on first use, kept, and switched per
-        request. PEFT injects LoRA layers into the base model's modules, so
-        even the bare base must be asked for with the adapters disabled.
+        The base weights are loaded once; LoRA adapters are small, loaded on
+        first use, kept, and switched per forward. PEFT injects LoRA layers
+        into the base model's modules, so even the bare base must be run with
+        the adapters disabled once any adapter is loaded.
         """
         if adapter is None:
             if self._peft is None:
-                return self.model, contextlib.nullcontext()
-            return self._peft, self._peft.disable_adapter()
+                yield self.model
+            else:
+                with self._peft.disable_adapter():
+                    yield self._peft
+            return
         name = self._adapters.get(adapter)
         if name is None:
             from peft import PeftModel
@@ -185,7 +167,21 @@ class ChatEngine:
                                      f"{str(exc).splitlines()[0][:200]}") from None
             self._adapters[adapter] = name
         self._peft.set_adapter(name)
-        return self._peft, contextlib.nullcontext()
+        yield self._peft
+
+    def _request(self, prompt: list[Message], params: GenerationParams, stop: threading.Event,
+                 adapter: str | None) -> tuple[Request, list[int]]:
+        ids = self._encode(prompt)
+        sampling = Sampling(params.temperature, params.top_p, params.top_k, params.repetition_penalty)
+        request = Request(ids, params.max_new_tokens, sampling, params.seed, adapter, stop)
+        self._scheduler.submit(request)
+        return request, ids
+
+    @staticmethod
+    def _seeded(params: GenerationParams) -> GenerationParams:
+        if params.seed is None:
+            return replace(params, seed=random.randrange(2**31))
+        return params
 
     def stream(self, messages: Prompt | list[Message], params: GenerationParams,
                stop: threading.Event | None = None, adapter: str | None = None) -> Iterator[Reply]:
@@ -193,42 +189,34 @@ class ChatEngine:
 
         `stop` ends generation within a token; the partial reply is kept and
         reported with finish_reason "stopped". `adapter` is a LoRA adapter
-        folder to answer with instead of the bare base model.
+        folder to answer with instead of the bare base model. A seeded reply
+        is the same whoever else is being answered at the time.
         """
         stop = stop or threading.Event()
         prompt = self.fit(messages, params.max_new_tokens)
-        if params.seed is None:
-            params = GenerationParams(**{**params.to_dict(), "seed": random.randrange(2**31)})
-        input_ids = torch.tensor([self._encode(prompt)], device=self.model.device)
-        reply = Reply(prompt=prompt, prompt_tokens=input_ids.shape[1], params=params)
-        streamer = _TokenQueue()
-        errors: list[BaseException] = []
+        params = self._seeded(params)
         started = time.perf_counter()
-
+        request, ids = self._request(prompt, params, stop, adapter)
+        reply = Reply(prompt=prompt, prompt_tokens=len(ids), params=params)
         tokens: list[int] = []
-        with contextlib.ExitStack() as held:
-            held.enter_context(self._generate_lock)
-            model, context = self._activate(adapter)
-            held.enter_context(context)
-            torch.manual_seed(params.seed)
-            worker = threading.Thread(
-                target=self._generate, args=(model, input_ids, params, streamer, stop, errors), daemon=True)
-            worker.start()
-            try:
-                while (item := streamer.queue.get()) is not _TokenQueue.DONE:
-                    tokens.extend(item)
-                    if reply.first_token_ms is None:
-                        reply.first_token_ms = (time.perf_counter() - started) * 1000
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    # A multi-byte character split across tokens decodes to U+FFFD: wait for the rest.
-                    if text != reply.text and not text.endswith("\ufffd"):
-                        reply.text, reply.completion_tokens = text, len(tokens)
-                        yield replace(reply)  # a snapshot: the caller may keep it
-            finally:
-                stop.set()  # if our consumer went away, end the worker too
-                worker.join()
-        if errors:
-            raise errors[0]
+        try:
+            while (item := request.out.get()) is not Request.DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                tokens.extend(item)
+                if reply.first_token_ms is None:
+                    reply.first_token_ms = (time.perf_counter() - started) * 1000
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                # A multi-byte character split across tokens decodes to U+FFFD: wait for the rest.
+                if text != reply.text and not text.endswith("\ufffd"):
+                    reply.text, reply.completion_tokens = text, len(tokens)
+                    yield replace(reply)  # a snapshot: the caller may keep it
+        finally:
+            stop.set()  # if our consumer went away, the scheduler drops the request
+        self._finish(reply, tokens, params, started)
+        yield reply
+
+    def _finish(self, reply: Reply, tokens: list[int], params: GenerationParams, started: float) -> None:
         reply.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         reply.completion_tokens = len(tokens)
         reply.latency_ms = (time.perf_counter() - started) * 1000
@@ -239,66 +227,33 @@ class ChatEngine:
         else:
             reply.finish_reason = "stopped"
         reply.done = True
-        yield reply
 
     def generate_batch(self, messages: Prompt | list[Message], params: GenerationParams, n: int,
                        adapter: str | None = None) -> list[Reply]:
-        """``n`` replies to one prompt, sampled together in one ``generate`` call; not streamed.
+        """``n`` replies to one prompt, decoded together; not streamed.
 
-        Decoding reads the weights once per step for the whole batch, so on a
-        CPU this is several times the throughput of ``n`` calls to ``stream``
-        (``bench/sample_batch.py``: 7.2x for 8 replies). One seed drives the batch; every
-        reply records it with its row and the batch size (``Reply.batch``).
-        Latency is the batch's; a first-token time is not measured.
+        Reply ``i`` is seeded with the seed + i and records that seed, so each
+        is the reply ``stream`` gives for it alone. Decoding reads the weights
+        once per step for all of them (``bench/sample_batch.py`` measures the
+        gain over one at a time).
         """
         if n < 1:
             raise ValueError(f"a batch needs at least 1 reply, not {n}")
         prompt = self.fit(messages, params.max_new_tokens)
-        if params.seed is None:
-            params = GenerationParams(**{**params.to_dict(), "seed": random.randrange(2**31)})
-        ids = self._encode(prompt)
-        input_ids = torch.tensor([ids] * n, device=self.model.device)  # (n, prompt length)
+        params = self._seeded(params)
         started = time.perf_counter()
-        with contextlib.ExitStack() as held:
-            held.enter_context(self._generate_lock)
-            model, context = self._activate(adapter)
-            held.enter_context(context)
-            torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        pad_token_id=self._pad_id(), **self._sampling(params))
-        latency_ms = (time.perf_counter() - started) * 1000
+        rows = [replace(params, seed=params.seed + i) for i in range(n)]
+        requests = [self._request(prompt, row, threading.Event(), adapter) for row in rows]
         replies = []
-        for row, new in enumerate(output[:, len(ids):].tolist()):  # (n, new tokens), padded after EOS
-            end = next((j for j, token in enumerate(new) if token in self._eos_ids), None)
-            tokens = new if end is None else new[:end + 1]
-            replies.append(Reply(
-                text=self.tokenizer.decode(tokens, skip_special_tokens=True), done=True,
-                finish_reason="eos" if end is not None else "length", prompt=prompt, prompt_tokens=len(ids),
-                completion_tokens=len(tokens), latency_ms=latency_ms, params=params,
-                batch={"size": n, "row": row}))
+        for (request, ids), row in zip(requests, rows, strict=True):
+            tokens: list[int] = []
+            while (item := request.out.get()) is not Request.DONE:
+                if isinstance(item, BaseException):
+                    for other, _ in requests:
+                        other.stop.set()
+                    raise item
+                tokens.extend(item)
+            reply = Reply(prompt=prompt, prompt_tokens=len(ids), params=row)
+            self._finish(reply, tokens, row, started)
+            replies.append(reply)
         return replies
-
-    def _pad_id(self) -> int | None:
-        return self.tokenizer.pad_token_id or next(iter(self._eos_ids), None)
-
-    @staticmethod
-    def _sampling(params: GenerationParams) -> dict:
-        kwargs = dict(do_sample=params.temperature > 0, max_new_tokens=params.max_new_tokens,
-                      repetition_penalty=params.repetition_penalty)
-        if params.temperature > 0:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-        else:  # keep generation_config's sampling defaults from warning about unused settings
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
-
-    def _generate(self, model, input_ids, params: GenerationParams, streamer, stop, errors) -> None:
-        try:
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                    pad_token_id=self._pad_id(), **self._sampling(params))
-        except BaseException as exc:  # surfaced by stream() in the caller's thread
-            errors.append(exc)
-            streamer.end()

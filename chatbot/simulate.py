@@ -207,7 +207,7 @@ def simulate(service, persona_id: str, rule, prompts: Sequence[str], n: int, sam
 
     The replies to a prompt are siblings, as Retry makes them, sampled together in one batch
     (``ChatService.send_samples``): several times faster than one at a time. `params` default to the
-    persona's own settings; with a seed, prompt i's batch uses seed + i * samples.
+    persona's own settings; with a seed, prompt i's reply k uses seed + i * samples + k.
     """
     from .chat import ChatError, params_for
     from .prompting import PromptTooLong
@@ -298,7 +298,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="replies per prompt, sampled together; siblings as Retry makes them")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit in tokens")
     parser.add_argument("--seed", type=int, default=None,
-                        help="sampling seed (prompt i's batch of replies uses seed + i x samples)")
+                        help="sampling seed (prompt i's reply k uses seed + i x samples + k)")
     return parser
 
 

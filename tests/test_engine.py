@@ -83,7 +83,10 @@ def test_long_history_is_truncated_to_the_context_window(checkpoint, engine):
         history += [{"role": "user", "content": f"Tell me story number {i} about the sea."},
                     {"role": "assistant", "content": "Arr, a long tale of waves and wind. " * 3}]
     history.append({"role": "user", "content": "And the last one?"})
-    last = final(small.stream(history, GenerationParams(temperature=0, max_new_tokens=16)))
+    try:
+        last = final(small.stream(history, GenerationParams(temperature=0, max_new_tokens=16)))
+    finally:
+        small.close()
     assert last.prompt[0] == PIRATE[0] and last.prompt[-1] == history[-1]
     assert len(last.prompt) < len(history)
     assert last.prompt_tokens + 16 <= 256
@@ -93,17 +96,112 @@ def test_generate_batch_samples_n_replies_to_one_prompt_reproducibly(engine):
     params = GenerationParams(max_new_tokens=12, seed=5)
     replies = engine.generate_batch(PIRATE, params, 3)
     again = engine.generate_batch(PIRATE, params, 3)
-    assert [r.text for r in replies] == [r.text for r in again], "the seed, row and size reproduce each reply"
+    assert [r.text for r in replies] == [r.text for r in again], "the seed reproduces each reply"
     assert len({r.text for r in replies}) > 1, "the rows are different samples"
     for row, reply in enumerate(replies):
-        assert reply.done and reply.batch == {"size": 3, "row": row} and reply.params.seed == 5
+        assert reply.done and reply.params.seed == 5 + row, "each reply records its own seed"
         assert reply.prompt == PIRATE and reply.prompt_tokens == engine.count_tokens(PIRATE)
         assert 0 < reply.completion_tokens <= 12 and reply.finish_reason in ("eos", "length")
         assert reply.finish_reason == "length" or reply.completion_tokens < 12
         assert reply.latency_ms > 0 and reply.first_token_ms is None
+    alone = final(engine.stream(PIRATE, GenerationParams(max_new_tokens=12, seed=6)))
+    assert alone.text == replies[1].text, "a batch's reply is the one its seed gives alone"
     greedy = engine.generate_batch(CHEF, GREEDY, 2)
     assert greedy[0].text == greedy[1].text == final(engine.stream(CHEF, GREEDY)).text
     unseeded = engine.generate_batch(CHEF, GenerationParams(max_new_tokens=4), 2)
-    assert unseeded[0].params.seed == unseeded[1].params.seed is not None  # a random seed, recorded
+    assert unseeded[1].params.seed == unseeded[0].params.seed + 1  # a random seed, recorded
     with pytest.raises(ValueError, match="at least 1 reply"):
         engine.generate_batch(CHEF, GREEDY, 0)
+
+
+def test_a_seeded_reply_is_the_same_whoever_else_is_chatting(engine):
+    params = GenerationParams(temperature=1.0, max_new_tokens=40, seed=77)
+    alone = final(engine.stream(PIRATE, params))
+    others = [[{"role": "user", "content": f"Tell me about {topic}. " * (1 + i * 20)}]  # prompts of 10-900 tokens
+              for i, topic in enumerate(["cats", "rain", "bread", "ships", "owls"])]
+    started, got = threading.Barrier(len(others) + 1), {}
+
+    def chat(name, messages, params):
+        started.wait()
+        got[name] = final(engine.stream(messages, params))
+
+    threads = [threading.Thread(target=chat, args=(i, messages, GenerationParams(
+        temperature=1.0, max_new_tokens=30 + 5 * i, seed=i))) for i, messages in enumerate(others)]
+    threads.append(threading.Thread(target=chat, args=("pirate", PIRATE, params)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert len(got) == len(others) + 1
+    assert got["pirate"].text == alone.text, "other chats changed a seeded reply"
+    assert got["pirate"].completion_tokens == alone.completion_tokens
+
+
+def test_greedy_replies_are_what_transformers_generate_gives(checkpoint):
+    """float32, where a padding-free forward matches generate's to the last bit of a token choice."""
+    import torch
+
+    engine = ChatEngine.load(str(checkpoint), checkpoint.parent.parent, "float32")
+    try:
+        for messages in (PIRATE, CHEF):
+            ids = torch.tensor([engine._encode(messages)])
+            with torch.inference_mode():
+                output = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                               max_new_tokens=24, repetition_penalty=1.1, temperature=None,
+                                               top_p=None, top_k=None)
+            expected = engine.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+            assert final(engine.stream(messages, GREEDY)).text == expected
+    finally:
+        engine.close()
+
+
+def test_concurrent_replies_share_forwards_and_long_prompts_are_prefilled_in_chunks(checkpoint):
+    from chatbot.batching import PREFILL_BUDGET
+
+    engine = ChatEngine.load(str(checkpoint), checkpoint.parent.parent)
+    try:
+        long_prompt = [{"role": "user", "content": "Tell me about the sea. " * 120}]  # ~700 tokens
+        prompts = [PIRATE, CHEF, long_prompt, [{"role": "user", "content": "Hi!"}]]
+        got = {}
+        started = threading.Barrier(len(prompts))
+
+        def chat(i):
+            started.wait()
+            got[i] = final(engine.stream(prompts[i], GenerationParams(temperature=0, max_new_tokens=20,
+                                                                      repetition_penalty=1.0)))
+
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        stats = engine._scheduler.stats
+        sampled = sum(r.completion_tokens for r in got.values())
+        assert stats["sampled"] == sampled
+        assert stats["forwards"] < sampled * 0.6, f"{stats}: replies were not decoded together"
+        # A running reply waits for at most one prefill budget of other people's prompts per token.
+        assert stats["largest_forward"] <= PREFILL_BUDGET + len(prompts), stats
+    finally:
+        engine.close()
+
+
+def test_a_bad_adapter_fails_its_own_request_only(engine, tmp_path):
+    from chatbot.default_model import ModelLoadError
+
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    results = {}
+
+    def chat(name, adapter):
+        try:
+            results[name] = final(engine.stream(CHEF, GREEDY, adapter=adapter)).text
+        except ModelLoadError as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=chat, args=("bad", str(tmp_path))),
+               threading.Thread(target=chat, args=("good", None))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert isinstance(results["bad"], ModelLoadError) and "cannot load LoRA adapter" in str(results["bad"])
+    assert results["good"] == final(engine.stream(CHEF, GREEDY)).text

@@ -91,11 +91,10 @@ def test_simulate_stores_simulated_votes_for_every_regeneration(service, store):
         assert len(replies) == 2 and replies[0].parent_id == replies[1].parent_id
         assert store.get_conversation(conv).title.startswith("SIMULATED (likes replies under 5 words)")
     assert report.satisfaction_rate == report.liked / 4
-    # Each prompt's replies were sampled together: one batch seed per prompt, each reply its row.
+    # Each prompt's replies were sampled together, each with its own seed: seed + i * samples + row.
     for i, conv in enumerate(report.conversation_ids):
         replies = [m for m in store.conversation_messages(conv) if m.prompt]
-        assert [m.generation_params["batch"] for m in replies] == [{"size": 2, "row": 0}, {"size": 2, "row": 1}]
-        assert {m.generation_params["seed"] for m in replies} == {3 + 2 * i}
+        assert [m.generation_params["seed"] for m in replies] == [3 + 2 * i, 4 + 2 * i]
 
 
 def test_rerate_votes_again_by_another_rule_without_generating(store):
