@@ -99,7 +99,7 @@ def resolve_base_model(base_model: str, data_dir: Path | None) -> Path:
 
 
 def served_model_id(base_model: str) -> str:
-    """The id the chat app records for this base model (``ChatEngine.model_id``).
+    """The id the chat app records for this base model (``Engine.model_id``).
 
     Candidate versions are registered under it so that a promoted adapter is
     the same ``model_versions`` row the app writes replies with: the bundled

@@ -3,7 +3,7 @@
     python bench/generate.py [--tokens 128] [--repeats 5] [--dtypes bfloat16,float32]
 
 For each dtype, runs greedy decoding of the same prompt alternately through
-`ChatEngine.stream` (worker thread, token queue, incremental decoding, stop
+`TransformersEngine.stream` (worker thread, token queue, incremental decoding, stop
 check) and a bare `model.generate` call, in this one process, and prints
 tokens/s and time to first token (medians) and their ratios. Alternating
 runs side by side keeps this noisy 2-core machine's drift out of the ratio.
@@ -28,7 +28,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from chatbot.default_model import ensure_checkpoint
-from chatbot.engine import ChatEngine, GenerationParams
+from chatbot.engine import GenerationParams
+from chatbot.transformers_engine import TransformersEngine
 from chatbot.settings import Settings
 
 MESSAGES = [
@@ -52,7 +53,7 @@ class FirstTokenClock(BaseStreamer):
         pass
 
 
-def plain_generate(engine: ChatEngine, tokens: int) -> tuple[float, float]:
+def plain_generate(engine: TransformersEngine, tokens: int) -> tuple[float, float]:
     result = []
     worker = threading.Thread(target=lambda: result.append(_plain_generate(engine, tokens)))
     worker.start()
@@ -60,8 +61,8 @@ def plain_generate(engine: ChatEngine, tokens: int) -> tuple[float, float]:
     return result[0]
 
 
-def _plain_generate(engine: ChatEngine, tokens: int) -> tuple[float, float]:
-    ids = torch.tensor([engine._encode(MESSAGES)])
+def _plain_generate(engine: TransformersEngine, tokens: int) -> tuple[float, float]:
+    ids = torch.tensor([engine.encode(MESSAGES)])
     clock = FirstTokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -73,7 +74,7 @@ def _plain_generate(engine: ChatEngine, tokens: int) -> tuple[float, float]:
     return (out.shape[1] - ids.shape[1]) / elapsed, (clock.first - start) * 1000
 
 
-def app_stream(engine: ChatEngine, tokens: int) -> tuple[float, float]:
+def app_stream(engine: TransformersEngine, tokens: int) -> tuple[float, float]:
     params = GenerationParams(temperature=0, max_new_tokens=tokens, repetition_penalty=1.0)
     for reply in engine.stream(MESSAGES, params):
         pass
@@ -92,7 +93,7 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     speeds = {}
     for dtype in args.dtypes.split(","):
-        engine = ChatEngine.load(str(checkpoint), Path(tempfile.gettempdir()), dtype)
+        engine = TransformersEngine.load(str(checkpoint), Path(tempfile.gettempdir()), dtype)
         app_stream(engine, 8), plain_generate(engine, 8)  # warm-up
         base, app = [], []
         for _ in range(args.repeats):

@@ -1,5 +1,5 @@
-"""Several replies to one prompt: one at a time through `ChatEngine.stream` vs together through
-`ChatEngine.generate_batch`, which `persona-studio simulate` uses.
+"""Several replies to one prompt: one at a time through `TransformersEngine.stream` vs together through
+`TransformersEngine.generate_batch`, which `persona-studio simulate` uses.
 
     python bench/sample_batch.py [--samples 8] [--tokens 64] [--repeats 3] [--dtype auto]
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from chatbot.default_model import ensure_checkpoint
-from chatbot.engine import ChatEngine, GenerationParams
+from chatbot.engine import GenerationParams
+from chatbot.transformers_engine import TransformersEngine
 from chatbot.settings import Settings
 
 MESSAGES = [
@@ -29,7 +30,7 @@ MESSAGES = [
 ]
 
 
-def one_at_a_time(engine: ChatEngine, params: GenerationParams, n: int) -> tuple[float, int]:
+def one_at_a_time(engine: TransformersEngine, params: GenerationParams, n: int) -> tuple[float, int]:
     start, tokens = time.perf_counter(), 0
     for k in range(n):
         for reply in engine.stream(MESSAGES, GenerationParams(**{**params.to_dict(), "seed": params.seed + k})):
@@ -38,7 +39,7 @@ def one_at_a_time(engine: ChatEngine, params: GenerationParams, n: int) -> tuple
     return time.perf_counter() - start, tokens
 
 
-def together(engine: ChatEngine, params: GenerationParams, n: int) -> tuple[float, int]:
+def together(engine: TransformersEngine, params: GenerationParams, n: int) -> tuple[float, int]:
     start = time.perf_counter()
     replies = engine.generate_batch(MESSAGES, params, n)
     return time.perf_counter() - start, sum(r.completion_tokens for r in replies)
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Settings.from_sources().data_dir)
     args = parser.parse_args()
     checkpoint = ensure_checkpoint(args.data_dir)
-    engine = ChatEngine.load(str(checkpoint), Path(tempfile.gettempdir()), args.dtype)
+    engine = TransformersEngine.load(str(checkpoint), Path(tempfile.gettempdir()), args.dtype)
     print(f"model {checkpoint} ({engine.model.dtype}), {args.samples} replies of up to {args.tokens} tokens, "
           f"{args.repeats} alternating repeats, torch {torch.__version__}, {torch.get_num_threads()} threads")
     together(engine, GenerationParams(max_new_tokens=4, seed=0), 2)  # warm-up

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from . import conversation_tree as tree
 from .default_model import ModelLoadError
-from .engine import ChatEngine, GenerationParams, Reply
+from .engine import Engine, EngineUnavailable, GenerationParams, Reply
 from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, parse_persona, render
 from .prompting import Prompt, PromptTooLong, build_prompt
 from .store import ChatStore, ConversationRecord, MessageRecord, ModelVersionRecord
@@ -78,7 +78,7 @@ def params_for(persona: LoadedPersona, **overrides) -> GenerationParams:
 
 
 class ChatService:
-    def __init__(self, engine: ChatEngine, personas: PersonaLibrary, store: ChatStore):
+    def __init__(self, engine: Engine, personas: PersonaLibrary, store: ChatStore):
         self.engine = engine
         self.personas = personas
         self.store = store
@@ -184,6 +184,8 @@ class ChatService:
             replies = self.engine.generate_batch(session.prompt(), params, n, adapter=adapter)
         except ModelLoadError as exc:
             raise _load_failed(exc, session, promoted) from None
+        except EngineUnavailable as exc:
+            raise ChatError(str(exc)) from None
         turns = [self._store_reply(session, reply, adapter) for reply in replies]
         session.turns.append(turns[-1])
         return turns
@@ -332,6 +334,8 @@ class ChatService:
             yield from self.engine.stream(prompt, params, stop, adapter=adapter)
         except ModelLoadError as exc:
             raise _load_failed(exc, session, promoted) from None
+        except EngineUnavailable as exc:  # the model server is down: the message is kept, the reply is not
+            raise ChatError(str(exc)) from None
 
     def _ensure_conversation(self, session: ChatSession) -> None:
         if session.conversation_id is not None:

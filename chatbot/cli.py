@@ -87,7 +87,7 @@ def build_service(settings: Settings):
     """Open the store, load the personas and the model: the shared services."""
     from .chat import ChatService
     from .default_model import ModelLoadError
-    from .engine import ChatEngine
+    from .engine import EngineUnavailable, open_engine
     from .personas import PersonaError, PersonaLibrary
     from .store import ChatStore, StoreError
 
@@ -96,8 +96,8 @@ def build_service(settings: Settings):
         personas = PersonaLibrary(settings.personas_dir)
         for problem in personas.errors:
             print(f"warning: persona skipped: {problem}", file=sys.stderr)
-        engine = ChatEngine.load(settings.model, settings.data_dir, settings.dtype, settings.context_tokens)
-    except (StoreError, PersonaError, ModelLoadError) as exc:
+        engine = open_engine(settings)
+    except (StoreError, PersonaError, ModelLoadError, EngineUnavailable) as exc:
         raise StartupError(str(exc)) from None
     return ChatService(engine, personas, store)
 
@@ -113,7 +113,7 @@ def serve(settings: Settings, auth: str = "auto") -> None:
     app = build_app(service, identity)
     url = f"http://{settings.host}:{settings.port}"
     print(f"Persona Studio on {url} "
-          f"(model {service.engine.model_id}, {service.engine.model.dtype}, db {settings.database_url})",
+          f"({service.engine.describe()}; db {settings.database_url})",
           flush=True)
     if identity.accounts_enabled:
         print(f"accounts enabled: sign in at {url}", flush=True)

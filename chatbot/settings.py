@@ -24,6 +24,11 @@ class Settings:
     port: int = field(default=7860, metadata={"help": "port to listen on"})
     model: str = field(default="", metadata={
         "help": "Hugging Face model id or local checkpoint directory; empty = the bundled SmolLM2-135M-Instruct"})
+    engine: str = field(default="transformers", metadata={
+        "help": "transformers: the model in this process (default); vllm: a vLLM server the app starts "
+                "from .venv-vllm (make vllm)"})
+    engine_url: str = field(default="", metadata={
+        "help": "URL of a running vLLM OpenAI-compatible server, e.g. http://host:8000/v1 (implies --engine vllm)"})
     dtype: str = field(default="auto", metadata={
         "help": "auto, bfloat16, float32 or float16; auto picks bfloat16 where the CPU/GPU runs it natively"})
     data_dir: Path = field(default_factory=_default_data_dir, metadata={

@@ -53,9 +53,9 @@ def data_dir(tmp_path, checkpoint) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(checkpoint):
-    from chatbot.engine import ChatEngine
+    from chatbot.transformers_engine import TransformersEngine
 
-    return ChatEngine.load("", MODEL_CACHE)
+    return TransformersEngine.load("", MODEL_CACHE)
 
 
 @pytest.fixture

@@ -374,7 +374,7 @@ def test_promoting_another_version_or_rolling_back_ends_the_canary(store: ChatSt
 
 
 class FakeEngine:
-    """Stands in for ChatEngine: answers at once. A reply ends with a question ("liked" by the rule
+    """Stands in for an Engine: answers at once. A reply ends with a question ("liked" by the rule
     `question`) for a share of seeds that depends on the adapter: ``like_rates[adapter]``."""
 
     model_id = BASE
@@ -390,7 +390,7 @@ class FakeEngine:
         yield self._reply(prompt, params, adapter, f"{params.seed}")
 
     def generate_batch(self, prompt, params, n, adapter=None):
-        return [replace(self._reply(prompt, params, adapter, f"{params.seed}:{row}"), batch={"size": n, "row": row})
+        return [self._reply(prompt, replace(params, seed=params.seed + row), adapter, f"{params.seed}:{row}")
                 for row in range(n)]
 
     def _reply(self, prompt, params, adapter, draw: str) -> Reply:

@@ -6,7 +6,7 @@ import pytest
 
 from chatbot import default_model
 from chatbot.default_model import ModelLoadError
-from chatbot.engine import load_model
+from chatbot.transformers_engine import load_model
 
 pytestmark = pytest.mark.model
 

@@ -4,7 +4,8 @@ import threading
 
 import pytest
 
-from chatbot.engine import ChatEngine, GenerationParams
+from chatbot.engine import GenerationParams
+from chatbot.transformers_engine import TransformersEngine
 
 pytestmark = pytest.mark.model
 
@@ -77,7 +78,7 @@ def test_two_users_at_once_get_their_own_replies(engine):
 
 
 def test_long_history_is_truncated_to_the_context_window(checkpoint, engine):
-    small = ChatEngine(engine.model, engine.tokenizer, engine.model_id, context_tokens=256)
+    small = TransformersEngine(engine.model, engine.tokenizer, engine.model_id, context_tokens=256)
     history = [PIRATE[0]]
     for i in range(20):
         history += [{"role": "user", "content": f"Tell me story number {i} about the sea."},
@@ -141,10 +142,10 @@ def test_greedy_replies_are_what_transformers_generate_gives(checkpoint):
     """float32, where a padding-free forward matches generate's to the last bit of a token choice."""
     import torch
 
-    engine = ChatEngine.load(str(checkpoint), checkpoint.parent.parent, "float32")
+    engine = TransformersEngine.load(str(checkpoint), checkpoint.parent.parent, "float32")
     try:
         for messages in (PIRATE, CHEF):
-            ids = torch.tensor([engine._encode(messages)])
+            ids = torch.tensor([engine.encode(messages)])
             with torch.inference_mode():
                 output = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                                max_new_tokens=24, repetition_penalty=1.1, temperature=None,
@@ -158,7 +159,7 @@ def test_greedy_replies_are_what_transformers_generate_gives(checkpoint):
 def test_concurrent_replies_share_forwards_and_long_prompts_are_prefilled_in_chunks(checkpoint):
     from chatbot.batching import PREFILL_BUDGET
 
-    engine = ChatEngine.load(str(checkpoint), checkpoint.parent.parent)
+    engine = TransformersEngine.load(str(checkpoint), checkpoint.parent.parent)
     try:
         long_prompt = [{"role": "user", "content": "Tell me about the sea. " * 120}]  # ~700 tokens
         prompts = [PIRATE, CHEF, long_prompt, [{"role": "user", "content": "Hi!"}]]

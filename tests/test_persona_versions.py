@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import text
 
 from chatbot.chat import ChatError, ChatService, params_for
-from chatbot.engine import ChatEngine
+from chatbot.transformers_engine import TransformersEngine
 from chatbot.personas import PersonaLibrary
 from chatbot.store import ChatStore
 
@@ -109,7 +109,7 @@ def test_adapter_override_serves_a_lora_adapter_per_persona_on_one_base_model(ch
     del lora, base
     (folder / "mira_tuned.yaml").write_text(PERSONA + "adapter: mira-lora\n")
 
-    engine = ChatEngine.load(str(checkpoint), tmp_path, "float32")
+    engine = TransformersEngine.load(str(checkpoint), tmp_path, "float32")
     service = make_service(engine, folder, tmp_path / "chat.db")
     user = service.user_id("Ann")
 

@@ -16,7 +16,7 @@ import pytest
 
 from alignment.jobs import RunStore
 from chatbot.chat import ChatService, params_for
-from chatbot.engine import ChatEngine
+from chatbot.transformers_engine import TransformersEngine
 from chatbot.store import ChatStore
 
 pytestmark = pytest.mark.model
@@ -26,8 +26,8 @@ PASSED = {"evaluation": {"win_rate": {"value": 0.7, "ci": [0.6, 0.8]},
 
 
 @pytest.fixture(scope="module")
-def own_engine(checkpoint) -> ChatEngine:
-    return ChatEngine.load("", checkpoint.parent.parent)
+def own_engine(checkpoint) -> TransformersEngine:
+    return TransformersEngine.load("", checkpoint.parent.parent)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,10 @@ def spies(monkeypatch):
     import peft.peft_model
     from transformers import AutoModelForCausalLM
 
-    import chatbot.engine
+    import chatbot.transformers_engine
 
     counts = {"base": 0, "adapters": {}}
-    real_load_model, real_from_pretrained = chatbot.engine.load_model, AutoModelForCausalLM.from_pretrained
+    real_load_model, real_from_pretrained = chatbot.transformers_engine.load_model, AutoModelForCausalLM.from_pretrained
     real_weights = peft.peft_model.load_peft_weights
 
     def load_model(*args, **kwargs):
@@ -72,7 +72,7 @@ def spies(monkeypatch):
         counts["adapters"][str(model_id)] = counts["adapters"].get(str(model_id), 0) + 1
         return real_weights(model_id, *args, **kwargs)
 
-    monkeypatch.setattr(chatbot.engine, "load_model", load_model)
+    monkeypatch.setattr(chatbot.transformers_engine, "load_model", load_model)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(peft.peft_model, "load_peft_weights", load_peft_weights)
     return counts
