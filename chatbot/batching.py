@@ -14,8 +14,9 @@ A seeded reply is the same whoever else is chatting. Three things make it so:
 - no padding: every request keeps its own key/value buffers, and attention is
   computed per request over exactly its own keys (``packed_attention``);
   padded batches changed bf16 logits by up to 0.5 on this model;
-- the linear layers see the packed tokens as independent rows (measured
-  row-invariant in bf16 whatever the batch);
+- the linear layers see the packed tokens as independent rows: oneDNN's bf16
+  matmul gives a row the same result among any 2 or more rows, but rounds a
+  lone row differently, so every forward carries one filler token;
 - prompt chunks start at fixed offsets, and every request samples from its own
   ``torch.Generator`` seeded with its seed.
 
@@ -311,8 +312,13 @@ class Scheduler:
             segments.append(Segment(len(ids), len(tokens), request.kv))
             ids.extend(tokens)
             positions.extend(range(past, past + len(tokens)))
+        # A one-token filler of its own: oneDNN's bf16 matmul rounds a lone row (M=1) differently from
+        # the same row among others, so no forward may hold a single token, nor keep a single row's logits.
+        segments.append(Segment(len(ids), 1, RequestKV(1)))
+        ids.append(0)
+        positions.append(0)
         self.stats["forwards"] += 1
-        self.stats["largest_forward"] = max(self.stats["largest_forward"], len(ids))
+        self.stats["largest_forward"] = max(self.stats["largest_forward"], len(ids) - 1)
         input_ids = torch.tensor([ids], device=self._device)
         position_ids = torch.tensor([positions], device=self._device)
         last = torch.tensor([seg.start + seg.length - 1 for seg in segments], device=self._device)

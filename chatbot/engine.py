@@ -186,7 +186,7 @@ def open_engine(settings) -> Engine:
     if settings.engine_url:
         return VLLMEngine.connect(settings.engine_url, checkpoint, model_id, settings.context_tokens)
     server = VLLMServer(default_python(), Path(checkpoint), model_id, free_port(),
-                        Path(settings.data_dir) / "vllm.log",
+                        Path(settings.data_dir) / "vllm.log", max_model_len=settings.context_tokens,
                         dtype="bfloat16" if settings.dtype == "auto" else settings.dtype)
     url = server.start()
     try:

@@ -66,7 +66,8 @@ def fit_to_context(
         raise PromptTooLong(
             f"the reply budget ({reply_tokens} tokens) leaves no room in the "
             f"{context_tokens}-token context; lower max_new_tokens")
-    messages, head, tail = prompt.messages, prompt.head, prompt.tail
+    messages, tail = prompt.messages, prompt.tail
+    head = min(prompt.head, max(len(messages) - tail, 0))  # a lone message is the tail, not also the head
     pinned_head, middle, pinned_tail = messages[:head], messages[head:-tail], messages[-tail:]
     while True:
         candidate = pinned_head + middle + pinned_tail

@@ -207,7 +207,7 @@ class VLLMServer:
     """
 
     def __init__(self, python: Path, checkpoint: Path, served_name: str, port: int, log_path: Path,
-                 max_model_len: int = 2048, dtype: str = "bfloat16"):
+                 max_model_len: int = 0, dtype: str = "bfloat16"):
         self.python, self.checkpoint, self.served_name = python, checkpoint, served_name
         self.port, self.log_path = port, log_path
         self.max_model_len, self.dtype = max_model_len, dtype
@@ -221,8 +221,8 @@ class VLLMServer:
         # The `vllm` console script fails on the CPU wheel's distribution name; the module works.
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
                 "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
-                "--enable-lora", "--max-lora-rank", "64", "--max-loras", "4"]
+                "--dtype", self.dtype, "--enable-lora", "--max-lora-rank", "64", "--max-loras", "4",
+                *(["--max-model-len", str(self.max_model_len)] if self.max_model_len else [])]
 
     def start(self, timeout: float = STARTUP_TIMEOUT, progress=None) -> str:
         """Start the server and wait until it answers /health; its URL. Raises EngineUnavailable."""

@@ -72,3 +72,8 @@ def test_real_tokenizer_chat_template_and_truncation(engine):
     # The chat template (ChatML for SmolLM2) is the prompt format, not a hand-written one.
     assert rendered.startswith("<|im_start|>system\nbe brief<|im_end|>")
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_a_lone_message_is_sent_once():
+    only = [{"role": "user", "content": "Tell me about cats."}]
+    assert fit_to_context(Prompt(only), lambda m: 10 * len(m), 100, 10) == only
