@@ -31,9 +31,11 @@ so the model stays usable outside the scheduler.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,7 +66,7 @@ class Segment:
 
     start: int  # offset in the packed sequence
     length: int  # tokens of this request in this forward
-    kv: "RequestKV"
+    kv: "RequestKV | None"  # None: the filler, which attends to nothing and keeps nothing
 
 
 class Segments(list):
@@ -110,6 +112,10 @@ class PackedCache:
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = Segments(), Segments()
         for seg in self.segments:
+            if seg.kv is None:
+                keys.append((seg, None))
+                values.append((seg, None))
+                continue
             k, v = seg.kv.append(layer_idx, key_states[:, :, seg.start:seg.start + seg.length],
                                  value_states[:, :, seg.start:seg.start + seg.length])
             keys.append((seg, k))
@@ -125,6 +131,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     outputs = []
     for (seg, k), (_, v) in zip(key, value, strict=True):
         q = query[:, :, seg.start:seg.start + seg.length]
+        if k is None:  # the filler: its output is never read
+            outputs.append(torch.zeros_like(q))
+            continue
         mask = None
         if seg.length > 1:  # a prompt chunk: causal, its last query is the newest key
             total = k.shape[2]
@@ -192,6 +201,12 @@ class Request:
     DONE = object()
 
 
+def _close_if_alive(ref: "weakref.ref[Scheduler]") -> None:
+    scheduler = ref()
+    if scheduler is not None:
+        scheduler.close()
+
+
 class Scheduler:
     """Runs every request on one model, continuously batched, in one thread.
 
@@ -223,12 +238,15 @@ class Scheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
                 self._thread.start()
+                # End the thread before the interpreter tears torch down under it (a weak
+                # reference: an engine dropped earlier is not kept alive for this).
+                atexit.register(_close_if_alive, weakref.ref(self))
         self._waiting.put(request)
 
     def close(self) -> None:
         self._closed.set()
         self._waiting.put(None)  # wake the loop
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _run(self) -> None:
@@ -314,7 +332,7 @@ class Scheduler:
             positions.extend(range(past, past + len(tokens)))
         # A one-token filler of its own: oneDNN's bf16 matmul rounds a lone row (M=1) differently from
         # the same row among others, so no forward may hold a single token, nor keep a single row's logits.
-        segments.append(Segment(len(ids), 1, RequestKV(1)))
+        segments.append(Segment(len(ids), 1, None))
         ids.append(0)
         positions.append(0)
         self.stats["forwards"] += 1

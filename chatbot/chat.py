@@ -106,6 +106,11 @@ class ChatService:
                         version.base_model, self.engine.model_id)
         return persona_adapter(persona), None
 
+    def close(self) -> None:
+        """Release the engine and the store's connections (a command that is done with them)."""
+        self.engine.close()
+        self.store.close()
+
     def user_id(self, name: str) -> int:
         return self.store.get_or_create_user(name)
 

@@ -143,6 +143,8 @@ def chat(settings: Settings, args) -> None:
         print()
     except (ChatError, PersonaError, PromptTooLong) as exc:
         raise StartupError(str(exc)) from None
+    finally:
+        service.close()
 
 
 def main(argv: list[str] | None = None) -> int:

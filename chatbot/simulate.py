@@ -335,7 +335,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         report = simulate(service, args.persona, rule, prompts, n, args.samples, params,
                           progress=lambda line: print(line, flush=True))
     finally:
-        service.store.close()
+        service.close()
     print(report.summary(), flush=True)
     for problem in report.failed:
         print(f"SIMULATED: failed: {problem}", file=sys.stderr)

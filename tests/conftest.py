@@ -55,7 +55,9 @@ def data_dir(tmp_path, checkpoint) -> Path:
 def engine(checkpoint):
     from chatbot.transformers_engine import TransformersEngine
 
-    return TransformersEngine.load("", MODEL_CACHE)
+    engine = TransformersEngine.load("", MODEL_CACHE)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture

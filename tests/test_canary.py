@@ -386,6 +386,9 @@ class FakeEngine:
     def fit(self, prompt, max_new_tokens):
         return prompt.messages
 
+    def close(self):
+        pass
+
     def stream(self, prompt, params, stop=None, adapter=None):
         yield self._reply(prompt, params, adapter, f"{params.seed}")
 

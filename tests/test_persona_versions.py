@@ -97,7 +97,7 @@ def test_new_and_deleted_files_are_picked_up_without_restart(engine, folder, tmp
         service.new_session(service.user_id("Ann"), "pirate", "Ann")
 
 
-def test_adapter_override_serves_a_lora_adapter_per_persona_on_one_base_model(checkpoint, folder, tmp_path):
+def test_adapter_override_serves_a_lora_adapter_per_persona_on_one_base_model(checkpoint, folder, tmp_path, request):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -110,6 +110,7 @@ def test_adapter_override_serves_a_lora_adapter_per_persona_on_one_base_model(ch
     (folder / "mira_tuned.yaml").write_text(PERSONA + "adapter: mira-lora\n")
 
     engine = TransformersEngine.load(str(checkpoint), tmp_path, "float32")
+    request.addfinalizer(engine.close)
     service = make_service(engine, folder, tmp_path / "chat.db")
     user = service.user_id("Ann")
 

@@ -27,7 +27,9 @@ PASSED = {"evaluation": {"win_rate": {"value": 0.7, "ci": [0.6, 0.8]},
 
 @pytest.fixture(scope="module")
 def own_engine(checkpoint) -> TransformersEngine:
-    return TransformersEngine.load("", checkpoint.parent.parent)
+    engine = TransformersEngine.load("", checkpoint.parent.parent)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
