@@ -210,8 +210,9 @@ def _close_if_alive(ref: "weakref.ref[Scheduler]") -> None:
 class Scheduler:
     """Runs every request on one model, continuously batched, in one thread.
 
-    ``forward(adapter)`` returns a context manager yielding the callable to run
-    for that adapter (None: the base model); ``eos_ids`` end a reply.
+    ``model_for(adapter)`` returns a context manager yielding the model to run
+    for that adapter (None: the base model); ``eos_ids`` end a reply. Whatever
+    goes wrong with one request is put on its own ``out``; the loop lives on.
     """
 
     def __init__(self, model_for: Callable, eos_ids: set[int], vocab_size: int, device: torch.device,
@@ -261,13 +262,31 @@ class Scheduler:
                 block = False
                 if request is None:
                     continue
-                self._admit(request)
+                try:
+                    self._admit(request)
+                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                    request.out.put(exc)
+                    continue
                 running.append(request)
             if self._closed.is_set():
                 break
-            running = self._step(running)
+            try:
+                running = self._step(running)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not stop everyone's replies for good
+                log.exception("a decode step failed; its replies end with the error")
+                for request in running:
+                    request.out.put(exc)
+                running = []
+        closed = RuntimeError("the engine was closed")
         for request in running:
-            request.out.put(RuntimeError("the engine was closed"))
+            request.out.put(closed)
+        while True:  # nobody may wait forever on a request that never started
+            try:
+                request = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if request is not None:
+                request.out.put(closed)
 
     def _admit(self, request: Request) -> None:
         request.kv = RequestKV(len(request.prompt) + request.max_new_tokens)
@@ -299,7 +318,7 @@ class Scheduler:
             try:
                 self._forward(adapter, items)
             except Exception as exc:  # noqa: BLE001 - the requests get the error, the loop lives on
-                log.exception("generation failed for adapter %s", adapter)
+                log.warning("generation failed for adapter %s: %s", adapter, exc)
                 for request, _ in items:
                     request.out.put(exc)
                     failed.add(id(request))
@@ -310,7 +329,11 @@ class Scheduler:
             if request.next_logits is None:  # still prefilling
                 still.append(request)
                 continue
-            token = sample(request.next_logits, request.seen, request.sampling, request.generator)
+            try:
+                token = sample(request.next_logits, request.seen, request.sampling, request.generator)
+            except Exception as exc:  # noqa: BLE001 - e.g. a sampling setting that leaves no token
+                request.out.put(exc)
+                continue
             request.next_logits = None
             request.generated.append(token)
             request.seen[token] = True

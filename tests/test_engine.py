@@ -206,3 +206,12 @@ def test_a_bad_adapter_fails_its_own_request_only(engine, tmp_path):
         t.join(timeout=300)
     assert isinstance(results["bad"], ModelLoadError) and "cannot load LoRA adapter" in str(results["bad"])
     assert results["good"] == final(engine.stream(CHEF, GREEDY)).text
+
+
+def test_a_request_that_fails_inside_the_decode_loop_does_not_stop_the_others(engine):
+    from chatbot.batching import Request, Sampling
+
+    broken = Request([10**9], 4, Sampling(0.0, 1.0, 0, 1.0), 1, None, threading.Event())  # no such token id
+    engine._scheduler.submit(broken)
+    assert isinstance(broken.out.get(timeout=60), Exception)
+    assert final(engine.stream(CHEF, GREEDY)).text, "the engine still answers"
