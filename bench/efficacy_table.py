@@ -48,8 +48,14 @@ def rows(data_dir: Path) -> list[str]:
             f"{_ci([g * 100 for g in gain['ci']], '{:+.0f}')} | {win_text} | {cand['kl_mean']:.2f} | "
             f"{cand['distinct_2']:.2f} / {base['distinct_2']:.2f} ({ratio:.2f}x) | "
             f"{cand['length_mean']:.0f} / {base['length_mean']:.0f} | {minutes:.1f} min | "
-            f"{'passed' if e['gate']['passed'] else 'failed'} |")
+            f"{_verdict(e['gate'])} |")
     return out
+
+
+def _verdict(gate: dict) -> str:
+    """'passed', or 'failed:' and the checks that failed."""
+    failed = [c["name"] for c in gate["checks"] if not c["passed"]]
+    return "passed" if gate["passed"] else "failed: " + ", ".join(failed)
 
 
 def main() -> None:
