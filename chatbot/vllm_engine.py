@@ -241,7 +241,7 @@ class VLLMServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EngineUnavailable(f"the vLLM server exited with status {self.process.returncode} while "
-                                        f"starting; the end of {self.log_path}:\n{self._log_tail()}")
+                                        f"starting; see {self.log_path} (last line: {self._last_line()})")
             try:
                 if httpx.get(health, timeout=2).status_code == 200:
                     return self.url
@@ -252,7 +252,7 @@ class VLLMServer:
             time.sleep(1)
         self.stop()
         raise EngineUnavailable(f"the vLLM server did not answer {health} within {timeout:.0f} s; "
-                                f"the end of {self.log_path}:\n{self._log_tail()}")
+                                f"see {self.log_path} (last line: {self._last_line()})")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -263,11 +263,12 @@ class VLLMServer:
                 self.process.kill()
                 self.process.wait()
 
-    def _log_tail(self, lines: int = 15) -> str:
+    def _last_line(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
-            return "(no log)"
+            return "no log"
+        return lines[-1][:300] if lines else "empty log"
 
 
 def default_python() -> Path:

@@ -4,6 +4,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,38 @@ def test_model_setting_from_environment(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PERSONA_STUDIO_MODEL", str(tmp_path))
     done = run("chat", "--data-dir", str(data_dir), "--persona", "pirate", "hi")
     one_line_error(done, f"cannot load model '{tmp_path}'")
+
+
+def test_unknown_engine_is_one_line_error(data_dir):
+    done = run("chat", "--data-dir", str(data_dir), "--engine", "tgi", "--persona", "pirate", "hi", timeout=60)
+    one_line_error(done, "unknown engine 'tgi': use transformers or vllm")
+
+
+def test_unreachable_engine_url_is_one_line_error(data_dir):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    done = run("chat", "--data-dir", str(data_dir), "--engine-url", f"http://127.0.0.1:{port}/v1",
+               "--persona", "pirate", "hi", timeout=60)
+    one_line_error(done, f"the vLLM server at http://127.0.0.1:{port}/v1 is unreachable")
+
+
+def test_engine_vllm_without_its_environment_says_how_to_make_it(tmp_path):
+    from chatbot.engine import EngineUnavailable
+    from chatbot.vllm_engine import VLLMServer
+
+    server = VLLMServer(tmp_path / "no-venv" / "bin" / "python", tmp_path, "m", 1, tmp_path / "vllm.log")
+    with pytest.raises(EngineUnavailable, match="run `make vllm`"):
+        server.start()
+
+
+def test_a_vllm_server_that_dies_while_starting_is_one_line_pointing_at_its_log(tmp_path):
+    from chatbot.engine import EngineUnavailable
+    from chatbot.vllm_engine import VLLMServer
+
+    server = VLLMServer(Path(sys.executable), tmp_path / "no-model", "m", 1, tmp_path / "vllm.log")
+    with pytest.raises(EngineUnavailable) as caught:  # this python has no vllm: the module is missing
+        server.start(timeout=120)
+    message = str(caught.value)
+    assert "exited with status 1 while starting" in message and str(tmp_path / "vllm.log") in message
+    assert "No module named 'vllm'" in message and "\n" not in message
