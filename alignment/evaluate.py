@@ -85,7 +85,7 @@ class EvalOptions:
     rule: str | None = None
     seed: int = 0
     resamples: int = em.RESAMPLES
-    batch: int = 16  # prompts per generate call (x samples rows); 16 made evaluate 2.1x faster than 1 (README)
+    batch: int = 16  # prompts in flight at once (x samples replies), decoded together by the engine
 
 
 @dataclass(frozen=True)
@@ -423,18 +423,16 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
-def _padded(sequences: Sequence[list[int]], pad_id: int, left: bool = False):
-    """(input_ids, attention_mask) of equal-length rows. Left padding is for generate: every row's
-    reply then starts at the same column."""
+def _padded(sequences: Sequence[list[int]], pad_id: int):
+    """(input_ids, attention_mask) of equal-length rows, padded on the right."""
     import torch
 
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, ids in enumerate(sequences):
-        columns = slice(width - len(ids), width) if left else slice(0, len(ids))
-        input_ids[i, columns] = torch.tensor(ids)
-        attention[i, columns] = 1
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
     return input_ids, attention
 
 
@@ -484,18 +482,6 @@ def kl_and_reference_nll(model: Any, name: str | None, pad_id: int, prompts: Seq
     return kls, nlls
 
 
-def _generation_kwargs(params, max_new_tokens: int, tokenizer, eos_ids: set[int]) -> dict[str, Any]:
-    # As chatbot/engine.py samples, so the replies are what the chat would show.
-    kwargs: dict[str, Any] = dict(do_sample=params.temperature > 0, max_new_tokens=max_new_tokens,
-                                  repetition_penalty=params.repetition_penalty,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids))
-    if params.temperature > 0:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    return kwargs
-
-
 def _device():
     """A GPU when there is one (the jobs train there too), else the CPU."""
     import torch
@@ -515,60 +501,70 @@ def _adapter_context(model: Any, name: str | None):
 
 def generate_and_measure(base_path: Path, candidate: Side, baseline: Side, prompts: list[list[dict]],
                          options: EvalOptions, params, bar) -> tuple[dict[str, list[Reply]], Any]:
-    """Sample both models on every prompt; KL and reference NLL of every reply. Returns (replies, tokenizer)."""
+    """Sample both models on every prompt; KL and reference NLL of every reply. Returns (replies, tokenizer).
+
+    The replies come from the chat's own engine (chatbot/transformers_engine.py), so they are
+    what the chat would show: ``options.batch`` prompts at a time are in flight, decoded
+    together. Reply k to prompt i is seeded ``seed * 1_000_003 + i * samples + k`` on both
+    sides: both models draw the same random numbers for it, so what differs is the adapters'
+    doing. KL and NLL are then computed in float32 with the adapters loaded by name.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignment.training import ensure_pad_token
+    from chatbot.transformers_engine import TransformersEngine
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    ensure_pad_token(tokenizer, model)  # as the jobs did before training the adapters
-    model.to(_device())
+    def load():
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        ensure_pad_token(tokenizer, model)  # as the jobs did before training the adapters
+        return tokenizer, model.to(_device()).eval()
+
+    tokenizer, model = load()
+    engine = TransformersEngine(model, tokenizer, str(base_path))
+    replies: dict[str, list[Reply]] = {"candidate": [], "baseline": []}
+    try:
+        for side, adapter in (("candidate", candidate.adapter), ("baseline", baseline.adapter)):
+            replies[side] = _sample_side(engine, adapter, prompts, options, params, bar)
+    finally:
+        engine.close()
+    del engine, model
+    tokenizer, model = load()  # fresh: the engine's PEFT layers stay out of the log-prob pass
     peft = PeftModel.from_pretrained(model, candidate.adapter, adapter_name="candidate")
     names = {"candidate": "candidate", "baseline": None}
     if baseline.adapter is not None:
         peft.load_adapter(baseline.adapter, adapter_name="baseline")
         names["baseline"] = "baseline"
     peft.eval()
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    eos_ids.discard(None)
-    kwargs = _generation_kwargs(params, options.max_new_tokens, tokenizer, eos_ids)
     prompt_ids = [_ids(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)) for p in prompts]
-
-    replies: dict[str, list[Reply]] = {"candidate": [], "baseline": []}
-    with torch.inference_mode():
-        for side, name in names.items():
-            for start in range(0, len(prompt_ids), options.batch):
-                chunk = range(start, min(start + options.batch, len(prompt_ids)))
-                rows = [(i, k) for i in chunk for k in range(options.samples)]
-                input_ids, attention = _padded([prompt_ids[i] for i, _ in rows], tokenizer.pad_token_id, left=True)
-                with _adapter_context(peft, name):
-                    # Seeded per batch, and both models get the same batches: they draw the same random
-                    # numbers for each (prompt, sample), so what differs is the adapters' doing.
-                    torch.manual_seed(options.seed * 1_000_003 + start)
-                    output = peft.generate(input_ids=input_ids.to(model.device),
-                                           attention_mask=attention.to(model.device),
-                                           **kwargs).cpu()  # (rows, padded prompt + new tokens)
-                for row, (i, k) in enumerate(rows):
-                    new = output[row, input_ids.shape[1]:].tolist()
-                    end = next((j for j, t in enumerate(new) if t in eos_ids), None)
-                    generated = new if end is None else new[:end + 1]
-                    text = tokenizer.decode(generated, skip_special_tokens=True)
-                    replies[side].append(Reply(i, k, text, generated, end is not None))
-                bar.update(len(rows))
-            bar.set_description(f"log-probs ({side})")
-            kls, nlls = kl_and_reference_nll(peft, name, tokenizer.pad_token_id,
-                                             [prompt_ids[r.prompt_index] for r in replies[side]],
-                                             [r.token_ids for r in replies[side]])
-            for reply, kl, nll in zip(replies[side], kls, nlls, strict=True):
-                reply.kl, reply.ref_nll = kl, nll
-            bar.set_description("generating")
+    for side, name in names.items():
+        bar.set_description(f"log-probs ({side})")
+        kls, nlls = kl_and_reference_nll(peft, name, tokenizer.pad_token_id,
+                                         [prompt_ids[r.prompt_index] for r in replies[side]],
+                                         [r.token_ids for r in replies[side]])
+        for reply, kl, nll in zip(replies[side], kls, nlls, strict=True):
+            reply.kl, reply.ref_nll = kl, nll
     del peft, model
     return replies, tokenizer
+
+
+def _sample_side(engine, adapter: str | None, prompts: list[list[dict]], options: EvalOptions, params,
+                 bar) -> list[Reply]:
+    """Every (prompt, sample) reply of one side, ``options.batch`` prompts in flight at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int):
+        seed = options.seed * 1_000_003 + i * options.samples
+        got = engine.generate_batch(prompts[i], replace(params, seed=seed), options.samples, adapter=adapter)
+        bar.update(len(got))
+        return [Reply(i, k, r.text, r.completion_ids, r.finish_reason == "eos") for k, r in enumerate(got)]
+
+    bar.set_description("generating")
+    with ThreadPoolExecutor(max_workers=options.batch) as pool:
+        return [reply for replies in pool.map(one, range(len(prompts))) for reply in replies]
 
 
 def score_replies(judge_dir: Path, base_path: Path, policy_tokenizer, prompts: list[list[dict]],
@@ -818,8 +814,8 @@ def add_arguments(parser) -> None:
                              "contains:WORD")
     parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
     parser.add_argument("--batch", type=int, default=EvalOptions.batch, metavar="N",
-                        help=f"prompts generated together (default {EvalOptions.batch}); "
-                             "the sampled replies depend on it, as on --seed")
+                        help=f"prompts in flight at once, decoded together (default {EvalOptions.batch}); "
+                             "the replies depend on --seed only")
     parser.add_argument("--personas-dir", dest="personas_dir", default=None,
                         help="folder of persona YAML files (for sampling settings and --prompts)")
 

@@ -157,8 +157,9 @@ class Sampling:
 
 def sample(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
     """The next token from one request's logits (vocab,), as transformers' generate orders its processors:
-    repetition penalty over the tokens seen so far, then temperature, top-k, top-p."""
-    logits = logits.float()
+    repetition penalty over the tokens seen so far, then temperature, top-k, top-p. On the CPU,
+    where ``seen`` and the request's generator live."""
+    logits = logits.float().cpu()
     if sampling.repetition_penalty != 1.0:
         penalised = torch.where(logits < 0, logits * sampling.repetition_penalty,
                                 logits / sampling.repetition_penalty)

@@ -55,6 +55,7 @@ class Reply:
     latency_ms: float | None = None
     params: GenerationParams = field(default_factory=GenerationParams)  # seed filled in
     prompt_ids: list[int] = field(default_factory=list)  # the token ids the model was given
+    completion_ids: list[int] = field(default_factory=list)  # the reply's token ids, its EOS included
 
 
 class Engine:
@@ -149,6 +150,7 @@ class Engine:
     def finish(self, reply: Reply, tokens: list[int], started: float, now: float) -> Reply:
         """Fill in the finished reply's text, counts, latency and finish reason from its token ids."""
         reply.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        reply.completion_ids = list(tokens)
         reply.completion_tokens = len(tokens)
         reply.latency_ms = (now - started) * 1000
         if tokens and tokens[-1] in self.eos_ids:

@@ -471,8 +471,8 @@ def test_same_seed_per_prompt_and_sample_for_both_models(setup, tiny_model):
 
 
 def test_batched_generation_writes_what_one_prompt_at_a_time_does(setup, tiny_model):
-    """Prompts of different lengths generated together (left-padded) get the replies, KL and reference
-    NLL each gets alone: greedy, so only the padding could make a difference."""
+    """Prompts of different lengths in flight together (decoded together by the chat's engine) get
+    the replies, KL and reference NLL each gets alone."""
     from tqdm.auto import tqdm
 
     from alignment.evaluate import Side, generate_and_measure
@@ -484,7 +484,7 @@ def test_batched_generation_writes_what_one_prompt_at_a_time_does(setup, tiny_mo
     prompts = [[{"role": "user", "content": text}] for text in
                ("Hi", "Tell me a long story about the sea, the ships and the gold of the old captains.",
                 "Where is the treasure?", "Arr?", "What do pirates eat on a long voyage across the ocean?")]
-    greedy = GenerationParams(temperature=0, repetition_penalty=1.0)
+    greedy = GenerationParams(temperature=0.9, repetition_penalty=1.0)  # sampled: seeds, not order, decide
 
     def replies(batch: int) -> dict:
         options = EvalOptions(samples=2, max_new_tokens=8, batch=batch)
