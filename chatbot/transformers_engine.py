@@ -81,6 +81,9 @@ class TransformersEngine(Engine):
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         model.set_attn_implementation(ATTENTION)
+        if model.config._attn_implementation != ATTENTION:
+            raise ModelLoadError(f"model {model_id!r} ({type(model).__name__}) does not let its attention be "
+                                 "swapped, which batching replies together needs; use --engine vllm for it")
         vocab = model.get_output_embeddings().weight.shape[0]
         self._scheduler = Scheduler(self._model_for, self.eos_ids, vocab, model.device)
 
