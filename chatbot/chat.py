@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterator, Sequence
 
 from . import conversation_tree as tree
 from .default_model import ModelLoadError
@@ -139,19 +139,53 @@ class ChatService:
                                 params, stop, *self.serving(persona))
 
     def send(self, session: ChatSession, text: str, params: GenerationParams,
-             stop: threading.Event | None = None) -> Iterator[Reply]:
-        """Store the user's message, then stream and store the reply."""
+             stop: threading.Event | None = None, history: Sequence[dict] = ()) -> Iterator[Reply]:
+        """Store the user's message, then stream and store the reply.
+
+        ``history``: earlier turns said elsewhere, stored first (see ``_with_history``),
+        for clients that keep a conversation themselves and send it whole (the /v1 API).
+        """
         session.check_writable()
         text = text.strip()
         if not text:
             raise ChatError("the message is empty")
+        turns = self._with_history(session, history)
         # Check the context before storing anything: a message that cannot fit is refused whole.
-        self.engine.fit(session.prompt([{"role": "user", "content": text}]), params.max_new_tokens)
+        preview = replace(session, turns=turns)
+        self.engine.fit(preview.prompt([{"role": "user", "content": text}]), params.max_new_tokens)
+        if turns[0] is not session.turns[0]:  # the client's own opening instead of the greeting
+            session.turns = [turns[0]]
         self._ensure_conversation(session)
+        for turn in turns[len(session.turns):]:
+            turn.message_id = self.store.add_message(session.conversation_id, turn.role, turn.content,
+                                                     parent_id=session.turns[-1].message_id)
+            session.turns.append(turn)
         message_id = self.store.add_message(session.conversation_id, "user", text,
                                             parent_id=session.turns[-1].message_id)
         session.turns.append(Turn("user", text, message_id))
         yield from self._reply(session, params, stop)
+
+    @staticmethod
+    def _with_history(session: ChatSession, history: Sequence[dict]) -> list[Turn]:
+        """The session's turns with ``history``'s user and assistant messages after them (not stored yet).
+
+        A history that opens a new conversation with an assistant message (a
+        client's own greeting) replaces the persona's greeting with it. The
+        assistant messages added here carry no model version or prompt when
+        stored: nothing here wrote them, and training data skips them as it
+        skips greetings.
+        """
+        turns = list(session.turns)
+        history = list(history)
+        for m in history:
+            if m["role"] not in ("user", "assistant"):
+                raise ChatError(f"a {m['role']} message cannot be part of a conversation's history")
+            if not m["content"].strip():
+                raise ChatError(f"an empty {m['role']} message cannot be part of a conversation's history")
+        if history and history[0]["role"] == "assistant" and session.conversation_id is None \
+                and len(turns) == 1:
+            turns[0] = Turn("assistant", history.pop(0)["content"])
+        return turns + [Turn(m["role"], m["content"]) for m in history]
 
     def retry(self, session: ChatSession, params: GenerationParams,
               stop: threading.Event | None = None) -> Iterator[Reply]:
@@ -237,6 +271,23 @@ class ChatService:
             message_id = session.turns[turn_index].message_id
         self.store.set_feedback(message_id, session.user_id, rating, reason=reason, comment=comment,
                                 simulated=simulated)
+
+    def vote_message(self, user_id: int, message_id: int, rating: int | None, *,
+                     reason: str | None | object = UNCHANGED,
+                     comment: str | None | object = UNCHANGED) -> None:
+        """``vote`` by stored message id (the /v1 API): the user's vote on a reply in one of their conversations.
+
+        ChatError("message N not found") for a message that is missing, in
+        someone else's conversation or not a reply: others' look like missing ones.
+        """
+        try:
+            message = self.store.get_message(int(message_id))
+            self._owned(user_id, message.conversation_id)
+        except (KeyError, TypeError, ValueError, ChatError):
+            raise ChatError(f"message {message_id} not found") from None
+        if message.role != "assistant":
+            raise ChatError(f"message {message_id} not found: it is a {message.role} message, not a reply")
+        self.store.set_feedback(message.id, user_id, rating, reason=reason, comment=comment)
 
     def current_vote(self, session: ChatSession, turn_index: int) -> int | None:
         message_id = session.turns[turn_index].message_id if 0 <= turn_index < len(session.turns) else None

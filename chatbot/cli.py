@@ -3,7 +3,7 @@
     persona-studio serve [--host H] [--port P] [--model M] [--db-url URL]
                          [--data-dir DIR] [--personas-dir DIR] [--dtype D]
     persona-studio chat --persona ID [--max-new-tokens N] [--seed S] "message"
-    persona-studio users add|passwd|list|set-role|remove ...   (see chatbot/users.py)
+    persona-studio users add|passwd|list|set-role|remove|api-key ...   (see chatbot/users.py)
     persona-studio simulate --persona ID --rule RULE --prompts FILE   (SIMULATED votes; chatbot/simulate.py)
     persona-studio models list|promote VERSION|rollback PERSONA|log PERSONA   (chatbot/models_cli.py)
 
@@ -102,27 +102,58 @@ def build_service(settings: Settings):
     return ChatService(engine, personas, store)
 
 
+def build_server(service, identity, settings: Settings, auth: str = "auto"):
+    """The web app: the OpenAI-compatible API under /v1 and the Gradio app at the root, on one FastAPI app."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from .openai_api import build_router
+    from .store.accounts import AccountStore
+    from .ui import build_app
+
+    blocks = build_app(service, identity)
+    server = FastAPI(title="Persona Studio", docs_url=None, redoc_url=None, openapi_url=None)
+    # Before the mount: Gradio's app at "/" would otherwise answer every path.
+    server.include_router(build_router(service, AccountStore(service.store.engine), settings.user, auth),
+                          prefix="/v1")
+    return gr.mount_gradio_app(
+        server, blocks, path="/", server_name=settings.host, server_port=settings.port, show_error=True,
+        auth=identity.authenticate_async if identity.accounts_enabled else None,
+        auth_message="Persona Studio: sign in with your account.")
+
+
 def serve(settings: Settings, auth: str = "auto") -> None:
+    import uvicorn
+
     check_data_dir(settings.data_dir)
     check_port(settings.host, settings.port)
     service = build_service(settings)
-    from .ui import build_app
-    from .ui.identity import Identity
+    try:
+        from .ui.identity import Identity
 
-    identity = Identity.for_store(service.store, settings.user, auth)
-    app = build_app(service, identity)
-    url = f"http://{settings.host}:{settings.port}"
-    print(f"Persona Studio on {url} "
-          f"({service.engine.describe()}; db {settings.database_url})",
-          flush=True)
-    if identity.accounts_enabled:
-        print(f"accounts enabled: sign in at {url}", flush=True)
-    else:
-        print(f"no accounts: everyone is the local user {settings.user!r} "
-              "(`persona-studio users add` creates accounts)", flush=True)
-    app.launch(server_name=settings.host, server_port=settings.port, show_error=True,
-               auth=identity.authenticate_async if identity.accounts_enabled else None,
-               auth_message="Persona Studio: sign in with your account.")
+        identity = Identity.for_store(service.store, settings.user, auth)
+        app = build_server(service, identity, settings, auth)
+        url = f"http://{settings.host}:{settings.port}"
+        print(f"Persona Studio on {url} "
+              f"({service.engine.describe()}; db {settings.database_url})",
+              flush=True)
+        if identity.accounts_enabled:
+            print(f"accounts enabled: sign in at {url}", flush=True)
+        else:
+            print(f"no accounts: everyone is the local user {settings.user!r} "
+                  "(`persona-studio users add` creates accounts)", flush=True)
+        keys = ("no keys: --auth off" if auth == "off" else
+                "once accounts exist, each request needs a key from `persona-studio users api-key NAME`")
+        print(f"OpenAI-compatible API at {url}/v1 (a model is a persona id; {keys})", flush=True)
+        # Open event streams (a browser tab's queue) would hold a graceful shutdown forever: a few seconds, then go.
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                               timeout_graceful_shutdown=3))
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
+            pass
+    finally:
+        service.close()
 
 
 def chat(settings: Settings, args) -> None:

@@ -5,6 +5,7 @@
     persona-studio users list
     persona-studio users set-role NAME user|admin
     persona-studio users remove NAME
+    persona-studio users api-key NAME [--revoke]
 
 Passwords are asked twice on the terminal, or read from the first line of
 standard input with --password-stdin (for scripts); at least 8 characters,
@@ -15,6 +16,10 @@ sign in; with none, the app runs as the one local user (--user), as before.
 votes stay in the database (they are training data), still under its name.
 `add` with the name of a user that has no password (the local user, a removed
 account) makes that user an account, with what is stored under the name.
+
+`api-key` makes a key for the OpenAI-compatible API (/v1) that acts as the
+account, and prints it once on standard output (only its hash is stored);
+`--revoke` deletes all of the account's keys. `remove` deletes them too.
 
 Every subcommand takes --data-dir and --db-url (or their PERSONA_STUDIO_*
 variables); none loads the model. Failures print one
@@ -67,13 +72,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     remove = commands.add_parser("remove", parents=[common],
                                  help="stop an account from signing in; its conversations stay")
     remove.add_argument("name")
+    api_key = commands.add_parser("api-key", parents=[common],
+                                  help="make a key for the OpenAI-compatible API (/v1), shown once")
+    api_key.add_argument("name")
+    api_key.add_argument("--revoke", action="store_true", help="delete all of the account's keys instead")
     return parser
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run one `users` subcommand; returns the exit status."""
     handler = {"add": _add, "passwd": _passwd, "list": _list, "set-role": _set_role,
-               "remove": _remove}[args.users_command]
+               "remove": _remove, "api-key": _api_key}[args.users_command]
     try:
         store = _open(settings)
     except (StoreError, OSError) as exc:
@@ -164,4 +173,18 @@ def _remove(args, accounts: AccountStore) -> int:
         _warn_without_admin(accounts)
     else:
         print("No accounts are left: the app will run as one local user again.")
+    return 0
+
+
+def _api_key(args, accounts: AccountStore) -> int:
+    if args.revoke:
+        count = accounts.revoke_api_keys(args.name)
+        print(f"Revoked {count} API key(s) of {args.name!r}.")
+        return 0
+    key = accounts.create_api_key(args.name)
+    # The key alone on stdout (KEY=$(persona-studio users api-key NAME)); the rest on stderr.
+    print(f"New API key for {args.name!r}; it is shown only this once:", file=sys.stderr)
+    print(key, flush=True)
+    print("Use it as `Authorization: Bearer <key>` (the API key of an OpenAI client) "
+          "with the app's /v1 URL.", file=sys.stderr)
     return 0

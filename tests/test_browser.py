@@ -65,7 +65,10 @@ def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(page, data_dir):
 
 def test_stop_keeps_the_partial_reply_retry_makes_a_sibling_undo_gives_the_message_back(page, data_dir):
     send(page, "Write a long story about a dragon and a knight.")
-    wait_until(lambda: len(bot_texts(page)) == 2 and bot_texts(page)[1].strip(), what="streaming to start")
+    # Gradio's "Loading response" bubble is a bot message too (its text: "Loading content"): wait past it,
+    # or Stop lands before the first token and the stopped reply is empty.
+    wait_until(lambda: len(bot_texts(page)) == 2 and bot_texts(page)[1].strip()
+               and not page.locator("#chatbot [aria-label='Loading response']").count(), what="streaming to start")
     page.locator("#stop").click()
     [(content, reason, tokens)] = wait_until(lambda: db_rows(
         data_dir, "select content, finish_reason, completion_tokens from messages "

@@ -36,6 +36,7 @@ from chatbot.store.db import alembic_config
 
 EXPECTED_COLUMNS = {
     "users": {"id", "name", "role", "password_hash", "created_at"},
+    "api_keys": {"id", "user_id", "key_hash", "created_at"},
     "persona_versions": {"id", "persona_id", "content_hash", "text", "created_at"},
     "model_versions": {
         "id", "base_model", "adapter_path", "parent_id", "persona_id", "status",
@@ -132,7 +133,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0006_canaries",)
+                ("0007_api_keys",)
             ]
     finally:
         engine.dispose()
@@ -625,5 +626,35 @@ def test_upgrade_from_0005_keeps_conversations_and_promotions_outside_any_canary
         with engine.begin() as conn:  # one that ended does not count
             conn.exec_driver_sql("UPDATE canaries SET ended_at = CURRENT_TIMESTAMP, outcome = 'stopped'")
             conn.exec_driver_sql(insert.format(share="0.2"))
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0006_adds_api_keys_bound_to_users(db_url: str) -> None:
+    """Existing users come through; a key's hash is unique and its user must exist."""
+    from alembic import command
+    from sqlalchemy.exc import IntegrityError as Refused
+
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0006_canaries")
+            conn.exec_driver_sql("INSERT INTO users (name, role, password_hash) VALUES ('old', 'admin', 'h')")
+        migrate(engine)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT name, role FROM users").all() == [("old", "admin")]
+        inspector = inspect(engine)
+        assert (("user_id",), "users") in {
+            (tuple(f["constrained_columns"]), f["referred_table"]) for f in inspector.get_foreign_keys("api_keys")}
+        insert = "INSERT INTO api_keys (user_id, key_hash) VALUES ({user}, '{hash}')"
+        with engine.begin() as conn:
+            conn.exec_driver_sql(insert.format(user=1, hash="a" * 64))
+            assert conn.exec_driver_sql("SELECT created_at IS NOT NULL FROM api_keys").scalar()
+        for bad in (insert.format(user=1, hash="a" * 64), insert.format(user=99, hash="b" * 64)):
+            with pytest.raises(Refused), engine.begin() as conn:
+                conn.exec_driver_sql(bad)
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0006_canaries")
+        assert "api_keys" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()

@@ -133,6 +133,57 @@ def test_removing_an_account_keeps_its_conversations(chat_store, accounts):
     assert (again.id, again.conversations, again.role) == (alice, 1, "user")
 
 
+def test_api_keys_act_as_their_account_and_only_their_hash_is_stored(chat_store, accounts):
+    import hashlib
+
+    from chatbot.store import ApiKey
+
+    alice = accounts.add_user("alice", "correct horse").id
+    accounts.add_user("bob", "bob password")
+    key = accounts.create_api_key("alice")
+    second = accounts.create_api_key("alice")
+    assert key.startswith("ps-") and len(key) > 40 and key != second
+    with chat_store.engine.connect() as connection:
+        stored = connection.execute(select(ApiKey.user_id, ApiKey.key_hash)).all()
+    assert sorted(stored) == sorted((alice, hashlib.sha256(k.encode()).hexdigest()) for k in (key, second))
+    assert accounts.user_for_api_key(key).name == "alice"
+    assert accounts.user_for_api_key(second).id == alice
+    for wrong in ("", key[:-1], key + "x", hashlib.sha256(key.encode()).hexdigest()):
+        assert accounts.user_for_api_key(wrong) is None
+    with pytest.raises(ValueError, match="no account named 'carol'"):
+        accounts.create_api_key("carol")
+    chat_store.get_or_create_user("local")  # a user without a password gets no key
+    with pytest.raises(ValueError, match="no account named 'local'"):
+        accounts.create_api_key("local")
+
+    assert accounts.revoke_api_keys("bob") == 0
+    assert accounts.revoke_api_keys("alice") == 2
+    assert accounts.user_for_api_key(key) is None
+    # Removing an account deletes its keys: a later account under the name does not inherit them.
+    third = accounts.create_api_key("alice")
+    accounts.remove_user("alice")
+    assert accounts.user_for_api_key(third) is None
+    accounts.add_user("alice", "another password")
+    assert accounts.user_for_api_key(third) is None and accounts.api_key_count("alice") == 0
+
+
+def test_users_api_key_prints_the_key_once(tmp_path):
+    assert users(tmp_path, "add", "alice", "--password-stdin", stdin="correct horse\n").returncode == 0
+    done = users(tmp_path, "api-key", "alice")
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip()
+    assert key.startswith("ps-") and "\n" not in key and "shown only this once" in done.stderr
+    store = ChatStore.open(f"sqlite:///{tmp_path / 'chat.db'}")
+    try:
+        assert AccountStore(store.engine).user_for_api_key(key).name == "alice"
+    finally:
+        store.close()
+    done = users(tmp_path, "api-key", "alice", "--revoke")
+    assert done.returncode == 0 and done.stdout.strip() == "Revoked 1 API key(s) of 'alice'."
+    done = users(tmp_path, "api-key", "nobody")
+    assert done.returncode == 1 and done.stderr.strip() == "persona-studio: error: no account named 'nobody'"
+
+
 def test_the_local_user_can_become_an_account(chat_store, accounts):
     local = chat_store.get_or_create_user("User")
     assert not accounts.has_accounts()  # the local user has no password

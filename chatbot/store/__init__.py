@@ -7,6 +7,7 @@ Alembic migrations shipped in ``migrations/`` and applied by ``migrate``.
 from chatbot.store.canary import CanaryRecord, CanaryRefused, CanaryStats
 from chatbot.store.db import StoreError, make_engine, migrate
 from chatbot.store.models import (
+    ApiKey,
     Base,
     Canary,
     Conversation,
@@ -22,6 +23,7 @@ from chatbot.store.repository import ChatStore, ConversationRecord, FeedbackReco
 from chatbot.store.versions import ModelVersionRecord, PromotionChange, PromotionRecord, PromotionRefused
 
 __all__ = [
+    "ApiKey",
     "Base",
     "Canary",
     "CanaryRecord",

@@ -14,10 +14,17 @@ owns what is stored under the name. The CLI says so when it happens.
 
 Passwords are hashed outside any database transaction (argon2 is slow on
 purpose; SQLite's write lock should not wait on it).
+
+API keys let programs (the OpenAI-compatible API, chatbot/openai_api.py) act
+as an account: 32 random bytes, shown once when made; only their SHA-256 is
+stored (a key that random needs no slow hash). A key works while its account
+can sign in; removing the account deletes its keys, so a later account under
+the same name does not inherit them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import unicodedata
 from dataclasses import dataclass
@@ -25,14 +32,15 @@ from datetime import datetime
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from chatbot.store.models import USER_ROLES, Conversation, User
+from chatbot.store.models import USER_ROLES, ApiKey, Conversation, User
 
 MIN_PASSWORD_LENGTH = 8
 MAX_NAME_LENGTH = 200  # the column's length
+API_KEY_PREFIX = "ps-"  # tells a Persona Studio key apart in a config file
 
 
 @dataclass(frozen=True)
@@ -185,9 +193,51 @@ class AccountStore:
             user = self._account_row(session, name)
             user.password_hash = None
             user.role = "user"
+            session.execute(delete(ApiKey).where(ApiKey.user_id == user.id))
 
         self._write(work)
         return self._must_get(name)
+
+    # -- API keys ---------------------------------------------------------------
+
+    def create_api_key(self, name: str) -> str:
+        """A new key for the account ``name``, returned once (only its hash is stored).
+
+        ValueError if there is no such account. An account may hold several keys.
+        """
+        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+        def work(session: Session) -> None:
+            user = self._account_row(session, name)
+            session.add(ApiKey(user_id=user.id, key_hash=hash_api_key(key)))
+
+        self._write(work)
+        return key
+
+    def revoke_api_keys(self, name: str) -> int:
+        """Delete every key of the account ``name``; how many there were. ValueError if no such account."""
+        with self._sessions.begin() as session:
+            user = self._account_row(session, name)
+            return session.execute(delete(ApiKey).where(ApiKey.user_id == user.id)).rowcount
+
+    def api_key_count(self, name: str) -> int:
+        """How many keys the user ``name`` holds (0 for an unknown name)."""
+        with self._reads.begin() as session:
+            return session.scalar(
+                select(func.count(ApiKey.id)).join(User, User.id == ApiKey.user_id).where(User.name == name)
+            ) or 0
+
+    def user_for_api_key(self, key: str) -> Account | None:
+        """The account ``key`` belongs to, if it can still sign in; None for any other key."""
+        if not key:
+            return None
+        with self._reads.begin() as session:
+            name = session.scalar(
+                select(User.name).join(ApiKey, ApiKey.user_id == User.id).where(
+                    ApiKey.key_hash == hash_api_key(key), User.password_hash.is_not(None)
+                )
+            )
+        return None if name is None else self.get(name)
 
     # -- signing in -----------------------------------------------------------
 
@@ -249,6 +299,11 @@ class AccountStore:
         account = self.get(name)
         assert account is not None
         return account
+
+
+def hash_api_key(key: str) -> str:
+    """What is stored of an API key: its SHA-256, hex."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def _account(user: User, conversations: int) -> Account:

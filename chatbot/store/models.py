@@ -122,6 +122,17 @@ class User(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+class ApiKey(Base):
+    """A key a program signs in with as an account (the /v1 API); only its SHA-256 is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the key
+    created_at: Mapped[datetime] = _created_at()
+
+
 class PersonaVersion(Base):
     """A persona's YAML text as it was when some conversation used it."""
 

@@ -37,5 +37,6 @@ def build_app(service: ChatService, identity: Identity | str) -> gr.Blocks:
             return f"Signed in as **{html.escape(who.name)}** ({who.role}) · [Sign out](logout)"
 
         app.load(on_load, None, signed_in, api_visibility="private")
-    app.queue(default_concurrency_limit=4)
+    # The engine batches concurrent replies (chatbot/batching.py): many may be written at once.
+    app.queue(default_concurrency_limit=32)
     return app
