@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -146,6 +147,18 @@ class Engine:
         if params.seed is None:
             return replace(params, seed=random.randrange(2**31))
         return params
+
+    def grow(self, reply: Reply, tokens: list[int], new: list[int], started: float) -> Reply | None:
+        """Add ``new`` token ids to a streaming reply; a snapshot to yield when its text grew, else None."""
+        tokens.extend(new)
+        if reply.first_token_ms is None:
+            reply.first_token_ms = (time.perf_counter() - started) * 1000
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        # A multi-byte character split across tokens decodes to U+FFFD: wait for the rest.
+        if text == reply.text or text.endswith("\ufffd"):
+            return None
+        reply.text, reply.completion_tokens = text, len(tokens)
+        return replace(reply)  # a snapshot: the caller may keep it
 
     def finish(self, reply: Reply, tokens: list[int], started: float, now: float) -> Reply:
         """Fill in the finished reply's text, counts, latency and finish reason from its token ids."""

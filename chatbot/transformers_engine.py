@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -155,14 +154,8 @@ class TransformersEngine(Engine):
             while (item := request.out.get()) is not Request.DONE:
                 if isinstance(item, BaseException):
                     raise item
-                tokens.extend(item)
-                if reply.first_token_ms is None:
-                    reply.first_token_ms = (time.perf_counter() - started) * 1000
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                # A multi-byte character split across tokens decodes to U+FFFD: wait for the rest.
-                if text != reply.text and not text.endswith("\ufffd"):
-                    reply.text, reply.completion_tokens = text, len(tokens)
-                    yield replace(reply)  # a snapshot: the caller may keep it
+                if (snapshot := self.grow(reply, tokens, item, started)) is not None:
+                    yield snapshot
         finally:
             stop.set()  # if our consumer went away, the scheduler drops the request
         yield self.finish(reply, tokens, started, time.perf_counter())

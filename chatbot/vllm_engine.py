@@ -27,7 +27,6 @@ import os
 import subprocess
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -178,15 +177,8 @@ class VLLMEngine(Engine):
                             reply.prompt_ids = list(choice["prompt_token_ids"])
                         new = choice.get("token_ids") or []
                         finish = choice.get("finish_reason") or finish
-                        if not new:
-                            continue
-                        tokens.extend(new)
-                        if reply.first_token_ms is None:
-                            reply.first_token_ms = (time.perf_counter() - started) * 1000
-                        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                        if text != reply.text and not text.endswith("\ufffd"):
-                            reply.text, reply.completion_tokens = text, len(tokens)
-                            yield replace(reply)
+                        if new and (snapshot := self.grow(reply, tokens, new, started)) is not None:
+                            yield snapshot
         except httpx.HTTPError as exc:
             raise self._unavailable(exc) from None
         reply = self.finish(reply, tokens, started, time.perf_counter())
