@@ -1,47 +1,70 @@
-"""Many people chatting at once: aggregate tokens/s and time to first token per number of chats.
+"""Many people chatting at once, through the app's own HTTP API: tokens/s and time to first token per N.
 
-    python bench/serve.py [--n 1 2 4 8 16] [--tokens 128] [--dtype auto] [--plot bench/serve.png]
+    python bench/serve.py [--n 1 2 4 8 16] [--tokens 128] [--plot bench/serve.png]
 
-For each N, N chats (each its own question) start together, greedy, up to
---tokens new tokens each, on the bundled model:
+For each N, N chats (each its own question to the ``assistant`` persona) start
+together, greedy, up to --tokens new tokens each, on the bundled model, and
+are streamed from ``POST /v1/chat/completions`` as an OpenAI client would:
 
-- ``engine``: through ``TransformersEngine.stream``, the embedded backend that decodes
-  concurrent replies together (chatbot/batching.py);
-- ``one-at-a-time``: the baseline, transformers' ``generate`` behind one lock,
-  as the app served before continuous batching.
+- ``transformers``: the app (``python app.py --engine transformers``), whose
+  embedded engine decodes concurrent replies together (chatbot/batching.py);
+- ``one-at-a-time``: the reference for it, in this process: transformers'
+  ``generate`` behind one lock, as the app served before continuous batching;
+- ``vllm``: the app again, started with ``--engine-url`` on a vLLM server;
+- ``vllm-direct``: the baseline, the same chats sent straight to that vLLM
+  server, with the very messages the app renders for the persona (the
+  prompt token counts of both are compared and printed).
 
-Both run in this one process, alternating per N, so the machine's drift stays
-out of the ratio. Prints aggregate tokens/s, first-token p50/p95 and the
-ratio, and saves a plot.
+Two phases, because an idle vLLM server keeps its CPU threads spinning: the
+in-process and embedded backends first, then the vLLM pair. Within a phase
+the backends alternate per N, so the machine's drift stays out of the
+ratios. Each app runs in a scratch data directory (its own database) that
+shares the converted model. Prints aggregate tokens/s, first-token p50/p95 and
+the ratios, and saves a plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-import torch
-from transformers.generation.streamers import BaseStreamer
+import httpx
 
-from chatbot.default_model import ensure_checkpoint
-from chatbot.engine import Engine, GenerationParams
-from chatbot.settings import Settings
-from chatbot.transformers_engine import TransformersEngine
-from chatbot.vllm_engine import VLLMEngine, VLLMServer, default_python, free_port
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from chatbot import default_model  # noqa: E402
+from chatbot.chat import ChatService, Turn, params_for  # noqa: E402
+from chatbot.personas import PersonaLibrary  # noqa: E402
+from chatbot.settings import REPO_PERSONAS, Settings  # noqa: E402
+from chatbot.vllm_engine import VLLMServer, default_python, free_port  # noqa: E402
 
 BACKENDS = ("transformers", "one-at-a-time", "vllm", "vllm-direct")
+PERSONA = "assistant"
+USER = "User"
+APP_START_TIMEOUT = 900  # seconds: loading the model on a busy 2-core machine
 
 TOPICS = ["cats", "the sea", "Paris", "bread", "trains", "music", "winter", "chess", "coffee", "rivers",
           "stars", "gardens", "bees", "tea", "maps", "clocks"]
 
 
-def chats(n: int) -> list[list[dict]]:
-    return [[{"role": "system", "content": "You are a helpful assistant."},
-             {"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}] for i in range(n)]
+def question(i: int) -> str:
+    return f"Tell me about {TOPICS[i % len(TOPICS)]}."
+
+
+def persona_messages(text: str) -> list[dict]:
+    """What the app gives the model for a new chat's first message: persona, examples, greeting, text."""
+    session = ChatService(None, PersonaLibrary(REPO_PERSONAS), None).new_session(0, PERSONA, USER)
+    session.turns.append(Turn("user", text))
+    return session.prompt().messages
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,16 +72,16 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def timed(n: int, chat) -> tuple[float, list]:
-    """Start ``chat(i, messages)`` for N chats together; (wall seconds, their results)."""
+def together(n: int, chat) -> tuple[float, list]:
+    """Start ``chat(i)`` for i < N together; (wall seconds, their results)."""
     results = [None] * n
     barrier = threading.Barrier(n + 1)
 
-    def one(i, messages):
+    def one(i):
         barrier.wait()
-        results[i] = chat(i, messages)
+        results[i] = chat(i)
 
-    threads = [threading.Thread(target=one, args=(i, m)) for i, m in enumerate(chats(n))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -68,72 +91,124 @@ def timed(n: int, chat) -> tuple[float, list]:
     return time.perf_counter() - start, results
 
 
-def run_engine(engine: Engine, n: int, tokens: int) -> tuple[float, int, list[float]]:
-    params = GenerationParams(temperature=0, max_new_tokens=tokens)
-
-    def chat(i, messages):
-        for reply in engine.stream(messages, params):
-            pass
-        return reply
-
-    wall, replies = timed(n, chat)
-    return wall, sum(r.completion_tokens for r in replies), [r.first_token_ms / 1000 for r in replies]
-
-
-def run_direct(url: str, n: int, tokens: int) -> tuple[float, int, list[float]]:
-    """The same chats straight to vLLM's /v1/chat/completions, streamed, as an OpenAI client sends them."""
-    import httpx
-
-    def chat(i, messages):
-        body = {"model": "bundled", "messages": messages, "max_tokens": tokens, "temperature": 0,
-                "repetition_penalty": 1.1, "stream": True, "stream_options": {"include_usage": True}}
-        start, first, used = time.perf_counter(), None, 0
-        with httpx.stream("POST", url + "/chat/completions", json=body, timeout=600) as response:
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                    first = time.perf_counter() - start
-                if chunk.get("usage"):
-                    used = chunk["usage"]["completion_tokens"]
-        return used, first
-
-    wall, results = timed(n, chat)
-    return wall, sum(r[0] for r in results), [r[1] for r in results]
+def stream_chat(url: str, body: dict) -> tuple[int, float, int]:
+    """One streamed chat completion; (completion tokens, first token seconds, prompt tokens)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    start, first, usage = time.perf_counter(), None, None
+    with httpx.stream("POST", url + "/chat/completions", json=body, timeout=900) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}: {response.read().decode()[:300]}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    if usage is None:
+        raise RuntimeError(f"{url}: the stream ended without usage")
+    return usage["completion_tokens"], first, usage["prompt_tokens"]
 
 
-class _FirstToken(BaseStreamer):
-    def __init__(self, start: float):
-        self.start, self.first, self._prompt = start, None, True
-
-    def put(self, value):
-        if self._prompt:
-            self._prompt = False
-        elif self.first is None:
-            self.first = time.perf_counter() - self.start
-
-    def end(self):
-        pass
+def through_app(url: str, tokens: int):
+    """Chat i: a new conversation with the persona, as an OpenAI client sends it to the app."""
+    return lambda n: together(n, lambda i: stream_chat(url, {
+        "model": PERSONA, "messages": [{"role": "user", "content": question(i)}],
+        "max_tokens": tokens, "temperature": 0}))
 
 
-def run_one_at_a_time(engine: TransformersEngine, n: int, tokens: int) -> tuple[float, int, list[float]]:
+def direct(url: str, served: str, tokens: int):
+    """Chat i straight to vLLM, with the messages and repetition penalty the app would use."""
+    penalty = params_for(PersonaLibrary(REPO_PERSONAS).get(PERSONA)).repetition_penalty
+    return lambda n: together(n, lambda i: stream_chat(url, {
+        "model": served, "messages": persona_messages(question(i)), "max_tokens": tokens, "temperature": 0,
+        "repetition_penalty": penalty}))
+
+
+def one_at_a_time(data_dir: Path, dtype: str, tokens: int):
+    """transformers' generate behind one lock, in this process: how the app served before batching."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from chatbot.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine.load("", data_dir, dtype)
     lock = threading.Lock()
-    model, tokenizer = engine.model, engine.tokenizer
+    penalty = params_for(PersonaLibrary(REPO_PERSONAS).get(PERSONA)).repetition_penalty
 
-    def chat(i, messages):
+    class FirstToken(BaseStreamer):
+        def __init__(self, start):
+            self.start, self.first, self.prompt = start, None, True
+
+        def put(self, value):
+            if self.prompt:
+                self.prompt = False
+            elif self.first is None:
+                self.first = time.perf_counter() - self.start
+
+        def end(self):
+            pass
+
+    def chat(i):
         start = time.perf_counter()
-        ids = torch.tensor([engine.encode(messages)])
-        streamer = _FirstToken(start)
+        ids = torch.tensor([engine.encode(persona_messages(question(i)))])
+        streamer = FirstToken(start)
         with lock, torch.inference_mode():
-            output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=tokens, repetition_penalty=1.1, temperature=None,
-                                    top_p=None, top_k=None, streamer=streamer,
-                                    pad_token_id=tokenizer.eos_token_id)
-        return output.shape[1] - ids.shape[1], streamer.first
+            output = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=tokens, repetition_penalty=penalty, temperature=None,
+                                           top_p=None, top_k=None, streamer=streamer,
+                                           pad_token_id=engine.tokenizer.eos_token_id)
+        return output.shape[1] - ids.shape[1], streamer.first, ids.shape[1]
 
-    wall, results = timed(n, chat)
-    return wall, sum(r[0] for r in results), [r[1] for r in results]
+    return (lambda n: together(n, chat)), engine.close
+
+
+@contextlib.contextmanager
+def app(data_dir: Path, log_path: Path, *options: str):
+    """``python app.py`` in a scratch data directory sharing the converted model; yields its /v1 URL."""
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as scratch:
+        (Path(scratch) / "models").symlink_to(Path(data_dir, "models").resolve())
+        port = free_port()
+        with log_path.open("ab") as log:
+            process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--data-dir", scratch,
+                                        "--port", str(port), *options], cwd=REPO, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            deadline = time.monotonic() + APP_START_TIMEOUT
+            while True:
+                if process.poll() is not None:
+                    raise SystemExit(f"the app exited with status {process.returncode}; see {log_path}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/models", timeout=5).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the app did not answer {url}/models in {APP_START_TIMEOUT} s; see {log_path}")
+                time.sleep(1)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def measure(runners: dict, ns: list[int], rows: list[dict]) -> None:
+    """Run every runner at every N, alternating; append a row per (backend, N)."""
+    for run in runners.values():
+        run(1)  # warm up
+    for n in ns:
+        for backend, run in runners.items():
+            wall, results = run(n)
+            first = [r[1] for r in results]
+            row = dict(n=n, backend=backend, tps=sum(r[0] for r in results) / wall, p50=statistics.median(first),
+                       p95=percentile(first, 0.95), prompt_tokens=[r[2] for r in results])
+            rows.append(row)
+            print(f"{n:>3} | {backend:<14} | {row['tps']:>8.1f} | {row['p50']:>13.2f} s | {row['p95']:>4.2f} s",
+                  flush=True)
 
 
 def main() -> None:
@@ -143,59 +218,62 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--plot", type=Path, default=Path("bench/serve.png"))
-    parser.add_argument("--data-dir", type=Path, default=Settings.from_sources().data_dir)
+    parser.add_argument("--data-dir", type=Path, default=Settings.from_sources().data_dir,
+                        help="where the converted bundled model is (or is made)")
     args = parser.parse_args()
 
-    checkpoint = ensure_checkpoint(args.data_dir)
-    local = TransformersEngine.load(str(checkpoint), args.data_dir, args.dtype)
-    print(f"model {checkpoint.name}, {local.model.dtype} in this process, {torch.get_num_threads()} threads, "
-          f"up to {args.tokens} new tokens per chat, greedy")
+    checkpoint = default_model.ensure_checkpoint(args.data_dir)
+    log_path = args.data_dir / "serve-bench.log"
+    print(f"model {checkpoint.name}, dtype {args.dtype}, up to {args.tokens} new tokens per chat, greedy, "
+          f"persona {PERSONA}; the apps' output goes to {log_path}")
     print(f"{'N':>3} | {'backend':<14} | {'tokens/s':>8} | {'first token p50':>15} | {'p95':>6}")
     rows: list[dict] = []
-    # Two phases: a vLLM server keeps its CPU threads busy even when idle, which would slow the
-    # in-process backends; within a phase, the backends alternate per N.
-    try:
-        measure({"transformers": lambda n: run_engine(local, n, args.tokens),
-                 "one-at-a-time": lambda n: run_one_at_a_time(local, n, args.tokens)}, args, rows)
-    finally:
-        local.close()
-    if {"vllm", "vllm-direct"} & set(args.backends):
-        server = VLLMServer(default_python(), checkpoint, "bundled", free_port(),
+    wanted = set(args.backends)
+    with contextlib.ExitStack() as phase:
+        runners = {}
+        if "transformers" in wanted:
+            url = phase.enter_context(app(args.data_dir, log_path, "--engine", "transformers", "--dtype", args.dtype))
+            runners["transformers"] = through_app(url, args.tokens)
+        if "one-at-a-time" in wanted:
+            run, close = one_at_a_time(args.data_dir, args.dtype, args.tokens)
+            phase.callback(close)
+            runners["one-at-a-time"] = run
+        measure(runners, args.n, rows)
+    if wanted & {"vllm", "vllm-direct"}:
+        server = VLLMServer(default_python(), checkpoint, default_model.MODEL_ID, free_port(),
                             args.data_dir / "vllm-bench.log", max_model_len=2048)
         print("starting the vLLM server ...", flush=True)
         server.start()
         try:
-            remote = VLLMEngine.connect(server.url, checkpoint, "bundled")
-            measure({"vllm": lambda n: run_engine(remote, n, args.tokens),
-                     "vllm-direct": lambda n: run_direct(server.url, n, args.tokens)}, args, rows)
+            with contextlib.ExitStack() as phase:
+                runners = {}
+                if "vllm" in wanted:
+                    url = phase.enter_context(app(args.data_dir, log_path, "--engine-url", server.url,
+                                                  "--context-tokens", "2048"))
+                    runners["vllm"] = through_app(url, args.tokens)
+                if "vllm-direct" in wanted:
+                    runners["vllm-direct"] = direct(server.url, default_model.MODEL_ID, args.tokens)
+                measure(runners, args.n, rows)
         finally:
             server.stop()
-    by = {(r["backend"], r["n"]): r for r in rows}
-    first_n = args.n[0]
-    for n in args.n:
-        parts = [f"{b} N={n}/N={first_n}: {by[b, n]['tps'] / by[b, first_n]['tps']:.2f}x" for b in args.backends]
-        if {"transformers", "one-at-a-time"} <= set(args.backends):
-            parts.append(f"transformers/one-at-a-time: {by['transformers', n]['tps'] / by['one-at-a-time', n]['tps']:.2f}x")
-        if {"vllm", "vllm-direct"} <= set(args.backends):
-            parts.append(f"vllm/vllm-direct: {by['vllm', n]['tps'] / by['vllm-direct', n]['tps']:.2f}x")
-        print("; ".join(parts))
+    report(rows, args.backends, args.n)
     plot(rows, args.backends, args.n, args.plot)
     print(f"plot: {args.plot}")
 
 
-def measure(runners: dict, args, rows: list[dict]) -> None:
-    """Run the asked-for ``runners`` at every N, alternating; append a row per (backend, N)."""
-    runners = {name: run for name, run in runners.items() if name in args.backends}
-    for run in runners.values():
-        run(1)  # warm up
-    for n in args.n:
-        for backend, run in runners.items():
-            wall, tokens, first = run(n)
-            row = dict(n=n, backend=backend, tps=tokens / wall, p50=statistics.median(first),
-                       p95=percentile(first, 0.95))
-            rows.append(row)
-            print(f"{n:>3} | {backend:<14} | {row['tps']:>8.1f} | {row['p50']:>13.2f} s | {row['p95']:>4.2f} s",
-                  flush=True)
+def report(rows: list[dict], backends: list[str], ns: list[int]) -> None:
+    by = {(r["backend"], r["n"]): r for r in rows}
+    first_n = ns[0]
+    for n in ns:
+        parts = [f"{b} N={n}/N={first_n}: {by[b, n]['tps'] / by[b, first_n]['tps']:.2f}x" for b in backends]
+        for a, b in (("transformers", "one-at-a-time"), ("vllm", "vllm-direct")):
+            if {a, b} <= set(backends):
+                parts.append(f"{a}/{b}: {by[a, n]['tps'] / by[b, n]['tps']:.2f}x")
+        print("; ".join(parts))
+    prompts = {b: by[b, ns[-1]]["prompt_tokens"] for b in backends}
+    same = len({tuple(p) for p in prompts.values()}) == 1
+    print(f"prompt tokens of the N={ns[-1]} chats: " + ("the same for every backend" if same else
+                                                        "DIFFER: " + json.dumps(prompts)))
 
 
 def plot(rows: list[dict], backends: list[str], ns: list[int], path: Path) -> None:
@@ -209,7 +287,8 @@ def plot(rows: list[dict], backends: list[str], ns: list[int], path: Path) -> No
         mine = [r for r in rows if r["backend"] == backend]
         left.plot([r["n"] for r in mine], [r["tps"] for r in mine], marker="o", label=backend)
         right.plot([r["n"] for r in mine], [r["p95"] for r in mine], marker="o", label=backend)
-    left.set(xlabel="chats at once", ylabel="tokens/s, all chats", xscale="log", xticks=ns, xticklabels=ns)
+    left.set(xlabel="chats at once", ylabel="tokens/s, all chats", xscale="log", xticks=ns, xticklabels=ns,
+             title="through POST /v1/chat/completions")
     right.set(xlabel="chats at once", ylabel="first token, p95 (s)", xscale="log", yscale="log", xticks=ns,
               xticklabels=ns)
     left.legend()
