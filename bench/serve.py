@@ -1,15 +1,16 @@
 """Many people chatting at once, through the app's own HTTP API: tokens/s and time to first token per N.
 
-    python bench/serve.py [--n 1 2 4 8 16] [--tokens 128] [--plot bench/serve.png]
+    python bench/serve.py [--n 1 2 4 8 16] [--tokens 128] [--repeats 3] [--backends ...] [--plot bench/serve.png]
 
-For each N, N chats (each its own question to the ``assistant`` persona) start
-together, greedy, up to --tokens new tokens each, on the bundled model, and
+For each N, N chats (each asking the ``assistant`` persona for a long essay on
+its own topic) start together, greedy, up to --tokens new tokens each, on the bundled model, and
 are streamed from ``POST /v1/chat/completions`` as an OpenAI client would:
 
 - ``transformers``: the app (``python app.py --engine transformers``), whose
   embedded engine decodes concurrent replies together (chatbot/batching.py);
-- ``one-at-a-time``: the reference for it, in this process: transformers'
-  ``generate`` behind one lock, as the app served before continuous batching;
+- ``one-at-a-time`` (only when asked for with --backends): the reference for it,
+  in this process: transformers' ``generate`` behind one lock, as the app
+  served before continuous batching;
 - ``vllm``: the app again, started with ``--engine-url`` on a vLLM server;
 - ``vllm-direct``: the baseline, the same chats sent straight to that vLLM
   server, with the very messages the app renders for the persona (the
@@ -17,10 +18,12 @@ are streamed from ``POST /v1/chat/completions`` as an OpenAI client would:
 
 Two phases, because an idle vLLM server keeps its CPU threads spinning: the
 in-process and embedded backends first, then the vLLM pair. Within a phase
-the backends alternate per N, so the machine's drift stays out of the
-ratios. Each app runs in a scratch data directory (its own database) that
-shares the converted model. Prints aggregate tokens/s, first-token p50/p95 and
-the ratios, and saves a plot.
+the backends alternate per N and repeat, so the machine's drift stays out
+of the ratios; tokens/s is the median of the repeats. Each app runs in a
+scratch data directory (its own database) that shares the converted model.
+Prints aggregate tokens/s, first-token p50/p95, the ratios and the goals
+(``transformers`` at N=8: 3x its N=1 or more, p95 first token 2 s or less;
+``vllm`` at most 10 % slower than ``vllm-direct`` at every N), and saves a plot.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ TOPICS = ["cats", "the sea", "Paris", "bread", "trains", "music", "winter", "che
 
 
 def question(i: int) -> str:
-    return f"Tell me about {TOPICS[i % len(TOPICS)]}."
+    # Asks for more than --tokens, so (nearly) every reply runs the whole length: otherwise N replies
+    # that end early leave one long reply decoding alone, and "tokens/s at N" measures that tail.
+    return f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}."
 
 
 def persona_messages(text: str) -> list[dict]:
@@ -196,26 +201,35 @@ def app(data_dir: Path, log_path: Path, *options: str):
                 process.wait()
 
 
-def measure(runners: dict, ns: list[int], rows: list[dict]) -> None:
-    """Run every runner at every N, alternating; append a row per (backend, N)."""
+def measure(runners: dict, ns: list[int], repeats: int, rows: list[dict]) -> None:
+    """Run every runner at every N, ``repeats`` times, alternating; append a row per (backend, N):
+    the median of the repeats' aggregate tokens/s, first-token percentiles over all their replies."""
     for run in runners.values():
         run(1)  # warm up
     for n in ns:
-        for backend, run in runners.items():
-            wall, results = run(n)
-            first = [r[1] for r in results]
-            row = dict(n=n, backend=backend, tps=sum(r[0] for r in results) / wall, p50=statistics.median(first),
-                       p95=percentile(first, 0.95), prompt_tokens=[r[2] for r in results])
+        tps: dict[str, list[float]] = {backend: [] for backend in runners}
+        replies: dict[str, list] = {backend: [] for backend in runners}
+        for _ in range(repeats):
+            for backend, run in runners.items():
+                wall, results = run(n)
+                tps[backend].append(sum(r[0] for r in results) / wall)
+                replies[backend] += results
+        for backend in runners:
+            first = [r[1] for r in replies[backend]]
+            row = dict(n=n, backend=backend, tps=statistics.median(tps[backend]), p50=statistics.median(first),
+                       p95=percentile(first, 0.95), prompt_tokens=[r[2] for r in replies[backend][:n]],
+                       per_reply=statistics.mean(r[0] for r in replies[backend]))
             rows.append(row)
-            print(f"{n:>3} | {backend:<14} | {row['tps']:>8.1f} | {row['p50']:>13.2f} s | {row['p95']:>4.2f} s",
-                  flush=True)
+            print(f"{n:>3} | {backend:<14} | {row['tps']:>8.1f} | {row['p50']:>13.2f} s | {row['p95']:>4.2f} s "
+                  f"| {row['per_reply']:>9.0f} | {' '.join(f'{t:.1f}' for t in tps[backend])}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["transformers", "vllm", "vllm-direct"])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per backend and N; the median is reported")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--plot", type=Path, default=Path("bench/serve.png"))
     parser.add_argument("--data-dir", type=Path, default=Settings.from_sources().data_dir,
@@ -226,7 +240,7 @@ def main() -> None:
     log_path = args.data_dir / "serve-bench.log"
     print(f"model {checkpoint.name}, dtype {args.dtype}, up to {args.tokens} new tokens per chat, greedy, "
           f"persona {PERSONA}; the apps' output goes to {log_path}")
-    print(f"{'N':>3} | {'backend':<14} | {'tokens/s':>8} | {'first token p50':>15} | {'p95':>6}")
+    print(f"{'N':>3} | {'backend':<14} | {'tokens/s':>8} | {'first token p50':>15} | {'p95':>6} | tokens/reply | tokens/s of each run")
     rows: list[dict] = []
     wanted = set(args.backends)
     with contextlib.ExitStack() as phase:
@@ -238,7 +252,7 @@ def main() -> None:
             run, close = one_at_a_time(args.data_dir, args.dtype, args.tokens)
             phase.callback(close)
             runners["one-at-a-time"] = run
-        measure(runners, args.n, rows)
+        measure(runners, args.n, args.repeats, rows)
     if wanted & {"vllm", "vllm-direct"}:
         server = VLLMServer(default_python(), checkpoint, default_model.MODEL_ID, free_port(),
                             args.data_dir / "vllm-bench.log", max_model_len=2048)
@@ -253,7 +267,7 @@ def main() -> None:
                     runners["vllm"] = through_app(url, args.tokens)
                 if "vllm-direct" in wanted:
                     runners["vllm-direct"] = direct(server.url, default_model.MODEL_ID, args.tokens)
-                measure(runners, args.n, rows)
+                measure(runners, args.n, args.repeats, rows)
         finally:
             server.stop()
     report(rows, args.backends, args.n)
@@ -270,6 +284,14 @@ def report(rows: list[dict], backends: list[str], ns: list[int]) -> None:
             if {a, b} <= set(backends):
                 parts.append(f"{a}/{b}: {by[a, n]['tps'] / by[b, n]['tps']:.2f}x")
         print("; ".join(parts))
+    if "transformers" in backends and {1, 8} <= set(ns):
+        gain, p95 = by["transformers", 8]["tps"] / by["transformers", 1]["tps"], by["transformers", 8]["p95"]
+        print(f"goal, transformers at N=8: {gain:.2f}x its N=1 (>= 3x), p95 first token {p95:.2f} s (<= 2 s): "
+              + ("met" if gain >= 3 and p95 <= 2 else "NOT met"))
+    if {"vllm", "vllm-direct"} <= set(backends):
+        worst = min(by["vllm", n]["tps"] / by["vllm-direct", n]["tps"] for n in ns)
+        print(f"goal, vllm through the app at most 10 % slower than vllm-direct at every N: worst "
+              f"{worst:.2f}x: " + ("met" if worst >= 0.90 else "NOT met"))
     prompts = {b: by[b, ns[-1]]["prompt_tokens"] for b in backends}
     same = len({tuple(p) for p in prompts.values()}) == 1
     print(f"prompt tokens of the N={ns[-1]} chats: " + ("the same for every backend" if same else
