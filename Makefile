@@ -46,12 +46,13 @@ $(VLLM_STAMP):
 
 vllm: $(VLLM_STAMP)
 
-# The browser tests drive Debian's chromium; install it when missing and we may.
+# The browser tests drive Debian's chromium, and the sanitizer's tests run Gradio's own Markdown
+# renderer with node; install them when missing and we may.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@{ command -v chromium && command -v node; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && apt-get install -y -q chromium; \
-	  else echo "The browser tests need Chromium: sudo apt-get install chromium"; exit 1; fi; }
+	    apt-get update -q && apt-get install -y -q chromium nodejs; \
+	  else echo "The tests need Chromium and node: sudo apt-get install chromium nodejs"; exit 1; fi; }
 
 # The store's tests also run on PostgreSQL: a throwaway server on 127.0.0.1:55432
 # (data in /tmp), installed from Debian's package when missing and we are root.

@@ -65,6 +65,7 @@ from alignment.training import (
     resolve_base_model,
     run_tracked,
     trainer_arguments,
+    trl_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
         model=model,
         ref_model=None,  # reference = this model with the adapter disabled (see module docstring)
         args=args,
-        train_dataset=Dataset.from_list([{k: row[k] for k in columns} for row in train_kept]),
+        train_dataset=Dataset.from_list(trl_rows(train_kept, columns)),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[job_callback(run_store, run_id, output_dir / "metrics.jsonl"), *callbacks],

@@ -61,6 +61,7 @@ from typing import Any
 from alignment import eval_metrics as em
 from alignment.gate import GateBounds, failed_checks
 from alignment.jobs import RunRecord, RunStore
+from chatbot.engine import encode_chat
 
 log = logging.getLogger(__name__)
 
@@ -417,12 +418,6 @@ def _no_prompts_left(stats: dict[str, Any], judge: RunRecord | None, run: RunRec
 # -- models ---------------------------------------------------------------------
 
 
-def _ids(encoded: Any) -> list[int]:
-    if isinstance(encoded, dict) or hasattr(encoded, "keys"):  # BatchEncoding in some versions
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
 def _padded(sequences: Sequence[list[int]], pad_id: int):
     """(input_ids, attention_mask) of equal-length rows, padded on the right."""
     import torch
@@ -538,8 +533,7 @@ def generate_and_measure(base_path: Path, candidate: Side, baseline: Side, promp
         peft.load_adapter(baseline.adapter, adapter_name="baseline")
         names["baseline"] = "baseline"
     peft.eval()
-    prompt_ids = [_ids(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)) for p in prompts]
+    prompt_ids = [encode_chat(tokenizer, p) for p in prompts]  # as the engine encoded them
     for side, name in names.items():
         bar.set_description(f"log-probs ({side})")
         kls, nlls = kl_and_reference_nll(peft, name, tokenizer.pad_token_id,
@@ -788,8 +782,7 @@ def _drop_too_long(prompts: Prompts, base_path: Path, max_new_tokens: int) -> Pr
     if not limit:
         return Prompts(prompts.rows, {**prompts.stats, "removed_too_long": 0})
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    kept = [p for p in prompts.rows if len(_ids(tokenizer.apply_chat_template(
-        p, add_generation_prompt=True, tokenize=True, return_dict=False))) + max_new_tokens <= limit]
+    kept = [p for p in prompts.rows if len(encode_chat(tokenizer, p)) + max_new_tokens <= limit]
     removed = len(prompts.rows) - len(kept)
     return Prompts(kept, {**prompts.stats, "removed_too_long": removed, "used": len(kept)})
 

@@ -45,7 +45,9 @@ from alignment.training import (
     resolve_base_model,
     run_tracked,
     trainer_arguments,
+    trl_rows,
 )
+from chatbot.engine import encode_chat
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +135,10 @@ def validate_rows(rows: Sequence[dict[str, Any]], split: str, min_rows: int = 1,
     return rows
 
 
-def _ids(encoded: Any) -> list[int]:
-    if isinstance(encoded, dict) or hasattr(encoded, "keys"):  # BatchEncoding in some versions
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
 def encode_row(tokenizer: Any, row: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) split as TRL's KTOTrainer splits a conversational row."""
-    prompt_ids = _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True))
-    full_ids = _ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True))
+    """(prompt ids, completion ids) split as TRL's KTOTrainer splits a conversational row (see trl_rows)."""
+    prompt_ids = encode_chat(tokenizer, row["prompt"])
+    full_ids = encode_chat(tokenizer, row["prompt"] + row["completion"], add_generation_prompt=False)
     return prompt_ids, full_ids[len(prompt_ids):]
 
 
@@ -322,7 +318,7 @@ def _train(recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoi
         model=model,
         ref_model=None,  # reference = this model with the adapter disabled (see module docstring)
         args=args,
-        train_dataset=Dataset.from_list([{k: row[k] for k in columns} for row in train_kept]),
+        train_dataset=Dataset.from_list(trl_rows(train_kept, columns)),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[job_callback(run_store, run_id, output_dir / "metrics.jsonl"), *callbacks],

@@ -65,6 +65,7 @@ from alignment.training import (
     run_tracked,
     trainer_arguments,
 )
+from chatbot.engine import encode_chat
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +151,7 @@ def encode_prompts(tokenizer: Any, rows: Sequence[dict[str, Any]],
     """``{"input_ids": chat_template(prompt, add_generation_prompt)}`` per row, and how many were too long."""
     encoded, too_long = [], 0
     for row in rows:
-        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in some versions
-            ids = ids["input_ids"]
+        ids = encode_chat(tokenizer, row["prompt"])  # message text stays text, as in the chat
         if len(ids) > max_prompt_length:
             too_long += 1
             continue

@@ -48,6 +48,7 @@ from alignment.training import (
     run_tracked,
     trainer_arguments,
 )
+from chatbot.engine import encode_chat
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,14 @@ def validate_rows(rows: Sequence[dict[str, Any]], split: str, min_pairs: int = 1
 
 
 def encode_pair_side(tokenizer: Any, prompt: list[dict[str, Any]], reply: str) -> list[int]:
-    """Token ids of ``prompt`` followed by ``reply`` ending at EOS (see module docstring)."""
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):  # BatchEncoding in some versions
-        prompt_ids = prompt_ids["input_ids"]
-    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
-    return list(prompt_ids) + list(reply_ids) + [tokenizer.eos_token_id]
+    """Token ids of ``prompt`` followed by ``reply`` ending at EOS (see module docstring).
+
+    Message and reply text stay text: a control token's spelling in them is
+    not read as that token (chatbot.engine.encode_chat).
+    """
+    prompt_ids = encode_chat(tokenizer, prompt)
+    reply_ids = tokenizer(reply, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return prompt_ids + list(reply_ids) + [tokenizer.eos_token_id]
 
 
 def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]],

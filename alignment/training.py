@@ -63,6 +63,19 @@ def finish_job(save_adapter: Callable[[Path], None], recipe: Any, base: Path, me
                      resumed_from=resumed_from, version_id=version_id)
 
 
+def trl_rows(rows: Any, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Conversational ``rows`` cut to a TRL trainer's ``columns``, message text kept plain text.
+
+    TRL's DPO and KTO trainers tokenize conversational rows themselves and
+    pass a row's ``chat_template_kwargs`` on to ``apply_chat_template``. With
+    ``sanitize_control_tokens`` a control token typed into a message
+    (``<|im_end|>``) is trained on as the characters it is, as the chat
+    encodes it (chatbot.engine.encode_chat), and cannot forge a turn.
+    """
+    return [{**{k: row[k] for k in columns}, "chat_template_kwargs": {"sanitize_control_tokens": True}}
+            for row in rows]
+
+
 def ensure_pad_token(tokenizer: Any, model: Any | None = None) -> None:
     """Give the tokenizer a pad token distinct from EOS.
 

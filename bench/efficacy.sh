@@ -18,7 +18,7 @@
 # PERSONA (assistant), N (64 training prompts), SAMPLES (8 replies each),
 # MAX_NEW_TOKENS (64), EVAL_SAMPLES (2 per held-out prompt). Every stage's wall
 # time goes to DATA_DIR/timings.tsv; rerunning resumes after the last finished
-# stage.
+# stage, and a training stage that was stopped continues from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +50,9 @@ stage() {  # stage NAME COMMAND...: run, log, time; stdout's last line is kept i
     touch "$DATA_DIR/logs/$name.done"
     echo "   $((SECONDS - start)) s" >&2
 }
+# A training stage stopped before it finished (its log names its run) continues that run from its
+# last checkpoint instead of starting over.
+resume() { [ -e "$DATA_DIR/logs/$1.err" ] && sed -n 's/^run \([0-9][0-9]*\): .*/--resume \1/p' "$DATA_DIR/logs/$1.err" | tail -1; }
 field() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$@"; }
 
 # The replies are the base model's whatever the rule: generate them once.
@@ -71,15 +74,15 @@ for RULE in $RULES; do
     fi
     stage "$NAME-rerate" "$PS" simulate "${COMMON[@]}" --persona "$PERSONA" --rule "$RULE" --rerate
     stage "$NAME-judge" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
-        --persona "$PERSONA" --part judge
+        --persona "$PERSONA" --part judge $(resume "$NAME-judge")
     JUDGE_RUN=$(field "$DATA_DIR/logs/$NAME-judge.json" run)
     for METHOD in $METHODS; do
         if [ "$METHOD" = ppo ]; then  # only PPO needs a reward model of its own (policy part)
             stage "$NAME-reward" "$PS" align reward "${COMMON[@]}" --recipe alignment/recipes/reward_cpu.yaml \
-                --persona "$PERSONA"
+                --persona "$PERSONA" $(resume "$NAME-reward")
         fi
         stage "$NAME-$METHOD" "$PS" align "$METHOD" "${COMMON[@]}" --recipe "alignment/recipes/${METHOD}_cpu.yaml" \
-            --persona "$PERSONA"
+            --persona "$PERSONA" $(resume "$NAME-$METHOD")
         RUN=$(field "$DATA_DIR/logs/$NAME-$METHOD.json" run)
         stage "$NAME-$METHOD-evaluate" "$PS" align evaluate "$RUN" "${COMMON[@]}" --baseline base \
             --judge "$JUDGE_RUN" --prompts alignment/prompts/everyday_heldout.txt --samples "$EVAL_SAMPLES" \

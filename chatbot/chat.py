@@ -23,9 +23,32 @@ from .store.repository import UNCHANGED
 
 log = logging.getLogger(__name__)
 
+# The longest message accepted, checked before anything reads it: tokenizing is what costs
+# (a 10 MB message took 30 s of CPU and 1.2 GB to refuse). 100,000 characters are about
+# 25,000 tokens, far more than the bundled model's 8,192-token context holds.
+MAX_MESSAGE_CHARS = 100_000
+# Feedback is stored twice (the vote and its history row): the longest comment and reason tags accepted.
+MAX_COMMENT_CHARS = 10_000
+MAX_REASON_CHARS = 200
+DELETED = "this conversation was deleted (perhaps in another window); start a new chat"
+
 
 class ChatError(Exception):
     """Something the user asked for cannot be done; the message says why."""
+
+
+def check_text(text: str | None, limit: int, what: str) -> None:
+    """ChatError when ``text`` is longer than ``limit`` characters, or holds a NUL character.
+
+    PostgreSQL cannot store NUL in text, and SQLite's LIKE stops reading at
+    one (search would miss what follows): refused the same on every database.
+    """
+    if text is None:
+        return
+    if len(text) > limit:
+        raise ChatError(f"the {what} is too long: {len(text):,} characters, at most {limit:,}")
+    if "\x00" in text:
+        raise ChatError(f"the {what} contains a NUL character (\\x00), which cannot be stored")
 
 
 @dataclass
@@ -133,6 +156,7 @@ class ChatService:
         """Stream a reply from a persona that is not saved yet; nothing is stored."""
         session = ChatSession(user_id=0, persona=persona, rendered=render(persona, user_name))
         session.turns = [Turn("assistant", session.rendered.greetings[0])]
+        check_text(text, MAX_MESSAGE_CHARS, "message")
         if not text.strip():
             raise ChatError("the message is empty")
         yield from self._stream(session, session.prompt([{"role": "user", "content": text.strip()}]),
@@ -144,25 +168,28 @@ class ChatService:
 
         ``history``: earlier turns said elsewhere, stored first (see ``_with_history``),
         for clients that keep a conversation themselves and send it whole (the /v1 API).
+        A last message still without a reply (its reply was cut off) is replaced
+        by this one, a sibling of it: never two user turns in a row.
         """
         session.check_writable()
+        check_text(text, MAX_MESSAGE_CHARS, "message")  # before anything tokenizes it
         text = text.strip()
         if not text:
             raise ChatError("the message is empty")
-        turns = self._with_history(session, history)
+        self._existing(session)
+        current = session.turns[:-1] if self.unanswered(session) else session.turns
+        turns = self._with_history(replace(session, turns=current), history)
         # Check the context before storing anything: a message that cannot fit is refused whole.
         preview = replace(session, turns=turns)
         self.engine.fit(preview.prompt([{"role": "user", "content": text}]), params.max_new_tokens)
+        session.turns = current
         if turns[0] is not session.turns[0]:  # the client's own opening instead of the greeting
             session.turns = [turns[0]]
         self._ensure_conversation(session)
         for turn in turns[len(session.turns):]:
-            turn.message_id = self.store.add_message(session.conversation_id, turn.role, turn.content,
-                                                     parent_id=session.turns[-1].message_id)
+            turn.message_id = self._add_message(session, turn.role, turn.content)
             session.turns.append(turn)
-        message_id = self.store.add_message(session.conversation_id, "user", text,
-                                            parent_id=session.turns[-1].message_id)
-        session.turns.append(Turn("user", text, message_id))
+        session.turns.append(Turn("user", text, self._add_message(session, "user", text)))
         yield from self._reply(session, params, stop)
 
     @staticmethod
@@ -180,6 +207,7 @@ class ChatService:
         for m in history:
             if m["role"] not in ("user", "assistant"):
                 raise ChatError(f"a {m['role']} message cannot be part of a conversation's history")
+            check_text(m["content"], MAX_MESSAGE_CHARS, f"{m['role']} message in the history")
             if not m["content"].strip():
                 raise ChatError(f"an empty {m['role']} message cannot be part of a conversation's history")
         if history and history[0]["role"] == "assistant" and session.conversation_id is None \
@@ -189,8 +217,16 @@ class ChatService:
 
     def retry(self, session: ChatSession, params: GenerationParams,
               stop: threading.Event | None = None) -> Iterator[Reply]:
-        """Regenerate the last reply; the new one is stored as a sibling of the old."""
+        """Regenerate the last reply; the new one is stored as a sibling of the old.
+
+        A last message still without a reply (its reply was cut off: the
+        server stopped mid-reply) is answered instead.
+        """
         session.check_writable()
+        self._existing(session)
+        if self.unanswered(session):
+            yield from self._reply(session, params, stop)
+            return
         if len(session.turns) < 2 or session.turns[-1].role != "assistant" \
                 or session.turns[-2].role != "user":
             raise ChatError("there is no reply to retry yet")
@@ -209,15 +245,17 @@ class ChatService:
         For `simulate`, where several replies to one prompt are wanted at once.
         """
         session.check_writable()
+        check_text(text, MAX_MESSAGE_CHARS, "message")
         text = text.strip()
         if not text:
             raise ChatError("the message is empty")
-        prompt = session.prompt([{"role": "user", "content": text}])
+        self._existing(session)
+        current = session.turns[:-1] if self.unanswered(session) else session.turns  # as in send
+        prompt = replace(session, turns=current).prompt([{"role": "user", "content": text}])
         self.engine.fit(prompt, params.max_new_tokens)  # refused whole before anything is stored
+        session.turns = current
         self._ensure_conversation(session)
-        message_id = self.store.add_message(session.conversation_id, "user", text,
-                                            parent_id=session.turns[-1].message_id)
-        session.turns.append(Turn("user", text, message_id))
+        session.turns.append(Turn("user", text, self._add_message(session, "user", text)))
         adapter, promoted = self.serving(session.persona, session.conversation_id)
         try:
             replies = self.engine.generate_batch(session.prompt(), params, n, adapter=adapter)
@@ -233,8 +271,11 @@ class ChatService:
         """Take back the last exchange; returns the user's text so it can be edited.
 
         Nothing is deleted: the stored messages stay in the conversation tree,
-        and the next message branches from the turn before them.
+        and the next message branches from the turn before them. A last message
+        without a reply (cut off) is taken back alone.
         """
+        if len(session.turns) >= 2 and self.unanswered(session):
+            return session.turns.pop().content
         if len(session.turns) < 3 or session.turns[-2].role != "user":
             raise ChatError("there is nothing to undo")
         session.turns.pop()
@@ -263,14 +304,20 @@ class ChatService:
         `simulated` marks a vote cast by a rule (`persona-studio simulate`), not a person.
         """
         session.check_writable()
+        _check_feedback(reason, comment)
         if not 0 <= turn_index < len(session.turns) or session.turns[turn_index].role != "assistant":
             raise ChatError(f"message {turn_index} is not a reply in this conversation")
+        self._existing(session)
         message_id = session.turns[turn_index].message_id
         if message_id is None:  # the greeting of a chat that has no messages yet
             self._ensure_conversation(session)
             message_id = session.turns[turn_index].message_id
-        self.store.set_feedback(message_id, session.user_id, rating, reason=reason, comment=comment,
-                                simulated=simulated)
+        try:
+            self.store.set_feedback(message_id, session.user_id, rating, reason=reason, comment=comment,
+                                    simulated=simulated)
+        except ValueError:
+            self._existing(session)  # deleted meanwhile: say so, not "message N does not exist"
+            raise
 
     def vote_message(self, user_id: int, message_id: int, rating: int | None, *,
                      reason: str | None | object = UNCHANGED,
@@ -280,6 +327,7 @@ class ChatService:
         ChatError("message N not found") for a message that is missing, in
         someone else's conversation or not a reply: others' look like missing ones.
         """
+        _check_feedback(reason, comment)
         try:
             message = self.store.get_message(int(message_id))
             self._owned(user_id, message.conversation_id)
@@ -296,7 +344,51 @@ class ChatService:
     # -- the history of conversations ----------------------------------------
 
     def conversations(self, user_id: int, search: str = "") -> list[ConversationRecord]:
-        return self.store.list_conversations(user_id, search)
+        """The user's conversations, newest first; ``search`` (matched literally) must be short."""
+        try:
+            return self.store.list_conversations(user_id, search)
+        except ValueError as exc:  # the search is too long
+            raise ChatError(str(exc)) from None
+
+    def check_access(self, session: ChatSession, as_admin: bool) -> None:
+        """ChatError unless whoever holds ``session`` may still see its conversation.
+
+        Asked on every action, not only when the conversation was opened: its
+        owner may while it exists, anyone else only while an admin now
+        (``as_admin``, the role read afresh), so a demoted admin loses a
+        conversation they had open at their next click.
+        """
+        conversation = self._existing(session)
+        if conversation is not None and conversation.user_id != session.user_id and not as_admin:
+            raise ChatError("only admins can see other people's conversations; start a new chat")
+
+    def _existing(self, session: ChatSession) -> ConversationRecord | None:
+        """The session's stored conversation (None before its first message); ChatError if it was deleted."""
+        if session.conversation_id is None:
+            return None
+        try:
+            return self.store.get_conversation(session.conversation_id)
+        except KeyError:
+            raise ChatError(DELETED) from None
+
+    @staticmethod
+    def unanswered(session: ChatSession) -> bool:
+        """Does the session end with a stored message of the user's without a reply?
+
+        A reply cut off before it was stored (the server stopped mid-reply)
+        leaves one; Retry answers it, and a new message replaces it.
+        """
+        return len(session.turns) > 1 and session.turns[-1].role == "user" \
+            and session.turns[-1].message_id is not None
+
+    def _add_message(self, session: ChatSession, role: str, content: str, **fields) -> int:
+        """Store a message after the session's last turn; ChatError if the conversation was deleted meanwhile."""
+        try:
+            return self.store.add_message(session.conversation_id, role, content,
+                                          parent_id=session.turns[-1].message_id, **fields)
+        except ValueError:
+            self._existing(session)  # raises ChatError(DELETED) when that was the cause
+            raise
 
     def _owned(self, user_id: int, conversation_id: int, as_admin: bool = False) -> ConversationRecord:
         """The conversation if it is this user's (any, for an admin); others' look like missing ones."""
@@ -333,8 +425,7 @@ class ChatService:
         turn = session.turns[turn_index]
         if turn.message_id is None:
             return 1, 1
-        ids = [m.id for m in tree.siblings(self.store.conversation_messages(session.conversation_id),
-                                           turn.message_id)]
+        ids = [m.id for m in tree.siblings(self._messages(session), turn.message_id)]
         return ids.index(turn.message_id) + 1, len(ids)
 
     def switch_sibling(self, session: ChatSession, turn_index: int, step: int) -> None:
@@ -342,12 +433,19 @@ class ChatService:
         turn = session.turns[turn_index] if 0 <= turn_index < len(session.turns) else None
         if turn is None or turn.message_id is None:
             raise ChatError("that message has no other versions")
-        messages = self.store.conversation_messages(session.conversation_id)
+        messages = self._messages(session)
         ids = [m.id for m in tree.siblings(messages, turn.message_id)]
         target = ids.index(turn.message_id) + step
         if not 0 <= target < len(ids):
             raise ChatError("no more versions in that direction")
         self._show_branch(session, tree.branch_through(messages, ids[target]))
+
+    def _messages(self, session: ChatSession) -> list[MessageRecord]:
+        """All the stored messages of the session's conversation; ChatError if it was deleted."""
+        messages = self.store.conversation_messages(session.conversation_id)
+        if not messages:  # every stored conversation has its greeting: this one is gone
+            self._existing(session)
+        return messages
 
     def rename(self, user_id: int, conversation_id: int, title: str) -> None:
         self._owned(user_id, conversation_id)
@@ -419,14 +517,19 @@ class ChatService:
         # A promoted version's row, since identity is (base model, adapter folder).
         version = self.store.get_or_create_model_version(self.engine.model_id, adapter)
         params = reply.params.to_dict()
-        message_id = self.store.add_message(
-            session.conversation_id, "assistant", reply.text,
-            parent_id=session.turns[-1].message_id, model_version_id=version,
+        message_id = self._add_message(
+            session, "assistant", reply.text, model_version_id=version,
             generation_params=params, prompt=reply.prompt,
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
             latency_ms=reply.latency_ms, first_token_ms=reply.first_token_ms,
             finish_reason=reply.finish_reason)
         return Turn("assistant", reply.text, message_id)
+
+
+def _check_feedback(reason, comment) -> None:
+    """ChatError for reason tags or a comment longer than is stored (each vote is stored twice)."""
+    check_text(reason if isinstance(reason, str) else None, MAX_REASON_CHARS, "feedback reason")
+    check_text(comment if isinstance(comment, str) else None, MAX_COMMENT_CHARS, "feedback comment")
 
 
 def _load_failed(exc: ModelLoadError, session: ChatSession, promoted: ModelVersionRecord | None) -> ChatError:

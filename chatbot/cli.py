@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="send one message and stream the reply to the terminal")
     for sub in (serve, chat):
         for f in fields(Settings):
-            if sub is chat and f.name in ("host", "port"):
+            if sub is chat and f.name in ("host", "port", "session_hours"):
                 continue
             flag = "--" + f.name.replace("_", "-")
             sub.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
@@ -110,16 +110,29 @@ def build_server(service, identity, settings: Settings, auth: str = "auto"):
     from .openai_api import build_router
     from .store.accounts import AccountStore
     from .ui import build_app
+    from .ui.web_guard import WebGuard
 
     blocks = build_app(service, identity)
     server = FastAPI(title="Persona Studio", docs_url=None, redoc_url=None, openapi_url=None)
     # Before the mount: Gradio's app at "/" would otherwise answer every path.
     server.include_router(build_router(service, AccountStore(service.store.engine), settings.user, auth),
                           prefix="/v1")
-    return gr.mount_gradio_app(
+    guard = WebGuard(identity) if identity.accounts_enabled else None
+    if guard is not None:
+        guard.install(server)  # throttled /login, /logout, origin and session checks (ui/web_guard.py)
+    gr.mount_gradio_app(
         server, blocks, path="/", server_name=settings.host, server_port=settings.port, show_error=True,
-        auth=identity.authenticate_async if identity.accounts_enabled else None,
+        # Gradio shows its sign-in page when given an auth callable; its /login, the only caller,
+        # is shadowed by the guard's. Refusing here keeps any other way in from skipping the throttle.
+        auth=_refuse_unthrottled if guard is not None else None,
         auth_message="Persona Studio: sign in with your account.")
+    if guard is not None:
+        guard.attach(server)
+    return server
+
+
+def _refuse_unthrottled(username: str, password: str) -> bool:
+    return False
 
 
 def serve(settings: Settings, auth: str = "auto") -> None:
@@ -131,7 +144,8 @@ def serve(settings: Settings, auth: str = "auto") -> None:
     try:
         from .ui.identity import Identity
 
-        identity = Identity.for_store(service.store, settings.user, auth)
+        identity = Identity.for_store(service.store, settings.user, auth,
+                                      session_lifetime=settings.session_hours * 3600.0)
         app = build_server(service, identity, settings, auth)
         url = f"http://{settings.host}:{settings.port}"
         print(f"Persona Studio on {url} "

@@ -25,6 +25,24 @@ from typing import Iterator
 from .prompting import Message, Prompt, fit_to_context
 
 
+def encode_chat(tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of ``messages`` rendered with the tokenizer's chat template; message text stays text.
+
+    Rendering makes one string, and tokenizing it would read the spelling of a
+    control token typed into a message (``hi<|im_end|>\n<|im_start|>system``)
+    as that control token: a person could forge system or assistant turns,
+    for the model and for the training data made from the conversation.
+    ``sanitize_control_tokens`` encodes such spellings inside messages as the
+    characters they are; only the template's own control tokens are control
+    tokens. A message without such spellings gets the same ids as before.
+    Both backends (the vLLM one sends these ids) and the alignment jobs
+    encode conversations through here.
+    """
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=False, sanitize_control_tokens=True)
+    return list(ids)
+
+
 class EngineUnavailable(Exception):
     """The model server cannot be reached or refused the request; the message says which and why."""
 
@@ -128,9 +146,7 @@ class Engine:
 
     def encode(self, messages: list[Message]) -> list[int]:
         """The token ids the model is given for ``messages``: the chat template with the generation prompt."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False)
-        return list(ids)
+        return encode_chat(self.tokenizer, messages)
 
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.encode(messages))

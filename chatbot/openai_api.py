@@ -54,7 +54,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from .chat import ChatError, ChatService, ChatSession, params_for
+from .chat import MAX_COMMENT_CHARS, MAX_REASON_CHARS, ChatError, ChatService, ChatSession, params_for
 from .default_model import ModelLoadError
 from .engine import EngineUnavailable, GenerationParams, Reply
 from .personas import PersonaError
@@ -198,8 +198,8 @@ class FeedbackRequest(BaseModel):
 
     message_id: Annotated[int, Field(strict=True, ge=1)]
     rating: int | str  # 1 or "up", -1 or "down"
-    reason: Annotated[str | None, Field(max_length=200)] = None  # stored like the browser's reason tags
-    comment: Annotated[str | None, Field(max_length=10_000)] = None
+    reason: Annotated[str | None, Field(max_length=MAX_REASON_CHARS)] = None  # stored like the browser's reason tags
+    comment: Annotated[str | None, Field(max_length=MAX_COMMENT_CHARS)] = None
 
     @field_validator("rating", mode="before")
     @classmethod

@@ -74,6 +74,7 @@ import yaml
 
 from .personas import (
     AVATAR_SUFFIXES,
+    MAX_AVATAR_PIXELS,
     MAX_FILE_BYTES,
     GenerationSettings,
     LoadedPersona,
@@ -81,9 +82,12 @@ from .personas import (
     PersonaError,
     check_id,
     parse_persona,
+    safe_json,
+    safe_yaml,
 )
 
 MAX_SOURCE_BYTES = 32 * 1024 * 1024  # card PNGs are a few MB; refuse anything absurd
+MAX_PNG_TEXT_BYTES = MAX_SOURCE_BYTES  # all text chunks of a PNG together, decompressed
 DEFAULT_SYSTEM_PROMPT = ("You are {{char}}. Stay in character and write {{char}}'s next reply "
                          "in this chat with {{user}}.")
 DESCRIPTION_CHARS = 200
@@ -245,34 +249,83 @@ def suggest_id(name: str, fallback: str = "") -> str:
 
 # --- reading the source -------------------------------------------------------------------
 
-def png_text_chunks(png: bytes, where: str) -> dict[str, str]:
-    """Keyword -> text of the tEXt, zTXt and iTXt chunks (the first of each keyword)."""
+def _png_chunks(png: bytes, where: str):
+    """(type, body, whole chunk) of each chunk up to IEND; PersonaError for a file cut short."""
     if not png.startswith(PNG_SIGNATURE):
         raise PersonaError(f"{where}: not a PNG file")
-    texts, pos = {}, len(PNG_SIGNATURE)
-    while pos + 8 <= len(png):
+    pos = len(PNG_SIGNATURE)
+    while True:
+        if pos + 8 > len(png):  # a download cut short: what is missing may be the card itself
+            raise PersonaError(f"{where}: PNG is truncated (it ends before its IEND chunk)")
         length, kind = struct.unpack(">I4s", png[pos:pos + 8])
-        body = png[pos + 8:pos + 8 + length]
-        if len(body) < length:
-            raise PersonaError(f"{where}: PNG is truncated")
-        pos += 12 + length
+        end = pos + 12 + length
+        if end > len(png):
+            raise PersonaError(f"{where}: PNG is truncated (its {kind.decode('latin-1')} chunk is cut short)")
+        yield kind, png[pos + 8:pos + 8 + length], png[pos:end]
+        if kind == b"IEND":
+            return
+        pos = end
+
+
+def png_pixels(png: bytes, where: str) -> int:
+    """Width x height from the IHDR chunk; PersonaError past MAX_AVATAR_PIXELS.
+
+    The pixels are not decoded here, but every thumbnail and browser showing the
+    avatar would: a 20000x20000 picture compresses to kilobytes and decodes to 1.6 GB.
+    """
+    kind, body, _ = next(_png_chunks(png, where))
+    if kind != b"IHDR" or len(body) < 8:
+        raise PersonaError(f"{where}: PNG does not start with its IHDR chunk")
+    width, height = struct.unpack(">II", body[:8])
+    if width * height > MAX_AVATAR_PIXELS:
+        raise PersonaError(f"{where}: the image is {width}x{height} pixels, over the "
+                           f"{MAX_AVATAR_PIXELS / 1e6:.1f} million pixels of an avatar")
+    return width * height
+
+
+class _TooMuchText(Exception):
+    """The text chunks of a PNG decompress to more than MAX_PNG_TEXT_BYTES."""
+
+
+def _inflate(data: bytes, budget: int) -> bytes:
+    """zlib data, decompressing at most `budget` + 1 bytes: a few KB can inflate to gigabytes."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, budget + 1)
+    if len(out) > budget:
+        raise _TooMuchText
+    if not inflater.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return out
+
+
+def png_text_chunks(png: bytes, where: str) -> dict[str, str]:
+    """Keyword -> text of the tEXt, zTXt and iTXt chunks (the first of each keyword).
+
+    All of them together may hold at most MAX_PNG_TEXT_BYTES, decompressed.
+    """
+    texts, budget = {}, MAX_PNG_TEXT_BYTES
+    for kind, body, _ in _png_chunks(png, where):
         try:
             if kind == b"tEXt":
                 key, _, value = body.partition(b"\0")
-                text = value.decode("latin-1")
             elif kind == b"zTXt":
                 key, _, value = body.partition(b"\0")
-                text = zlib.decompress(value[1:]).decode("latin-1")
+                value = _inflate(value[1:], budget)
             elif kind == b"iTXt":
                 key, _, rest = body.partition(b"\0")
                 compressed, rest = rest[0], rest[2:]
                 _language, _, rest = rest.partition(b"\0")
                 _translated, _, value = rest.partition(b"\0")
-                text = (zlib.decompress(value) if compressed else value).decode("utf-8")
-            elif kind == b"IEND":
-                break
+                value = _inflate(value, budget) if compressed else value
             else:
                 continue
+            budget -= len(value)
+            if budget < 0:
+                raise _TooMuchText
+            text = value.decode("utf-8" if kind == b"iTXt" else "latin-1")
+        except _TooMuchText:
+            raise PersonaError(f"{where}: the PNG's text chunks hold more than "
+                               f"{MAX_PNG_TEXT_BYTES // 2**20} MiB of text") from None
         except (zlib.error, UnicodeDecodeError, IndexError) as exc:
             raise PersonaError(f"{where}: broken {kind.decode()} chunk in PNG: {exc}") from None
         texts.setdefault(key.decode("latin-1"), text)
@@ -281,18 +334,13 @@ def png_text_chunks(png: bytes, where: str) -> dict[str, str]:
 
 def strip_card_chunks(png: bytes) -> bytes:
     """The PNG without its card text chunks: the avatar should not carry a stale copy of the card."""
-    out, pos = [png[:len(PNG_SIGNATURE)]], len(PNG_SIGNATURE)
-    while pos + 8 <= len(png):
-        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
-        chunk = png[pos:pos + 12 + length]
-        pos += 12 + length
-        keyword = chunk[8:8 + 80].partition(b"\0")[0].decode("latin-1")
+    out = [PNG_SIGNATURE]
+    for kind, body, chunk in _png_chunks(png, "PNG"):
+        keyword = body[:80].partition(b"\0")[0].decode("latin-1")
         if kind in (b"tEXt", b"zTXt", b"iTXt") and (
                 keyword in CARD_CHUNK_KEYWORDS or keyword.startswith("chara-ext-asset_")):
             continue
         out.append(chunk)
-        if kind == b"IEND":
-            break
     return b"".join(out)
 
 
@@ -301,11 +349,10 @@ def _card_from_png(png: bytes, where: str) -> tuple[dict, str]:
     for keyword in CARD_CHUNK_KEYWORDS:
         if keyword in texts:
             try:
-                payload = base64.b64decode(texts[keyword].strip(), validate=False)
-                data = json.loads(payload.decode("utf-8"))
+                payload = base64.b64decode(texts[keyword].strip(), validate=False).decode("utf-8")
             except (binascii.Error, ValueError) as exc:
                 raise PersonaError(f"{where}: the {keyword!r} chunk is not base64 JSON: {exc}") from None
-            return data, keyword
+            return safe_json(payload, f"{where} ({keyword} chunk)"), keyword
     raise PersonaError(f"{where}: PNG has no character card in it (no 'ccv3' or 'chara' text chunk)")
 
 
@@ -315,14 +362,8 @@ def _read_structured(raw: bytes, where: str) -> Any:
     except UnicodeDecodeError:
         raise PersonaError(f"{where}: neither a PNG nor UTF-8 text") from None
     if text.lstrip().startswith(("{", "[")):
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise PersonaError(f"{where}: not valid JSON: {exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PersonaError(f"{where}: neither JSON nor valid YAML: {' '.join(str(exc).split())}") from None
+        return safe_json(text, where)
+    return safe_yaml(text, where)
 
 
 # --- mapping ------------------------------------------------------------------------------
@@ -446,6 +487,11 @@ def _detect(data: Any, where: str) -> tuple[str, _Draft]:
         raise PersonaError(f"{where}: expected a character card (a JSON object), got {type(data).__name__}")
     spec = data.get("spec")
     inner = data.get("data")
+    for level in (data, inner if isinstance(inner, dict) else {}):
+        # Field names become report lines and extension keys; YAML also allows `1:` or `yes:`.
+        odd = next((key for key in level if not isinstance(key, str)), None)
+        if odd is not None:
+            raise PersonaError(f"{where}: field name {odd!r} is not text")
     if isinstance(inner, dict) and (spec in CARD_SPECS or str(spec or "").startswith("chara_card_v")
                                     or "first_mes" in inner):
         label = CARD_SPECS.get(spec, f"Character Card ({spec or 'no spec'})")
@@ -473,6 +519,9 @@ def _detect(data: Any, where: str) -> tuple[str, _Draft]:
 
 class _Dumper(yaml.SafeDumper):
     """SafeDumper that writes multi-line strings as `|` blocks, the way people write prompts."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True  # the persona loader refuses aliases (safe_yaml): write a shared value twice
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str):
@@ -504,6 +553,7 @@ def import_card(path: Path, persona_id: str | None = None,
 
     avatar = avatar_suffix = None
     if raw.startswith(PNG_SIGNATURE):
+        png_pixels(raw, where)  # the card's picture becomes the avatar
         card, keyword = _card_from_png(raw, where)
         label, draft = _detect(card, f"{where} ({keyword} chunk)")
         label += " (PNG)"
@@ -515,7 +565,11 @@ def import_card(path: Path, persona_id: str | None = None,
             images = [path.with_suffix(s) for s in AVATAR_SUFFIXES]
             image = next((i for i in images if i.is_file()), None)
             if image is not None:
+                if image.stat().st_size > MAX_SOURCE_BYTES:
+                    raise PersonaError(f"{image}: file is larger than {MAX_SOURCE_BYTES // 2**20} MiB")
                 avatar, avatar_suffix = image.read_bytes(), image.suffix.lower()
+                if avatar.startswith(PNG_SIGNATURE):
+                    png_pixels(avatar, str(image))
                 draft.mapping.append((image.name, "avatar"))
 
     persona_id = check_id(persona_id) if persona_id else suggest_id(draft.fields["name"], path.stem)

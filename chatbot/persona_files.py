@@ -39,9 +39,12 @@ from .personas import (
     PersonaLibrary,
     atomic_write,
     atomic_write_text,
+    check_avatar,
     check_id,
     content_hash,
     parse_persona,
+    read_plain_text,
+    safe_yaml,
 )
 
 # Field order of the schema: new keys are appended in this order.
@@ -150,9 +153,11 @@ class _Editor:
         self.yaml = YAML()  # round-trip mode
         self.yaml.width = 4096  # never re-wrap untouched long lines
         self.yaml.preserve_quotes = True
+        # The same bounds as the loader first (nesting, aliases, size): ruamel's composer recurses too.
+        safe_yaml(text, "cannot edit the file from the form")
         try:
             doc = self.yaml.load(text) if text.strip() else None
-        except RuamelYAMLError as exc:
+        except (RuamelYAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise PersonaError(f"cannot edit the file from the form, it is not valid YAML: "
                                f"{' '.join(str(exc).split())}") from None
         if doc is None:
@@ -472,10 +477,7 @@ def _attach_tail(node, text: str, at=None) -> None:
 
 def _check_faithful(text: str, doc: CommentedMap, changes: dict) -> None:
     """The new text must read back (with the loader the app uses) as the edited fields."""
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PersonaError(f"could not write the changes as valid YAML: {' '.join(str(exc).split())}") from None
+    loaded = safe_yaml(text, "could not write the changes as valid YAML")
     for key in changes:
         want = _plain(doc.get(key))
         got = loaded.get(key) if isinstance(loaded, dict) else None
@@ -489,8 +491,8 @@ def _validate(library: PersonaLibrary, persona_id: str, yaml_text: str) -> tuple
     check_id(persona_id)
     path = library.path_for(persona_id)
     persona = parse_persona(yaml_text, path.name)
-    if persona.avatar and not (library.folder / persona.avatar).is_file():
-        raise PersonaError(f"{path.name}: avatar: file {persona.avatar} not found next to the persona")
+    if persona.avatar:
+        check_avatar(library.folder, persona.avatar, path.name)
     return path, persona
 
 
@@ -511,12 +513,7 @@ def save_persona(library: PersonaLibrary, persona_id: str, yaml_text: str,
     """
     path, _ = _validate(library, persona_id, yaml_text)
     if expected_version is not None:
-        try:
-            current = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            current = None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PersonaError(f"{path.name}: cannot read file: {exc}") from None
+        current = read_plain_text(path) if os.path.lexists(path) else None  # never through a link
         if current is None or content_hash(current) != expected_version:
             raise PersonaError(f"{path.name} changed on disk since it was opened; "
                                "reload it and make the change again")
@@ -567,17 +564,17 @@ def duplicate_persona(library: PersonaLibrary, source_id: str, new_id: str) -> L
         raise PersonaError(f"a persona with the id {new_id!r} already exists")
     name = source.persona.name
     changes: dict[str, Any] = {"name": name[:NAME_MAX - len(" (copy)")] + " (copy)"}
-    avatar_copy = None
-    if source.avatar_path is not None:
+    avatar, avatar_copy = source.avatar_path, None  # None also when it has become a link
+    if avatar is not None:
         # Its own file: archiving one persona must not take the other's picture away.
-        avatar_copy = _free_name(library.folder, new_id, source.avatar_path.suffix.lower())
+        avatar_copy = _free_name(library.folder, new_id, avatar.suffix.lower())
         changes["avatar"] = avatar_copy.name
     text = update_persona_text(source.text, changes)
     if avatar_copy is not None:
         try:
-            shutil.copy2(source.avatar_path, avatar_copy)
+            shutil.copy2(avatar, avatar_copy, follow_symlinks=False)
         except OSError as exc:
-            raise PersonaError(f"cannot copy avatar {source.avatar_path.name}: {exc.strerror or exc}") from None
+            raise PersonaError(f"cannot copy avatar {avatar.name}: {exc.strerror or exc}") from None
     try:
         return create_persona(library, new_id, text)
     except BaseException:
@@ -626,7 +623,7 @@ def archive_persona(library: PersonaLibrary, persona_id: str) -> list[Path]:
             shared = any(p.persona.avatar == avatar.name for p in library.personas.values()
                          if p.id != persona_id)
             if shared:
-                shutil.copy2(avatar, avatar_target)
+                shutil.copy2(avatar, avatar_target, follow_symlinks=False)
             else:
                 _move_no_clobber(avatar, avatar_target)
             moved.append(avatar_target)

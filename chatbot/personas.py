@@ -9,13 +9,16 @@ disk reach the next new chat without a restart.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import re
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,6 +27,11 @@ MAX_FILE_BYTES = 256 * 1024  # a persona is a page of text, not a novel
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 AVATAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 ARCHIVE_DIR = ".archive"
+# Limits on what users hand us (persona files, cards): each failure is one PersonaError line.
+MAX_NESTING = 64  # lists and mappings inside each other; the parsers recurse once per level
+MAX_YAML_BYTES = 1024 * 1024  # the pure-Python YAML parser takes seconds per MB
+MAX_JSON_BYTES = 8 * 1024 * 1024  # a card is a few hundred KB; its avatar travels in the PNG
+MAX_AVATAR_PIXELS = 4096 * 4096  # decoded, 64 MB of RGBA; a 20000x20000 picture would be 1.6 GB
 
 
 class GenerationSettings(BaseModel):
@@ -95,7 +103,16 @@ class LoadedPersona:
 
     @property
     def avatar_path(self) -> Path | None:
-        return self.path.parent / self.persona.avatar if self.persona.avatar else None
+        """The avatar file, checked again now: Gradio serves this path to everyone as it is,
+        so a file swapped for a link since loading must not be handed over (None then)."""
+        if not self.persona.avatar:
+            return None
+        path = self.path.parent / self.persona.avatar
+        try:
+            check_plain_file(path)
+        except PersonaError:
+            return None
+        return path
 
     @property
     def greetings(self) -> list[str]:
@@ -150,23 +167,188 @@ def render(loaded: LoadedPersona, user: str) -> RenderedPersona:
                            expand(p.post_history_instructions))
 
 
+# ---------------------------------------------------------------- reading what users give us
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and nesting deeper than MAX_NESTING, before building anything.
+
+    PyYAML's composer recurses once per level, so `name: [[[[...]]]]` 1000 deep is a
+    RecursionError; and an alias is the same node again, which whatever walks the data
+    (validation, export) expands again: nine levels of `&a [*b, *b, ...]` ("billion
+    laughs") become billions of items. Personas and cards need neither.
+    """
+
+    _depth = 0  # lists and mappings open around the node being composed
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, f"found an alias (*{event.anchor}); "
+                                              "anchors and aliases are not allowed here", event.start_mark)
+        collection = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        self._depth += collection
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= collection
+
+
+def _one_line(problem: object) -> str:
+    return " ".join(str(problem).split()) or type(problem).__name__
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate is refused later, by the parser
+
+
+def check_plain_data(value: Any, source: str) -> None:
+    """Parsed data must nest at most MAX_NESTING levels and hold only valid Unicode text.
+
+    Deeper data overflows the recursive code that handles it later (validation, YAML
+    and JSON writers); a lone surrogate ("\\ud800" in JSON) cannot be written out as UTF-8.
+    """
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple, set, frozenset)):  # the last three: !!omap, !!set
+            if depth >= MAX_NESTING:
+                raise PersonaError(f"{source}: nested more than {MAX_NESTING} levels deep")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack += [(child, depth + 1) for child in children]
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PersonaError(f"{source}: text with an unpaired surrogate "
+                                   f"({item[:40]!r}) is not valid Unicode") from None
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """Parse YAML that a user wrote (a persona, a card): the one way such YAML is read.
+
+    Bounded in size, nesting and aliases (see _BoundedLoader); whatever goes wrong is
+    one PersonaError line starting with `source`.
+    """
+    if _utf8_size(text) > MAX_YAML_BYTES:
+        raise PersonaError(f"{source}: YAML is larger than {MAX_YAML_BYTES // 1024} KiB")
+    try:
+        data = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise PersonaError(f"{source}: not valid YAML: {_one_line(exc)}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+        # Raised while building values: `2020-13-45` (a date), a number of 5000 digits.
+        raise PersonaError(f"{source}: not valid YAML: {_one_line(exc)}") from None
+    check_plain_data(data, source)
+    return data
+
+
+def safe_json(text: str, source: str) -> Any:
+    """Parse JSON that a user gave us (a card), bounded like safe_yaml; PersonaError otherwise."""
+    if _utf8_size(text) > MAX_JSON_BYTES:
+        raise PersonaError(f"{source}: JSON is larger than {MAX_JSON_BYTES // 2**20} MiB")
+    try:
+        data = json.loads(text)
+    except RecursionError:  # the decoder recurses per level; ours is a clean error anyway
+        raise PersonaError(f"{source}: nested more than {MAX_NESTING} levels deep") from None
+    except (ValueError, MemoryError) as exc:  # JSONDecodeError, a number of 5000 digits
+        raise PersonaError(f"{source}: not valid JSON: {_one_line(exc)}") from None
+    check_plain_data(data, source)
+    return data
+
+
 def parse_persona(text: str, source: str) -> Persona:
     """Validate YAML text; `source` (a file name) starts every error message."""
-    if len(text.encode("utf-8")) > MAX_FILE_BYTES:
+    if _utf8_size(text) > MAX_FILE_BYTES:
         raise PersonaError(f"{source}: file is larger than {MAX_FILE_BYTES // 1024} KiB")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PersonaError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+    data = safe_yaml(text, source)
     if not isinstance(data, dict):
         raise PersonaError(f"{source}: expected a mapping of fields (name, system_prompt, greeting, ...)")
     try:
         return Persona(**data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise PersonaError(f"{source}: {problems}") from None
+        raise PersonaError(f"{source}: {_one_line(problems)}") from None
     except TypeError as exc:  # e.g. non-string keys
         raise PersonaError(f"{source}: {exc}") from None
+
+
+# ---------------------------------------------------------------- files in the personas folder
+
+# O_NOFOLLOW: a link is refused by the open itself, so none can be swapped in after a check;
+# O_NONBLOCK: a FIFO named like a persona must not hang the open.
+_OPEN_NO_LINK = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _refuse(path: Path, mode: int) -> None:
+    """PersonaError unless `mode` (from lstat/fstat) is a regular file's.
+
+    Everything in the personas folder is shown or served to every user: a link
+    (`leak.png -> chat.db`, `x.yaml -> /etc/passwd`) would publish what it points at.
+    Names in the folder have no `/` or `..` (check_id, the avatar validator), so a
+    file that is no link is in the folder.
+    """
+    if stat.S_ISLNK(mode):
+        raise PersonaError(f"{path}: is a symbolic link; persona files and avatars must be "
+                           "plain files in the personas folder")
+    if not stat.S_ISREG(mode):
+        raise PersonaError(f"{path}: is not a plain file")
+
+
+def check_plain_file(path: Path) -> None:
+    """`path` exists and is a plain file, not a link: for paths handed to code that opens them itself."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise PersonaError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise PersonaError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+    _refuse(path, mode)
+
+
+def open_plain_file(path: Path) -> BinaryIO:
+    """Open a plain file for reading, never through a link (see _refuse); PersonaError otherwise."""
+    try:
+        fd = os.open(path, _OPEN_NO_LINK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # what O_NOFOLLOW says about a link
+            _refuse(path, stat.S_IFLNK)
+        if isinstance(exc, FileNotFoundError):
+            raise PersonaError(f"{path}: file not found") from None
+        raise PersonaError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+    handle = os.fdopen(fd, "rb")  # O_NONBLOCK changes nothing for a plain file, the only kind kept
+    try:
+        _refuse(path, os.fstat(fd).st_mode)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def check_avatar(folder: Path, name: str, source: str) -> None:
+    """The avatar `name` is a plain file in `folder` (see _refuse); PersonaError for `source` otherwise."""
+    path = Path(folder) / name
+    if not os.path.lexists(path):
+        raise PersonaError(f"{source}: avatar: file {name} not found next to the persona")
+    try:
+        check_plain_file(path)
+    except PersonaError as exc:
+        raise PersonaError(f"{source}: avatar: {exc}") from None
+
+
+def read_plain_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
+    """A persona file's text: a plain file (no link) of at most `limit` bytes, in UTF-8."""
+    with open_plain_file(path) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise PersonaError(f"{path}: file is larger than {limit // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PersonaError(f"{path}: cannot read file: not UTF-8 text "
+                           f"({exc.reason} at byte {exc.start})") from None
 
 
 def load_persona(path: Path) -> LoadedPersona:
@@ -175,16 +357,26 @@ def load_persona(path: Path) -> LoadedPersona:
         check_id(path.stem)
     except PersonaError as exc:
         raise PersonaError(f"{path}: {exc}") from None
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise PersonaError(f"{path}: file is larger than {MAX_FILE_BYTES // 1024} KiB")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PersonaError(f"{path}: cannot read file: {exc}") from None
+    text = read_plain_text(path)
     persona = parse_persona(text, str(path))
-    if persona.avatar and not (path.parent / persona.avatar).is_file():
-        raise PersonaError(f"{path}: avatar: file {persona.avatar} not found next to the persona")
+    if persona.avatar:
+        check_avatar(path.parent, persona.avatar, str(path))
     return LoadedPersona(id=path.stem, persona=persona, text=text, version=content_hash(text), path=path)
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new file next to `path`, with the permissions open() would give it (0666 less the umask).
+
+    Not tempfile.mkstemp: its files are 0600, and the rename keeps that, so saved
+    personas, avatars and exported cards became readable by their owner only.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
 
 
 def atomic_write(path: Path, data: str | bytes, exclusive: bool = False) -> None:
@@ -195,7 +387,7 @@ def atomic_write(path: Path, data: str | bytes, exclusive: bool = False) -> None
     fails if the name is taken.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
                        **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as handle:

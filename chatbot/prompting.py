@@ -69,11 +69,19 @@ def fit_to_context(
     messages, tail = prompt.messages, prompt.tail
     head = min(prompt.head, max(len(messages) - tail, 0))  # a lone message is the tail, not also the head
     pinned_head, middle, pinned_tail = messages[:head], messages[head:-tail], messages[-tail:]
+    checked_pinned = False
     while True:
         candidate = pinned_head + middle + pinned_tail
         used = count_tokens(candidate)
         if used <= budget:
             return candidate
+        if middle and not checked_pinned:
+            # When even the pinned parts do not fit, dropping turns one at a time (counting the
+            # whole prompt again each time) cannot help: refuse after one count, not one per turn.
+            checked_pinned = True
+            pinned = count_tokens(pinned_head + pinned_tail)
+            if pinned > budget:
+                used, middle = pinned, []
         if not middle:
             raise PromptTooLong(
                 f"the message is too long: with the persona's prompt it takes {used} tokens, "

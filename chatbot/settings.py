@@ -40,6 +40,8 @@ class Settings:
         "help": "context window in tokens; 0 = the model's own maximum"})
     user: str = field(default="User", metadata={
         "help": "your name: recorded with chats and votes, and what {{user}} in a persona becomes"})
+    session_hours: int = field(default=168, metadata={
+        "help": "with accounts: hours a sign-in lasts before asking again (default 168, a week)"})
 
     @property
     def database_url(self) -> str:

@@ -35,7 +35,7 @@ from chatbot.store import (
 from chatbot.store.db import alembic_config
 
 EXPECTED_COLUMNS = {
-    "users": {"id", "name", "role", "password_hash", "created_at"},
+    "users": {"id", "name", "role", "password_hash", "session_epoch", "created_at"},
     "api_keys": {"id", "user_id", "key_hash", "created_at"},
     "persona_versions": {"id", "persona_id", "content_hash", "text", "created_at"},
     "model_versions": {
@@ -133,7 +133,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0007_api_keys",)
+                ("0008_session_epoch",)
             ]
     finally:
         engine.dispose()

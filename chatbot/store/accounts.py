@@ -20,6 +20,12 @@ as an account: 32 random bytes, shown once when made; only their SHA-256 is
 stored (a key that random needs no slow hash). A key works while its account
 can sign in; removing the account deletes its keys, so a later account under
 the same name does not inherit them.
+
+Each account has a *session epoch*. Changing its password, removing it and
+adding an account over a password-less name raise it; the web app honours a
+sign-in only while the epoch it began under is current (chatbot/ui/sessions.py),
+so those changes, made by the CLI in another process, sign the person out
+everywhere.
 """
 
 from __future__ import annotations
@@ -139,6 +145,13 @@ class AccountStore:
                 select(func.count(User.id)).where(User.role == "admin", User.password_hash.is_not(None))
             ) or 0
 
+    def session_epoch(self, name: str) -> int | None:
+        """The account's current session epoch (module docstring); None if ``name`` cannot sign in."""
+        with self._reads.begin() as session:
+            return session.scalar(
+                select(User.session_epoch).where(User.name == name, User.password_hash.is_not(None))
+            )
+
     # -- changes ------------------------------------------------------------
 
     def add_user(self, name: str, password: str, role: str = "user") -> Account:
@@ -161,6 +174,7 @@ class AccountStore:
             else:
                 user.role = role
                 user.password_hash = password_hash
+                user.session_epoch += 1  # whoever held the name before is signed out
 
         try:
             self._write(work)
@@ -173,7 +187,9 @@ class AccountStore:
         password_hash = self.hasher.hash(check_password(password))
 
         def work(session: Session) -> None:
-            self._account_row(session, name).password_hash = password_hash
+            user = self._account_row(session, name)
+            user.password_hash = password_hash
+            user.session_epoch += 1  # sessions signed in with the old password end
 
         self._write(work)
 
@@ -193,6 +209,7 @@ class AccountStore:
             user = self._account_row(session, name)
             user.password_hash = None
             user.role = "user"
+            user.session_epoch += 1
             session.execute(delete(ApiKey).where(ApiKey.user_id == user.id))
 
         self._write(work)

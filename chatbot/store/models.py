@@ -119,6 +119,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(20), default="user", server_default="user")
     # argon2 hash; NULL for the local user of an app without accounts.
     password_hash: Mapped[str | None] = mapped_column(String(255))
+    # Raised by a password change or removal: sessions begun under an older epoch are revoked.
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = _created_at()
 
 

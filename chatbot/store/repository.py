@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from chatbot.store.versions import ModelVersionRecord, PromotionChange, PromotionRecord
 
 TITLE_LENGTH = 60
+# The longest conversation search accepted: titles are at most 200 characters, and SQLite
+# refuses LIKE patterns over 50,000 bytes with an error naming the SQL.
+SEARCH_LENGTH = 200
 
 T = TypeVar("T")
 
@@ -447,12 +450,22 @@ class ChatStore:
             return ConversationRecord.from_row(row)
 
     def list_conversations(self, user_id: int, search: str = "", limit: int = 200) -> list[ConversationRecord]:
-        """A user's conversations, most recently active first; `search` matches titles and messages."""
+        """A user's conversations, most recently active first; `search` matches titles and messages.
+
+        The search is matched literally, case-insensitively: ``%`` and ``_`` are
+        escaped (``autoescape``), not LIKE wildcards. ValueError if it is longer
+        than SEARCH_LENGTH characters.
+        """
+        search = search.strip()
+        if len(search) > SEARCH_LENGTH:
+            raise ValueError(f"the search is too long: {len(search):,} characters, at most {SEARCH_LENGTH}")
+        if "\x00" in search:  # SQLite's LIKE stops reading at a NUL: "\x00" alone would match everything
+            raise ValueError("the search contains a NUL character (\\x00)")
         query = select(Conversation).where(Conversation.user_id == user_id)
-        if search.strip():
-            pattern = f"%{search.strip()}%"
-            in_messages = select(Message.conversation_id).where(Message.content.ilike(pattern))
-            query = query.where(Conversation.title.ilike(pattern) | Conversation.id.in_(in_messages))
+        if search:
+            in_messages = select(Message.conversation_id).where(Message.content.icontains(search, autoescape=True))
+            query = query.where(Conversation.title.icontains(search, autoescape=True)
+                                | Conversation.id.in_(in_messages))
         query = query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit)
         with self._reads.begin() as session:
             return [ConversationRecord.from_row(row) for row in session.scalars(query)]

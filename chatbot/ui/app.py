@@ -6,13 +6,12 @@ the signed-in account, or the one local user of an app without accounts.
 
 from __future__ import annotations
 
-import html
-
 import gradio as gr
 
 from ..chat import ChatService
 from . import chat_tab, feedback_tab, personas_tab
 from .identity import Identity
+from .safe_markdown import literal
 
 
 def build_app(service: ChatService, identity: Identity | str) -> gr.Blocks:
@@ -34,7 +33,7 @@ def build_app(service: ChatService, identity: Identity | str) -> gr.Blocks:
             if not identity.accounts_enabled:
                 return ""
             who = identity.current(request)
-            return f"Signed in as **{html.escape(who.name)}** ({who.role}) · [Sign out](logout)"
+            return f"Signed in as **{literal(who.name)}** ({literal(who.role)}) · [Sign out](logout)"
 
         app.load(on_load, None, signed_in, api_visibility="private")
     # The engine batches concurrent replies (chatbot/batching.py): many may be written at once.

@@ -12,12 +12,13 @@ import threading
 
 import gradio as gr
 
-from ..chat import ChatError, ChatService, ChatSession, params_for
+from ..chat import MAX_COMMENT_CHARS, MAX_MESSAGE_CHARS, ChatError, ChatService, ChatSession, params_for
 from ..engine import GenerationParams
 from ..personas import PersonaError
 from ..prompting import PromptTooLong
 from . import history_sidebar
 from .identity import Identity
+from .safe_markdown import literal, safe_markdown, safe_messages
 
 LIKE_REASONS = ["helpful", "in character", "accurate", "funny"]
 DISLIKE_REASONS = ["wrong", "out of character", "too long", "repetitive", "rude or unsafe"]
@@ -35,10 +36,11 @@ class StopSignal:
 
 
 def history_of(session: ChatSession, partial: str | None = None) -> list[dict]:
+    """The Chatbot's value: every message made safe to render (safe_markdown.py)."""
     messages = session.history()
     if partial is not None:
         messages.append({"role": "assistant", "content": partial})
-    return messages
+    return safe_messages(messages)
 
 
 def _params(session: ChatSession, values) -> GenerationParams:
@@ -64,7 +66,7 @@ def _greeting_choices(session: ChatSession) -> list[tuple[str, int]]:
 def persona_info(service: ChatService, session: ChatSession) -> str:
     p = session.persona.persona
     tags = " ".join(f"`{t}`" for t in p.tags)
-    info = f"**{p.name}** {tags} — {p.description} _(persona version {session.persona.version})_"
+    info = f"**{literal(p.name)}** {tags} — {p.description} _(persona version {session.persona.version})_"
     if p.model and p.model != service.engine.model_id:
         info += f"\n\nThis persona was made for `{p.model}`; replies come from `{service.engine.model_id}`."
     adapter, promoted = service.serving(session.persona)
@@ -72,7 +74,7 @@ def persona_info(service: ChatService, session: ChatSession) -> str:
         info += f"\n\nServed by model version {promoted.id} (promoted LoRA adapter `{adapter}`)."
     elif p.adapter:
         info += f"\n\nServed with the LoRA adapter `{p.adapter}`."
-    return info
+    return safe_markdown(info)  # the description is Markdown from the persona file
 
 
 def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
@@ -84,12 +86,21 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     selected_turn = gr.State(-1)  # the message the versions arrows and the feedback form act on
 
     def loaded(session: ChatSession | None, request: gr.Request) -> ChatSession:
-        """The session, if it exists and belongs to whoever is asking now."""
+        """The session, if it exists and whoever is asking may still see its conversation.
+
+        Checked on every event with the role and the conversation as they are
+        now: a conversation deleted elsewhere, or someone else's after its
+        viewer stopped being an admin, is refused, not shown.
+        """
         user = identity.current(request)
         if session is None:
             raise gr.Error("The chat is still loading; try again in a moment.")
         if session.user_id != user.id:
             raise gr.Error("This chat belongs to another sign-in; reload the page.")
+        try:
+            service.check_access(session, user.is_admin)
+        except ChatError as exc:
+            raise gr.Error(str(exc)) from None
         return session
 
     with gr.Row():
@@ -107,11 +118,11 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     with gr.Accordion("Tell us more about your vote (optional)", open=False, visible=False,
                       elem_id="feedback-details") as details:
         reasons = gr.CheckboxGroup([], label="Reasons", elem_id="feedback-reasons")
-        comment = gr.Textbox(label="Comment", lines=2, elem_id="feedback-comment")
+        comment = gr.Textbox(label="Comment", lines=2, elem_id="feedback-comment", max_length=MAX_COMMENT_CHARS)
         save_details = gr.Button("Save feedback", elem_id="feedback-save")
     with gr.Row():
         message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
-                             scale=6, elem_id="message", autofocus=True)
+                             scale=6, elem_id="message", autofocus=True, max_length=MAX_MESSAGE_CHARS)
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
     with gr.Accordion("Generation settings", open=False):
@@ -137,6 +148,9 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         """Everything that changes when another conversation or branch is shown."""
         g = session.persona.persona.generation
         avatar = str(session.persona.avatar_path) if session.persona.avatar_path else None
+        if service.unanswered(session) and not session.read_only:
+            gr.Info("Your last message has no reply: it was cut off. Press Send with the box empty to have "
+                    "it answered, or send another message in its place.")
         return (session, gr.Chatbot(value=history_of(session), avatar_images=(None, avatar)),
                 persona_info(service, session),
                 gr.Dropdown(choices=_persona_choices(service), value=session.persona.id),
@@ -194,7 +208,14 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     def on_send(text, session, signal, request: gr.Request, *values):
         session = loaded(session, request)
         signal.event.clear()
-        for history in stream(service.send(session, text, _params(session, values), signal.event), session):
+        params = _params(session, values)
+        if not (text or "").strip() and service.unanswered(session):
+            # Send with the box empty answers a message whose reply was cut off (the chatbot's
+            # Retry button only shows under a reply).
+            replies = service.retry(session, params, signal.event)
+        else:
+            replies = service.send(session, text, params, signal.event)
+        for history in stream(replies, session):
             yield "", history, session, ""
 
     send_inputs = [message, session_state, stop_state, *param_inputs]

@@ -6,14 +6,13 @@ feedback stats`), so the tab and the command line always agree.
 
 from __future__ import annotations
 
-import html
-
 import gradio as gr
 import pandas as pd
 
 from ..chat import ChatService
 from ..feedback_export import daily_like_rates, like_rates
 from .identity import Identity, NotAllowed
+from .safe_markdown import literal
 
 LATEST_COMMENTS = 20
 
@@ -22,6 +21,24 @@ def _plot_frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["day", "group", "likes", "dislikes", "like_rate"])
     frame["day"] = pd.to_datetime(frame["day"])
     return frame
+
+
+def latest_comments(votes: list) -> str:
+    """The latest comments (and reasons) as Markdown, newest first, each linking to its conversation.
+
+    One list item each: what people typed is literal() (one line, no Markdown or HTML), so a
+    comment cannot start another entry or pass for someone else's (the author is in bold).
+    """
+    with_comments = [v for v in votes if v.feedback.comment or v.feedback.reason][-LATEST_COMMENTS:][::-1]
+    lines = [f"### Latest comments ({len(with_comments)})"] if with_comments else ["_No comments yet._"]
+    for v in with_comments:
+        thumb = {1: "👍", -1: "👎"}.get(v.feedback.rating, "·")
+        text = f" “{literal(v.feedback.comment)}”" if v.feedback.comment else ""
+        reason = f" _{literal(v.feedback.reason)}_" if v.feedback.reason else ""
+        lines.append(f"- {thumb}{reason}{text} — **{literal(v.user_name)}**, {literal(v.message.persona_id)}, "
+                     f"{v.feedback.updated_at:%Y-%m-%d %H:%M} "
+                     f"[open conversation](?conversation={int(v.message.conversation_id)})")
+    return "\n".join(lines)
 
 
 def create(app: gr.Blocks, service: ChatService, identity: Identity, tab: gr.Tab) -> None:
@@ -44,19 +61,11 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, tab: gr.Tab
         votes = service.store.feedback_rows()
         table = [[r.persona_id or "-", r.model, r.likes, r.dislikes, "-" if r.rate is None else f"{r.rate:.0%}"]
                  for r in like_rates(votes)]
-        with_comments = [v for v in votes if v.feedback.comment or v.feedback.reason][-LATEST_COMMENTS:][::-1]
-        lines = [f"### Latest comments ({len(with_comments)})"] if with_comments else ["_No comments yet._"]
-        for v in with_comments:
-            thumb = {1: "👍", -1: "👎"}.get(v.feedback.rating, "·")
-            text = html.escape(v.feedback.comment or "")
-            reason = f" _{html.escape(v.feedback.reason)}_" if v.feedback.reason else ""
-            lines.append(f"- {thumb}{reason} {text} — {html.escape(v.user_name)}, {v.message.persona_id}, "
-                         f"{v.feedback.updated_at:%Y-%m-%d %H:%M} "
-                         f"[open conversation](?conversation={v.message.conversation_id})")
+        comment_list = latest_comments(votes)
         rated = sum(1 for v in votes if v.feedback.rating)
         summary = f"{rated} current votes on {len({v.message.id for v in votes})} replies."
         return (summary, _plot_frame(daily_like_rates(votes, "persona")),
-                _plot_frame(daily_like_rates(votes, "model")), table, "\n".join(lines))
+                _plot_frame(daily_like_rates(votes, "model")), table, comment_list)
 
     outputs = [notice, by_persona, by_model, counts, comments]
     tab.select(load, None, outputs)  # fresh numbers whenever the tab is opened

@@ -7,13 +7,43 @@ every call, so a conversation id from elsewhere gets "not found").
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
 
 from ..chat import ChatError, ChatService
+from ..store.repository import SEARCH_LENGTH
 from .identity import Identity
+
+
+DOWNLOAD_PREFIX = "persona-studio-download-"
+DOWNLOAD_KEEP_SECONDS = 3600  # long enough to be fetched; older downloads go at the next one
+
+
+def write_download(cache_dir: str | Path, name: str, text: str) -> Path:
+    """`text` as the file `name`, readable by this process only, in a folder of its own.
+
+    The folder is private (0700) and in Gradio's cache folder, so Gradio serves the
+    file from there instead of copying it into a shared, listable folder of its own;
+    the file is 0600. Earlier downloads older than DOWNLOAD_KEEP_SECONDS are removed.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for old in cache_dir.glob(DOWNLOAD_PREFIX + "*"):
+        try:
+            if time.time() - old.lstat().st_mtime > DOWNLOAD_KEEP_SECONDS:
+                shutil.rmtree(old)
+        except OSError:
+            pass  # gone already, or not ours to remove
+    folder = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=cache_dir))  # 0700
+    path = folder / name
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
 
 
 def _label(conversation) -> str:
@@ -26,7 +56,8 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, session_sta
     """Builds the sidebar; returns the keyword arguments of a `.then(...)` that refreshes its list."""
     # Closed at first: on narrower windows an open sidebar covers the chat.
     with gr.Sidebar(label="Conversations", open=False, elem_id="history-sidebar"):
-        search = gr.Textbox(placeholder="Search your conversations", show_label=False, elem_id="history-search")
+        search = gr.Textbox(placeholder="Search your conversations", show_label=False, elem_id="history-search",
+                            max_length=SEARCH_LENGTH)
         listing = gr.Radio([], label="Your conversations, newest first", elem_id="history-list")
         title = gr.Textbox(label="Title", elem_id="history-title")
         with gr.Row():
@@ -36,7 +67,10 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, session_sta
 
     def refresh(query, session, request: gr.Request):
         user = identity.current(request)
-        conversations = service.conversations(user.id, query or "")
+        try:
+            conversations = service.conversations(user.id, query or "")
+        except ChatError as exc:  # a search too long to run
+            raise gr.Error(str(exc)) from None
         current = session.conversation_id if session is not None else None
         ids = [c.id for c in conversations]
         return gr.Radio(choices=[(_label(c), c.id) for c in conversations],
@@ -89,10 +123,8 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, session_sta
             data = service.export_conversation(identity.current(request).id, conversation_id)
         except ChatError as exc:
             raise gr.Error(str(exc)) from None
-        # Gradio serves the file from its cache; a fresh temporary folder keeps users' files apart.
-        path = Path(tempfile.mkdtemp(prefix="persona-studio-")) / f"conversation-{conversation_id}.json"
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-        return str(path)
+        return str(write_download(download.GRADIO_CACHE, f"conversation-{conversation_id}.json",
+                                  json.dumps(data, ensure_ascii=False, indent=2)))
 
     download.click(on_download, listing, download)
     return refresh_args

@@ -17,7 +17,6 @@ from __future__ import annotations
 import colorsys
 import functools
 import hashlib
-import html
 import math
 from dataclasses import dataclass
 
@@ -26,10 +25,22 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..chat import ChatError, ChatService, params_for
 from ..persona_files import archive_persona, create_persona, duplicate_persona, save_persona, update_persona_text
-from ..personas import LoadedPersona, Persona, PersonaError, PersonaLibrary, content_hash, parse_persona, render
+from ..personas import (
+    MAX_AVATAR_PIXELS,
+    LoadedPersona,
+    Persona,
+    PersonaError,
+    PersonaLibrary,
+    content_hash,
+    open_plain_file,
+    parse_persona,
+    read_plain_text,
+    render,
+)
 from ..prompting import PromptTooLong
 from .chat_tab import StopSignal
 from .identity import CurrentUser, Identity, NotAllowed
+from .safe_markdown import literal, safe_markdown, safe_messages
 
 TEXT_FIELDS = ["name", "description", "system_prompt", "greeting", "alternate_greetings", "scenario",
                "example_dialogue", "post_history_instructions", "tags"]
@@ -167,14 +178,18 @@ def _placeholder(persona_id: str, name: str) -> Image.Image:
 
 
 def _thumbnail(loaded: LoadedPersona) -> Image.Image:
-    if loaded.avatar_path is not None:
+    path = loaded.avatar_path
+    if path is not None:
         try:
-            with Image.open(loaded.avatar_path) as image:
+            with open_plain_file(path) as handle, Image.open(handle) as image:
+                if image.width * image.height > MAX_AVATAR_PIXELS:  # checked before decoding anything
+                    raise ValueError(f"{image.width}x{image.height} pixels")
+                image.draft("RGB", (THUMB, THUMB))  # a JPEG decodes at a fraction of its size
                 image = image.convert("RGB")
                 image.thumbnail((THUMB, THUMB))
                 return image
-        except OSError:
-            pass  # an unreadable image: the placeholder says who it is
+        except Exception:  # noqa: BLE001 - PIL raises OSError, ValueError (a text chunk over 1 MB),
+            pass  # DecompressionBombError, SyntaxError... for hostile files; the placeholder says who it is
     return _placeholder(loaded.id, loaded.persona.name)
 
 
@@ -195,8 +210,9 @@ def _broken(library: PersonaLibrary) -> dict[str, str]:
 
 
 def _escape(message: str) -> str:
-    """A loader message as Markdown text: one line, and `<unicode string>` is not a tag."""
-    return html.escape(" ".join(message.split()), quote=False)
+    """A loader message as Markdown text: one line, shown as written (`<unicode string>` is not a
+    tag, a quoted `![x](url)` is not an image)."""
+    return literal(message)
 
 
 def _choices(library: PersonaLibrary, broken: dict[str, str]) -> list[tuple[str, str]]:
@@ -208,7 +224,7 @@ def _problems(broken: dict[str, str]) -> str:
     if not broken:
         return ""
     lines = "\n".join(f"- `{pid}.yaml`: {_escape(msg)}" for pid, msg in broken.items())
-    return f"**Files that do not load** (open them to fix the YAML):\n{lines}"
+    return safe_markdown(f"**Files that do not load** (open them to fix the YAML):\n{lines}")  # any file name
 
 
 def _open(library: PersonaLibrary, persona_id: str, broken: dict[str, str]) -> Editing:
@@ -217,10 +233,10 @@ def _open(library: PersonaLibrary, persona_id: str, broken: dict[str, str]) -> E
         return Editing(persona_id, loaded.text, loaded.version, loaded)
     path = library.path_for(persona_id)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_plain_text(path)  # never through a link: `x.yaml -> /etc/passwd` is not shown
+    except PersonaError as exc:
         text = ""
-        problem = f"cannot read it: {exc}"
+        problem = f"cannot read it: {str(exc).removeprefix(f'{path}: ')}"
     else:
         problem = broken.get(persona_id, "it cannot be loaded")
     return Editing(persona_id, text, content_hash(text), None, problem)
@@ -326,9 +342,9 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             state_line = f"Editing `{loaded.path.name}` (version {loaded.version})"
         greeting_text = render(loaded, who.name).greetings[0] if loaded else None
         return [editing, gr.Gallery(value=thumbs, selected_index=selected), _problems(broken),
-                gr.Dropdown(choices=_choices(library, broken), value=persona_id), state_line,
+                gr.Dropdown(choices=_choices(library, broken), value=persona_id), safe_markdown(state_line),
                 *form_values(loaded.persona if loaded else None), editing.text if editing else "",
-                [{"role": "assistant", "content": greeting_text}] if greeting_text else []]
+                safe_messages([{"role": "assistant", "content": greeting_text}]) if greeting_text else []]
 
     def require(editing: Editing | None, loadable: bool = False) -> Editing:
         if editing is None:
@@ -370,10 +386,10 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         if not changes:
             gr.Info("Nothing changed.")
             return show(editing.id, who)
-        try:
-            current = library.path_for(editing.id).read_text(encoding="utf-8")
-        except OSError:
-            raise Refusal(f"{editing.id}.yaml is gone from the personas folder (archived elsewhere?).") from None
+        path = library.path_for(editing.id)
+        if not path.exists():
+            raise Refusal(f"{editing.id}.yaml is gone from the personas folder (archived elsewhere?).")
+        current = read_plain_text(path)  # a PersonaError (a link, too big) is shown as a warning
         # Only the changed fields are applied, to the file as it is now: edits made
         # to other fields since it was opened are kept.
         saved = save_persona(library, editing.id, update_persona_text(current, changes))
@@ -431,7 +447,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             history = [{"role": "assistant", "content": render(loaded, user).greetings[0]},
                        {"role": "user", "content": (message or "").strip()}]
             for reply in service.try_draft(loaded, message or "", params_for(loaded), user, signal.event):
-                yield "", history + [{"role": "assistant", "content": reply.text}]
+                yield "", safe_messages(history + [{"role": "assistant", "content": reply.text}])
         except REFUSALS as exc:
             gr.Warning(str(exc), duration=WARNING_SECONDS)
             yield gr.skip(), gr.skip()
