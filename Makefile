@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench bench-store bench-align bench-serve browser postgres vllm clean-venv
+.PHONY: install run test test-stress cli-docs bench bench-store bench-align bench-serve browser postgres vllm clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -62,6 +62,15 @@ postgres:
 
 test: install vllm browser postgres
 	PERSONA_STUDIO_TEST_PG_URL="$$(.ci/postgres.sh --url)" $(PY) -m pytest $(PYTEST_ARGS)
+
+# The browser tests next to one busy process per core (tests/with_cpu_load.py): they wait on
+# what the page shows, never on time, and must pass on a loaded machine too.
+test-stress: install browser
+	$(PY) tests/with_cpu_load.py $(PY) -m pytest -m browser $(PYTEST_ARGS)
+
+# The command-line reference, from the argparse parsers; tests/test_cli_reference.py fails when it is stale.
+cli-docs: install
+	$(PY) -m chatbot.cli.reference > docs/cli.md
 
 bench: install
 	$(PY) bench/generate.py

@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignment.jobs import RunStore
 from alignment.kto import encode_row, implicit_rewards
 from alignment.metrics import Reply, longer_reply_accuracy, mean_margin, pairwise_accuracy, shortcut_report
 from alignment.recipe import EpochFields, GateFields
@@ -67,6 +66,7 @@ from alignment.training import (
     trainer_arguments,
     trl_rows,
 )
+from chatbot.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

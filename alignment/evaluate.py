@@ -3,6 +3,8 @@
     persona-studio align evaluate RUN [--baseline VERSION|base] [--judge RUN] [--prompts FILE]
                                       [--samples K] [--max-new-tokens N] [--rule RULE] [--seed S]
 
+(the command, its options and its summary are in chatbot/cli/align.py; this module is the library)
+
 From Python::
 
     evaluation = evaluate(store, run_id, EvalOptions(baseline="base", judge=reward_run),
@@ -59,9 +61,10 @@ from pathlib import Path
 from typing import Any
 
 from alignment import eval_metrics as em
-from alignment.gate import GateBounds, failed_checks
-from alignment.jobs import RunRecord, RunStore
+from alignment.gate import GateBounds
 from chatbot.engine import encode_chat
+from chatbot.store.errors import NotFound
+from chatbot.store.runs import RunRecord, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ class Prompts:
 def _run(runs: RunStore, run_id: int, what: str) -> RunRecord:
     try:
         return runs.get_run(run_id)
-    except KeyError:
+    except NotFound:
         raise EvaluationError(f"{what} run {run_id} does not exist (see `persona-studio align runs`)") from None
 
 
@@ -199,7 +202,7 @@ def _version_side(store, version_id: int, candidate: Side, source: str, label: s
         raise EvaluationError(f"the baseline v{version_id} is the candidate itself")
     try:
         version = store.get_version(version_id)
-    except KeyError:
+    except NotFound:
         raise EvaluationError(f"baseline model version {version_id} does not exist") from None
     cand = store.get_version(candidate.version)
     if version.base_model != cand.base_model:
@@ -372,7 +375,7 @@ def file_prompts(path: Path, persona, user_name: str = "User") -> Prompts:
     """One user message per line, each rendered as the first message of a new chat with ``persona``."""
     from chatbot.chat import ChatSession, Turn
     from chatbot.personas import render
-    from chatbot.simulate import load_prompts
+    from chatbot.simulation import load_prompts
 
     texts = load_prompts(path)
     # As ChatService.new_session + send build the prompt: system prompt, examples, the greeting, the message.
@@ -692,7 +695,7 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
     from alignment.eval_report import write_outputs
     from chatbot.chat import params_for
     from chatbot.engine import GenerationParams
-    from chatbot.simulate import parse_rule
+    from chatbot.simulation import parse_rule
 
     if options.samples < 1 or options.max_new_tokens < 1 or options.batch < 1:
         raise EvaluationError("--samples, --max-new-tokens and --batch must be at least 1")
@@ -785,75 +788,3 @@ def _drop_too_long(prompts: Prompts, base_path: Path, max_new_tokens: int) -> Pr
     kept = [p for p in prompts.rows if len(encode_chat(tokenizer, p)) + max_new_tokens <= limit]
     removed = len(prompts.rows) - len(kept)
     return Prompts(kept, {**prompts.stats, "removed_too_long": removed, "used": len(kept)})
-
-
-# -- the command ----------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    """The options of `persona-studio align evaluate`."""
-    parser.add_argument("run", type=int, help=f"the policy run ({', '.join(POLICY_KINDS)}) whose candidate is evaluated")
-    parser.add_argument("--baseline", default=None, metavar="VERSION|base",
-                        help="compare with this model version, or 'base' (no adapter); "
-                             "default: what serves the persona now")
-    parser.add_argument("--judge", type=int, default=None, metavar="RUN",
-                        help="reward run that scores the replies (default: the newest succeeded one for the persona)")
-    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
-                        help="one user message per line instead of the run's held-out feedback prompts")
-    parser.add_argument("--samples", type=int, default=2, metavar="K", help="replies per prompt and model (default 2)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="reply length cap (default 64)")
-    parser.add_argument("--rule", default=None,
-                        help="also report how often a simulate rule likes the replies: short[:N], question, "
-                             "contains:WORD")
-    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
-    parser.add_argument("--batch", type=int, default=EvalOptions.batch, metavar="N",
-                        help=f"prompts in flight at once, decoded together (default {EvalOptions.batch}); "
-                             "the replies depend on --seed only")
-    parser.add_argument("--personas-dir", dest="personas_dir", default=None,
-                        help="folder of persona YAML files (for sampling settings and --prompts)")
-
-
-def command(args, settings, store) -> int:
-    """`persona-studio align evaluate`: 0 when the evaluation ran (whatever the gate says), 1 on an error."""
-    from chatbot.personas import PersonaLibrary
-
-    options = EvalOptions(baseline=args.baseline, judge=args.judge, prompts_file=args.prompts, samples=args.samples,
-                          max_new_tokens=args.max_new_tokens, rule=args.rule, seed=args.seed, batch=args.batch)
-    try:
-        personas = PersonaLibrary(settings.personas_dir)
-        evaluation = evaluate(store, args.run, options, personas=personas, data_dir=settings.data_dir,
-                              user_name=settings.user)
-    except (ValueError, OSError) as exc:  # EvaluationError is a ValueError, as are bad rules and prompt files
-        print(f"persona-studio: error: {exc}", file=sys.stderr)
-        return 1
-    gate = evaluation["gate"]
-    cand, base = evaluation["metrics"]["candidate"], evaluation["metrics"]["baseline"]
-    win, judge, rule = evaluation["win_rate"], evaluation["judge"], evaluation["rule"]
-    judged = []
-    if win is not None:
-        judged.append(f"win rate {win['value']:.2f} (95% CI {win['ci'][0]:.2f}-{win['ci'][1]:.2f}) by reward run "
-                      f"{judge['run']}" + ("" if judge["independent"] else ", NOT independent"))
-    if rule is not None:
-        gain = rule["gain"]
-        judged.append(f"rule {rule['spec']} {gain['baseline']:.2f} -> {gain['candidate']:.2f} "
-                      f"(gain 95% CI {gain['ci'][0]:+.2f} to {gain['ci'][1]:+.2f})")
-    print(f"run {evaluation['run']}: {evaluation['candidate']['label']} vs {evaluation['baseline']['label']} on "
-          f"{evaluation['prompts']['used']} prompts: {'; '.join(judged)}; gate {'PASSED' if gate['passed'] else 'FAILED'}",
-          file=sys.stderr)
-    if judge is not None and not judge["independent"]:
-        print(f"  judge: {judge['why']}", file=sys.stderr)
-    for line in failed_checks(gate):
-        print(f"  failed: {line}", file=sys.stderr)
-    summary = {
-        "run": evaluation["run"], "version": evaluation["candidate"]["version"],
-        "baseline": evaluation["baseline"]["label"], "judge": judge and judge["run"],
-        "judge_independent": judge and judge["independent"],
-        "prompts": evaluation["prompts"]["used"], "win_rate": win and win["value"], "win_rate_ci": win and win["ci"],
-        "rule_gain": rule and rule["gain"],
-        "reward": {"candidate": cand["reward_mean"], "baseline": base["reward_mean"]},
-        "kl": cand["kl_mean"], "rule_rate": {"candidate": cand["rule_rate"], "baseline": base["rule_rate"]},
-        "gate_passed": gate["passed"], "failed_checks": [c["name"] for c in gate["checks"] if not c["passed"]],
-        "report": evaluation["files"]["report"], "evaluation": evaluation["files"]["evaluation"],
-    }
-    print(json.dumps(summary))
-    return 0

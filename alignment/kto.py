@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignment.jobs import RunStore
 from alignment.recipe import EpochFields, GateFields
 from alignment.reward import reply_text
 from alignment.training import (
@@ -48,6 +47,7 @@ from alignment.training import (
     trl_rows,
 )
 from chatbot.engine import encode_chat
+from chatbot.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignment.jobs import RunStore
 from alignment.recipe import BUNDLED, GateFields, TrainingFields
 from alignment.training import (
     JobResult,
@@ -66,6 +65,7 @@ from alignment.training import (
     trainer_arguments,
 )
 from chatbot.engine import encode_chat
+from chatbot.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignment.jobs import RunStore
 from alignment.metrics import Reply, reward_report, shortcut_report
 from alignment.recipe import EpochFields
 from alignment.training import (
@@ -49,6 +48,7 @@ from alignment.training import (
     trainer_arguments,
 )
 from chatbot.engine import encode_chat
+from chatbot.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignment.jobs import RunStore
 from alignment.recipe import BUNDLED
+from chatbot.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

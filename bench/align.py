@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from alignment.jobs import RunStore
 from alignment.ppo import (
     PPORecipe,
     encode_prompts,
@@ -44,8 +43,9 @@ from alignment.reward import RewardRecipe, encode_rows, train_reward
 from alignment.training import ensure_pad_token, lora_config, trainer_arguments
 from chatbot.default_model import ensure_checkpoint
 from chatbot.settings import Settings
-from chatbot.simulate import load_prompts
+from chatbot.simulation import load_prompts
 from chatbot.store import ChatStore
+from chatbot.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # read when trl.experimental is first imported

@@ -18,8 +18,8 @@ from .default_model import ModelLoadError
 from .engine import Engine, EngineUnavailable, GenerationParams, Reply
 from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, parse_persona, render
 from .prompting import Prompt, PromptTooLong, build_prompt
-from .store import ChatStore, ConversationRecord, MessageRecord, ModelVersionRecord
-from .store.repository import UNCHANGED
+from .store import ChatStore, ConversationRecord, MessageRecord, ModelVersionRecord, NotFound
+from .store.repository import SEARCH_LENGTH, UNCHANGED, VoteRow
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ MAX_MESSAGE_CHARS = 100_000
 # Feedback is stored twice (the vote and its history row): the longest comment and reason tags accepted.
 MAX_COMMENT_CHARS = 10_000
 MAX_REASON_CHARS = 200
+# The longest search of one's conversations; the store refuses longer ones (the UI's box stops there).
+MAX_SEARCH_CHARS = SEARCH_LENGTH
 DELETED = "this conversation was deleted (perhaps in another window); start a new chat"
 
 
@@ -315,7 +317,7 @@ class ChatService:
         try:
             self.store.set_feedback(message_id, session.user_id, rating, reason=reason, comment=comment,
                                     simulated=simulated)
-        except ValueError:
+        except NotFound:
             self._existing(session)  # deleted meanwhile: say so, not "message N does not exist"
             raise
 
@@ -331,7 +333,7 @@ class ChatService:
         try:
             message = self.store.get_message(int(message_id))
             self._owned(user_id, message.conversation_id)
-        except (KeyError, TypeError, ValueError, ChatError):
+        except (NotFound, TypeError, ValueError, ChatError):
             raise ChatError(f"message {message_id} not found") from None
         if message.role != "assistant":
             raise ChatError(f"message {message_id} not found: it is a {message.role} message, not a reply")
@@ -349,6 +351,20 @@ class ChatService:
             return self.store.list_conversations(user_id, search)
         except ValueError as exc:  # the search is too long
             raise ChatError(str(exc)) from None
+
+    def conversation(self, user_id: int, conversation_id: int, as_admin: bool = False) -> ConversationRecord:
+        """The stored conversation (its title, persona, dates) if this user may see it: their own,
+        or anyone's for an admin (``as_admin``); others' are ChatError("not found"), like missing ones."""
+        return self._owned(user_id, conversation_id, as_admin)
+
+    def all_feedback(self, as_admin: bool) -> list[VoteRow]:
+        """Everyone's current votes with their replies and context, oldest first (the Feedback tab).
+
+        Admins only: ChatError unless ``as_admin`` (the role, read afresh for the request).
+        """
+        if not as_admin:
+            raise ChatError("only admins can see everyone's feedback")
+        return self.store.feedback_rows()
 
     def check_access(self, session: ChatSession, as_admin: bool) -> None:
         """ChatError unless whoever holds ``session`` may still see its conversation.
@@ -368,7 +384,7 @@ class ChatService:
             return None
         try:
             return self.store.get_conversation(session.conversation_id)
-        except KeyError:
+        except NotFound:
             raise ChatError(DELETED) from None
 
     @staticmethod
@@ -386,7 +402,7 @@ class ChatService:
         try:
             return self.store.add_message(session.conversation_id, role, content,
                                           parent_id=session.turns[-1].message_id, **fields)
-        except ValueError:
+        except NotFound:
             self._existing(session)  # raises ChatError(DELETED) when that was the cause
             raise
 
@@ -394,7 +410,7 @@ class ChatService:
         """The conversation if it is this user's (any, for an admin); others' look like missing ones."""
         try:
             conversation = self.store.get_conversation(int(conversation_id))
-        except (KeyError, TypeError, ValueError):
+        except (NotFound, TypeError, ValueError):
             conversation = None
         if conversation is None or (conversation.user_id != user_id and not as_admin):
             raise ChatError(f"conversation {conversation_id} not found")

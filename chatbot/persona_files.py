@@ -58,7 +58,7 @@ FOLD_WIDTH = 80  # a new long single-line text is folded (`>-`) to about this ma
 _NO_DEFAULT = object()  # "no schema default": a new key is written whatever its value
 NAME_MAX = next(m.max_length for m in Persona.model_fields["name"].metadata if hasattr(m, "max_length"))
 
-# The same template as `persona-studio personas new` (chatbot/persona_cli.py).
+# The same template as `persona-studio personas new` (chatbot/cli/personas.py).
 TEMPLATE = """\
 # Persona {id}: edit the text, then check it with `persona-studio personas validate`.
 # {{{{char}}}} and {{{{user}}}} are replaced by the persona's and the user's names when sent.

@@ -1,7 +1,8 @@
 """One Settings object for the app, built from environment variables and CLI flags.
 
 Precedence: command-line flag > environment variable > default. Nothing here
-is global: `Settings` is built once in `main()` and passed to what needs it.
+is global: each command builds its `Settings` once (chatbot/cli/options.py
+``settings(args)``) and passes it to what needs it.
 """
 
 from __future__ import annotations

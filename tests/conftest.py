@@ -3,6 +3,12 @@
 The bundled model is converted once into .test-cache/ (kept between runs, so
 only the first run pays the ~20 s conversion); every test gets its own data
 directory and SQLite file under tmp_path, with the converted model linked in.
+
+Tests of the chat's plumbing use ``fake_engine`` / ``fake_service``
+(tests/fake_engine.py: replies from a queue, no model); ``engine`` and
+``service`` run the real bundled model. Every test that needs the bundled
+model, through any fixture built on ``checkpoint``, is marked ``model``
+here, so ``pytest -m "not model"`` runs the rest without converting it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,19 @@ MODEL_CACHE = REPO / ".test-cache" / "data"
 # set it). Read at import: _isolated_environment removes PERSONA_STUDIO_*
 # variables from every test's environment.
 TEST_PG_URL = os.environ.get("PERSONA_STUDIO_TEST_PG_URL", "")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    """Mark ``model`` every test that needs the bundled model (its weights or its tokenizer).
+
+    They all reach it through ``checkpoint`` (``engine``, ``service``,
+    ``data_dir``, ``tiny_model``, ...); the modules mark most of them too,
+    and this catches any that do not.
+    """
+    for item in items:
+        if "checkpoint" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +96,22 @@ def service(engine, personas, store):
     from chatbot.chat import ChatService
 
     return ChatService(engine, personas, store)
+
+
+@pytest.fixture
+def fake_engine():
+    """An engine that replies with queued text (tests/fake_engine.py): no model is loaded."""
+    from fake_engine import FakeEngine
+
+    return FakeEngine()
+
+
+@pytest.fixture
+def fake_service(fake_engine, personas, store):
+    """ChatService on ``fake_engine``: for tests of what is stored and who may see it, not of what is said."""
+    from chatbot.chat import ChatService
+
+    return ChatService(fake_engine, personas, store)
 
 
 # -- databases: the store's tests run on SQLite and on PostgreSQL ------------

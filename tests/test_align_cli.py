@@ -1,10 +1,14 @@
-"""`persona-studio align reward|runs|show` end to end on a real SQLite store and a tiny random model."""
+"""`persona-studio align reward|runs|show` end to end on a real SQLite store and a tiny random model.
+
+The commands run in this process (`main(argv)`); a job killed with SIGKILL runs in its own.
+"""
 
 import json
 import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_cli
 
 pytestmark = pytest.mark.model
 
@@ -25,12 +29,15 @@ def fill(store, conversations: int) -> None:
         store.set_feedback(bad, user, -1)
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", "align", *args], capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture
+def cli(capsys):
+    """`persona-studio align ARGS`, in this process."""
+    def align(*args):
+        return run_cli(capsys, "align", *args)
+    return align
 
 
-def test_reward_job_from_the_store_registers_a_candidate(store, tiny_model, tmp_path):
+def test_reward_job_from_the_store_registers_a_candidate(store, tiny_model, tmp_path, cli):
     fill(store, 30)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"base_model: {tiny_model}\nmax_steps: 3\nsave_steps: 2\nmin_pairs: 8\n"
@@ -50,7 +57,7 @@ def test_reward_job_from_the_store_registers_a_candidate(store, tiny_model, tmp_
     assert (status, run_id) == ("candidate", result["run"])
 
 
-def test_too_little_data_is_refused_with_the_counts(store, tiny_model, tmp_path):
+def test_too_little_data_is_refused_with_the_counts(store, tiny_model, tmp_path, cli):
     fill(store, 3)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"base_model: {tiny_model}\nmin_pairs: 32\n")
@@ -61,7 +68,7 @@ def test_too_little_data_is_refused_with_the_counts(store, tiny_model, tmp_path)
     assert "Traceback" not in done.stderr
 
 
-def test_kto_job_from_the_store_registers_a_candidate(store, tiny_model, tmp_path):
+def test_kto_job_from_the_store_registers_a_candidate(store, tiny_model, tmp_path, cli):
     fill(store, 30)
     recipe = tmp_path / "kto.yaml"
     recipe.write_text(f"base_model: {tiny_model}\nmax_steps: 3\nsave_steps: 2\nmin_rows: 8\n"
@@ -87,7 +94,7 @@ def test_kto_job_from_the_store_registers_a_candidate(store, tiny_model, tmp_pat
     assert wrong.returncode == 1 and f"run {result['run']} is a kto run, not reward" in wrong.stderr
 
 
-def test_kto_too_little_data_is_refused_with_the_counts(store, tiny_model, tmp_path):
+def test_kto_too_little_data_is_refused_with_the_counts(store, tiny_model, tmp_path, cli):
     fill(store, 3)
     recipe = tmp_path / "kto.yaml"
     recipe.write_text(f"base_model: {tiny_model}\nmin_rows: 32\n")
@@ -97,7 +104,7 @@ def test_kto_too_little_data_is_refused_with_the_counts(store, tiny_model, tmp_p
     assert "Traceback" not in done.stderr
 
 
-def test_ppo_job_trains_against_the_newest_reward_run(store, tiny_model, tmp_path):
+def test_ppo_job_trains_against_the_newest_reward_run(store, tiny_model, tmp_path, cli):
     fill(store, 30)
     url, data = str(store.engine.url), str(tmp_path / "data")
     ppo_recipe = tmp_path / "ppo.yaml"
@@ -130,7 +137,7 @@ def test_ppo_job_trains_against_the_newest_reward_run(store, tiny_model, tmp_pat
     assert wrong.returncode == 1 and f"--reward-run {result['run']} is a succeeded ppo run" in wrong.stderr
 
 
-def test_a_killed_job_is_reported_interrupted_not_running(store, tiny_model, tmp_path):
+def test_a_killed_job_is_reported_interrupted_not_running(store, tiny_model, tmp_path, cli):
     """SIGKILL leaves no chance to update the run row; `align runs` notices the process is gone."""
     import signal
     import time
@@ -142,7 +149,7 @@ def test_a_killed_job_is_reported_interrupted_not_running(store, tiny_model, tmp
     job = subprocess.Popen([sys.executable, "-m", "chatbot.cli", "align", "reward", "--recipe", str(recipe),
                             "--db-url", url, "--data-dir", data], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    from alignment.jobs import RunStore
+    from chatbot.store.runs import RunStore
 
     runs = RunStore(store.engine)
     deadline = time.monotonic() + 120
@@ -159,22 +166,22 @@ def test_a_killed_job_is_reported_interrupted_not_running(store, tiny_model, tmp
     assert "resume with --resume" in run.error and runs.candidate_for_run(run.id) is None
 
 
-def test_a_job_refused_before_training_is_marked_failed(store, tiny_model, tmp_path):
+def test_a_job_refused_before_training_is_marked_failed(store, tiny_model, tmp_path, cli):
     fill(store, 30)
     recipe = tmp_path / "reward.yaml"
     recipe.write_text(f"base_model: {tiny_model}\nmax_steps: 2\nmin_pairs: 8\nmax_length: 8\n")  # every pair too long
     url = str(store.engine.url)
     done = cli("reward", "--recipe", str(recipe), "--db-url", url, "--data-dir", str(tmp_path / "data"))
     assert done.returncode == 1 and "max_length=8" in done.stderr
-    from alignment.jobs import RunStore
+    from chatbot.store.runs import RunStore
 
     run = RunStore(store.engine).list_runs()[0]
     assert run.status == "failed" and "max_length=8" in run.error
 
 
 def test_ppo_never_picks_a_judge_reward_model_by_default(store, tmp_path, capsys):
-    from alignment.jobs import RunStore
-    from chatbot.align_cli import _reward_dir
+    from chatbot.cli.align import _reward_dir
+    from chatbot.store.runs import RunStore
 
     runs = RunStore(store.engine)
 

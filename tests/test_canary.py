@@ -1,8 +1,8 @@
 """Canaries: an online A/B of a candidate version on people's thumbs (store/canary.py, `models canary*`).
 
 Store tests run on a SQLite file and on PostgreSQL (``any_db_url``). The chat
-path runs on a fake engine that answers at once: its reply depends only on
-the adapter it is asked for and the seed, so a `simulate` rule tells the two
+path runs on ``ArmEngine``, a FakeEngine (tests/fake_engine.py) that answers
+at once: its reply depends only on the adapter it is asked for and the seed, so a `simulate` rule tells the two
 arms apart, and no model is loaded. Adapters are folders with an
 ``adapter_config.json`` only (the store checks they exist, never loads them).
 """
@@ -12,18 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fake_engine import FakeEngine
 
-from alignment.jobs import RunStore
 from chatbot import cli
 from chatbot.chat import ChatService, params_for
-from chatbot.engine import Reply
-from chatbot.simulate import parse_rule, simulate
-from chatbot.store import CanaryRefused, ChatStore, PromotionRefused
+from chatbot.simulation import parse_rule, simulate
+from chatbot.store import CanaryRefused, ChatStore, NotFound, PromotionRefused
 from chatbot.store.canary import ArmStats, arm_estimate, assign_arm, difference_ci
+from chatbot.store.runs import RunStore
 
 BASE = "bundled:SmolLM2-135M-Instruct.Q4_1"
 PASSED_GATE = {"passed": True, "checks": [], "bounds": {}}
@@ -175,7 +174,7 @@ def test_one_running_canary_per_persona_and_refusals(store: ChatStore, make_vers
             store.start_canary(v1, by="a", share=share)
     with pytest.raises(CanaryRefused, match="--min-votes must be a whole number"):
         store.start_canary(v1, by="a", min_votes=0)
-    with pytest.raises(KeyError, match="model version 999 does not exist"):
+    with pytest.raises(NotFound, match="model version 999 does not exist"):
         store.start_canary(999, by="a")
     with pytest.raises(PromotionRefused, match="is a reward model"):
         store.start_canary(make_version(kind="reward"), by="a")
@@ -373,38 +372,20 @@ def test_promoting_another_version_or_rolling_back_ends_the_canary(store: ChatSt
 # -- the chat path, with simulate playing the users -------------------------------------
 
 
-class FakeEngine:
-    """Stands in for an Engine: answers at once. A reply ends with a question ("liked" by the rule
-    `question`) for a share of seeds that depends on the adapter: ``like_rates[adapter]``."""
-
-    model_id = BASE
+class ArmEngine(FakeEngine):
+    """Answers at once, by adapter and seed instead of from a queue: a reply ends with a question
+    ("liked" by the rule `question`) for a share of seeds that depends on the adapter: ``like_rates[adapter]``."""
 
     def __init__(self, like_rates: dict[str | None, float]):
+        super().__init__(model_id=BASE)
         self.like_rates = like_rates
-        self.adapters: list[str | None] = []
 
-    def fit(self, prompt, max_new_tokens):
-        return prompt.messages
-
-    def close(self):
-        pass
-
-    def stream(self, prompt, params, stop=None, adapter=None):
-        yield self._reply(prompt, params, adapter, f"{params.seed}")
-
-    def generate_batch(self, prompt, params, n, adapter=None):
-        return [self._reply(prompt, replace(params, seed=params.seed + row), adapter, f"{params.seed}:{row}")
-                for row in range(n)]
-
-    def _reply(self, prompt, params, adapter, draw: str) -> Reply:
-        self.adapters.append(adapter)
+    def next_text(self, prompt, params, adapter) -> str:
         # The folder's name, not its path (which changes with pytest's tmp_path): the same replies every run.
         name = Path(adapter).name if adapter else "base"
-        digest = hashlib.blake2b(f"{name}:{draw}".encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(f"{name}:{params.seed}".encode(), digest_size=8).digest()
         liked = int.from_bytes(digest, "big") / 2**64 < self.like_rates.get(adapter, 0.5)
-        text = "Arr, what say ye?" if liked else "Arr."
-        return Reply(text=text, done=True, finish_reason="eos", prompt=list(prompt.messages), prompt_tokens=10,
-                     completion_tokens=len(text.split()), first_token_ms=1.0, latency_ms=1.0, params=params)
+        return "Arr, what say ye?" if liked else "Arr."
 
 
 @pytest.fixture
@@ -434,7 +415,7 @@ def test_every_reply_of_a_conversation_comes_from_its_arm_retry_included(sqlite_
     (folder / "adapter_config.json").write_text("{}")
     candidate = runs.register_candidate(runs.create_run("kto", persona_id="pirate"), base_model=BASE,
                                         adapter_path=str(folder), metrics={})
-    engine = FakeEngine({})
+    engine = ArmEngine({})
     service = ChatService(engine, personas, store)
     user = service.user_id("ada")
     params = params_for(personas.get("pirate"), seed=1)
@@ -484,7 +465,7 @@ def register_adapter(store: ChatStore, tmp_path: Path, name: str, gate: dict | N
 def test_simulate_plays_the_users_worse_candidate_is_rolled_back(sqlite_store, personas, tmp_path, capsys) -> None:
     store, url = sqlite_store
     worse, folder = register_adapter(store, tmp_path, "worse", PASSED_GATE)
-    service = ChatService(FakeEngine({None: 0.8, folder: 0.2}), personas, store)
+    service = ChatService(ArmEngine({None: 0.8, folder: 0.2}), personas, store)
     params = params_for(personas.get("pirate"), seed=0)
     rule = parse_rule("question")
 
@@ -543,7 +524,7 @@ def test_simulate_plays_the_users_better_candidate_is_promoted_past_a_failed_gat
         sqlite_store, personas, tmp_path, capsys) -> None:
     store, url = sqlite_store
     better, folder = register_adapter(store, tmp_path, "better", FAILED_GATE)
-    service = ChatService(FakeEngine({None: 0.3, folder: 0.9}), personas, store)
+    service = ChatService(ArmEngine({None: 0.3, folder: 0.9}), personas, store)
     params = params_for(personas.get("pirate"), seed=0)
 
     code, _, err = models(capsys, url, "canary", str(better), "--share", "0.4", "--min-votes", "15",

@@ -1,11 +1,18 @@
-"""ChatService on the real model: what lands in the SQLite file for each user action."""
+"""ChatService: what lands in the SQLite file for each user action (replies from FakeEngine)."""
 
 import pytest
 
 from chatbot.chat import ChatError, params_for
 from chatbot.prompting import PromptTooLong
 
-pytestmark = pytest.mark.model
+
+@pytest.fixture
+def service(fake_service):
+    """ChatService on FakeEngine: what is stored does not depend on what the model says.
+
+    (The real model's replies through ChatService: test_hardening_chat.py, test_persona_character.py.)
+    """
+    return fake_service
 
 
 def reply_of(replies):

@@ -1,5 +1,9 @@
-"""The `persona-studio` command as a user runs it: a real process, a real SQLite file."""
+"""The `persona-studio` command as a user runs it: `main(argv)` on a real SQLite file; `serve` in a real process.
 
+`serve`'s start-up checks run in a subprocess: their exit status is the point.
+"""
+
+import functools
 import socket
 import sqlite3
 import subprocess
@@ -7,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 pytestmark = pytest.mark.model
 
@@ -16,8 +21,13 @@ def run(*args, timeout=180):
                           timeout=timeout)
 
 
-def test_chat_streams_a_reply_and_stores_it(data_dir):
-    done = run("chat", "--data-dir", str(data_dir), "--persona", "pirate", "--max-new-tokens", "10",
+@pytest.fixture
+def cli(capsys):
+    return functools.partial(run_cli, capsys)
+
+
+def test_chat_streams_a_reply_and_stores_it(data_dir, cli):
+    done = cli("chat", "--data-dir", str(data_dir), "--persona", "pirate", "--max-new-tokens", "10",
                "--seed", "5", "Ahoy, who are ye?")
     assert done.returncode == 0, done.stderr
     reply = done.stdout.strip()
@@ -52,34 +62,34 @@ def test_unwritable_data_dir_is_one_line_error(tmp_path):
     one_line_error(done, f"data directory {blocker / 'data'} is not writable")
 
 
-def test_unreachable_database_is_one_line_error(data_dir, tmp_path):
-    done = run("chat", "--data-dir", str(data_dir), "--db-url", f"sqlite:///{tmp_path}/missing/dir/x.db",
-               "--persona", "pirate", "hi", timeout=60)
+def test_unreachable_database_is_one_line_error(data_dir, tmp_path, cli):
+    done = cli("chat", "--data-dir", str(data_dir), "--db-url", f"sqlite:///{tmp_path}/missing/dir/x.db",
+               "--persona", "pirate", "hi")
     one_line_error(done, "cannot open database")
 
 
-def test_bad_model_path_is_one_line_error(data_dir, tmp_path):
-    done = run("chat", "--data-dir", str(data_dir), "--model", str(tmp_path), "--persona", "pirate", "hi")
+def test_bad_model_path_is_one_line_error(data_dir, tmp_path, cli):
+    done = cli("chat", "--data-dir", str(data_dir), "--model", str(tmp_path), "--persona", "pirate", "hi")
     one_line_error(done, "is not a checkpoint folder")
 
 
-def test_model_setting_from_environment(data_dir, tmp_path, monkeypatch):
+def test_model_setting_from_environment(data_dir, tmp_path, monkeypatch, cli):
     monkeypatch.setenv("PERSONA_STUDIO_MODEL", str(tmp_path))
-    done = run("chat", "--data-dir", str(data_dir), "--persona", "pirate", "hi")
+    done = cli("chat", "--data-dir", str(data_dir), "--persona", "pirate", "hi")
     one_line_error(done, f"cannot load model '{tmp_path}'")
 
 
-def test_unknown_engine_is_one_line_error(data_dir):
-    done = run("chat", "--data-dir", str(data_dir), "--engine", "tgi", "--persona", "pirate", "hi", timeout=60)
+def test_unknown_engine_is_one_line_error(data_dir, cli):
+    done = cli("chat", "--data-dir", str(data_dir), "--engine", "tgi", "--persona", "pirate", "hi")
     one_line_error(done, "unknown engine 'tgi': use transformers or vllm")
 
 
-def test_unreachable_engine_url_is_one_line_error(data_dir):
+def test_unreachable_engine_url_is_one_line_error(data_dir, cli):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    done = run("chat", "--data-dir", str(data_dir), "--engine-url", f"http://127.0.0.1:{port}/v1",
-               "--persona", "pirate", "hi", timeout=60)
+    done = cli("chat", "--data-dir", str(data_dir), "--engine-url", f"http://127.0.0.1:{port}/v1",
+               "--persona", "pirate", "hi")
     one_line_error(done, f"the vLLM server at http://127.0.0.1:{port}/v1 is unreachable")
 
 

@@ -1,5 +1,5 @@
-"""Conversation history through ChatService on the real model: tree navigation, resume, rename,
-delete, search, export, feedback details, and that one user cannot touch another's."""
+"""Conversation history through ChatService (replies from FakeEngine): tree navigation, resume,
+rename, delete, search, export, feedback details, and that one user cannot touch another's."""
 
 import json
 
@@ -7,7 +7,14 @@ import pytest
 
 from chatbot.chat import ChatError, params_for
 
-pytestmark = pytest.mark.model
+
+@pytest.fixture
+def service(fake_service):
+    """ChatService on FakeEngine: what is stored does not depend on what the model says.
+
+    (The real model's replies through ChatService: test_hardening_chat.py, test_persona_character.py.)
+    """
+    return fake_service
 
 
 def reply(replies):

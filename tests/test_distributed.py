@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_align_cli import fill
 
-from alignment.jobs import RunStore
+from chatbot.store.runs import RunStore
 
 pytestmark = pytest.mark.model
 

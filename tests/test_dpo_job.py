@@ -14,8 +14,8 @@ from training_helpers import InterruptAt, Snapshot
 from alignment import data
 from alignment.dpo import DPORecipe, dpo_report, pair_logratios, train_dpo
 from alignment.gate import GateBounds
-from alignment.jobs import RunStore
 from chatbot.store import ChatStore
+from chatbot.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONA = "pirate"

@@ -15,9 +15,9 @@ from alignment import data
 from alignment import eval_metrics as em
 from alignment.evaluate import EvalOptions, EvaluationError, Prompts, Reply, drop_trained, evaluate, file_prompts
 from alignment.gate import GateBounds, check, failed_checks
-from alignment.jobs import RunStore
 from chatbot.personas import PersonaLibrary, render
 from chatbot.store import ChatStore
+from chatbot.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONA = "pirate"

@@ -1,11 +1,11 @@
 """Sign-in hardening, through real HTTP against the real app: throttling, session expiry and revocation, cross-site checks.
 
-The app is what `serve` runs (cli.build_server) over a real SQLite file, with
-a stand-in engine (nothing here generates a reply) and a fake clock handed to
-the throttle and the sessions. Requests go through the FastAPI test client, or
-httpx's ASGI transport where many must run at once; each client has its own
-address. Account changes are made with the `persona-studio users` command in
-another process, as an operator would.
+The app is what `serve` runs (cli/serve.py build_server) over a real SQLite file, with
+FakeEngine (tests/fake_engine.py: no model; nothing here asks for a reply)
+and a fake clock handed to the throttle and the sessions. Requests go through
+the FastAPI test client, or httpx's ASGI transport where many must run at
+once; each client has its own address. Account changes are made with the
+`persona-studio users` command in another process, as an operator would.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 from argon2 import PasswordHasher
+from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
 
 from chatbot.chat import ChatService
-from chatbot.cli import build_server
+from chatbot.cli.serve import build_server
 from chatbot.personas import PersonaLibrary
 from chatbot.settings import Settings
 from chatbot.store import ChatStore
@@ -58,19 +59,6 @@ class CountingHasher(PasswordHasher):
         return super().verify(hash, password)
 
 
-class StandInEngine:
-    """Enough of an Engine to build the app; no test here asks for a reply."""
-
-    model_id = "stand-in"
-    context_tokens = 2048
-
-    def describe(self) -> str:
-        return "stand-in engine"
-
-    def close(self) -> None:
-        pass
-
-
 class App:
     """The app with accounts alice (admin) and bob, on a SQLite file, with a fake clock."""
 
@@ -84,7 +72,7 @@ class App:
         self.clock = FakeClock()
         self.identity = Identity(self.accounts, None, throttle=SignInThrottle(clock=self.clock),
                                  sessions=SessionTokens(self.accounts, LIFETIME, clock=self.clock))
-        service = ChatService(StandInEngine(), PersonaLibrary(REPO / "personas"), self.store)
+        service = ChatService(FakeEngine(), PersonaLibrary(REPO / "personas"), self.store)
         self.server = build_server(service, self.identity, Settings(data_dir=tmp_path))
 
     def client(self, address: str = "198.51.100.1") -> TestClient:

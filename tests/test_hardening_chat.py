@@ -8,8 +8,10 @@
 6. search matches ``%`` and ``_`` literally;
 7. property-based tests of prompt building and store writes.
 
-Most tests use ``CannedEngine`` (ChatService's bookkeeping without a model) and
-the real bundled tokenizer; the ones marked ``model`` generate with the real model.
+Most tests use ``canned``: ChatService on FakeEngine (tests/fake_engine.py),
+its bookkeeping without a model. The tokenizer tests use the bundled model's
+real tokenizer, and two generate with the real model; all of those are marked
+``model`` (conftest marks every test that reaches the ``checkpoint`` fixture).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import types
 
 import gradio as gr
 import pytest
+from fake_engine import FakeEngine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatbot.chat import MAX_COMMENT_CHARS, MAX_MESSAGE_CHARS, MAX_REASON_CHARS, ChatError, ChatService, params_for
-from chatbot.engine import Engine, Reply
+from chatbot.engine import Engine
 from chatbot.prompting import PromptTooLong, build_prompt, fit_to_context
 from chatbot.store import ChatStore
 from chatbot.store.repository import SEARCH_LENGTH
@@ -49,34 +52,10 @@ def bare_engine(tokenizer) -> Engine:
     return engine
 
 
-class CannedEngine(Engine):
-    """Answers "canned reply" at once: ChatService's bookkeeping without a model.
-
-    ``cut`` makes the next reply stop after its first piece, as a server
-    killed mid-reply does: the caller sees a partial reply and nothing more.
-    """
-
-    model_id = "canned"
-    context_tokens = 1_000_000
-    eos_ids: set[int] = set()
-
-    def __init__(self):
-        self.counted = 0
-
-    def count_tokens(self, messages):
-        self.counted += 1
-        return sum(len(m["content"]) // 4 + 4 for m in messages)
-
-    def stream(self, messages, params, stop=None, adapter=None):
-        prompt = self.fit(messages, params.max_new_tokens)
-        yield Reply(text="canned", prompt=prompt, params=self.seeded(params))
-        yield Reply(text="canned reply", done=True, finish_reason="eos", prompt=prompt,
-                    params=self.seeded(params), prompt_tokens=self.count_tokens(prompt), completion_tokens=2)
-
-
 @pytest.fixture
 def canned(personas, store) -> ChatService:
-    return ChatService(CannedEngine(), personas, store)
+    """ChatService whose every reply is "canned reply", streamed in two pieces: its bookkeeping without a model."""
+    return ChatService(FakeEngine(default="canned reply", model_id="canned"), personas, store)
 
 
 def params(session):
@@ -375,7 +354,7 @@ def test_undo_takes_back_a_message_whose_reply_was_cut_off(canned):
 
 
 def test_in_the_browser_an_empty_send_answers_a_cut_off_message(canned, store):
-    from chatbot.ui.chat_tab import StopSignal
+    from chatbot.ui.stop_signal import StopSignal
     from chatbot.ui.identity import Identity
 
     identity = Identity.local(store, "Ann")

@@ -28,6 +28,7 @@ from PIL import Image
 from chatbot.cli import main as cli_main
 from chatbot.persona_cards import dump_persona_yaml, export_card_v2, import_card, png_text_chunks
 from chatbot.persona_files import create_persona, save_persona, update_persona_text
+from chatbot.persona_form import open_for_editing
 from chatbot.personas import (
     MAX_NESTING,
     LoadedPersona,
@@ -38,7 +39,7 @@ from chatbot.personas import (
     parse_persona,
 )
 from chatbot.ui import history_sidebar
-from chatbot.ui.personas_tab import _open, _thumbnail
+from chatbot.ui.persona_thumbnails import thumbnail
 
 GOOD = "name: Tester\nsystem_prompt: You test.\ngreeting: Hi!\n"
 CARD = {"spec": "chara_card_v2", "spec_version": "2.0",
@@ -166,7 +167,7 @@ def test_a_linked_persona_file_is_skipped_and_never_shown(folder, secret):
     (folder / "passwd.yaml").symlink_to(secret)
     one_error(PersonaLibrary(folder), "passwd.yaml", "is a symbolic link")
     # The Raw YAML view of a broken file shows the file; not what the link points at.
-    editing = _open(PersonaLibrary(folder), "passwd", {})
+    editing = open_for_editing(PersonaLibrary(folder), "passwd", {})
     assert editing.text == "" and "symbolic link" in editing.problem
 
 
@@ -188,7 +189,7 @@ def test_an_avatar_swapped_for_a_link_after_loading_is_not_handed_out(folder, se
     (folder / "face.png").symlink_to(secret)
     # The chat tab hands this path to Gradio, which would copy and serve the database.
     assert loaded.avatar_path is None
-    assert _thumbnail(loaded).size == (160, 160)  # the placeholder
+    assert thumbnail(loaded).size == (160, 160)  # the placeholder
 
 
 def test_saving_over_a_linked_file_writes_nothing_through_it(folder, secret):
@@ -225,7 +226,7 @@ def avatar_persona(folder: Path, image: bytes) -> LoadedPersona:
 ])
 def test_a_hostile_avatar_gets_the_placeholder_instead_of_breaking_the_tab(folder, image):
     loaded = avatar_persona(folder, image)
-    thumb = _thumbnail(loaded)
+    thumb = thumbnail(loaded)
     assert isinstance(thumb, Image.Image) and thumb.size == (160, 160)
 
 

@@ -30,10 +30,11 @@ import pytest
 
 from chatbot.chat import ChatService
 from chatbot.persona_files import save_persona, update_persona_text
+from chatbot.persona_form import form_changes, form_values
 from chatbot.personas import PersonaLibrary
 from chatbot.ui.chat_tab import history_of, persona_info
 from chatbot.ui.feedback_tab import latest_comments
-from chatbot.ui.personas_tab import _problems, form_changes, form_values
+from chatbot.ui.personas_tab import _problems
 from chatbot.ui.safe_markdown import literal, safe_markdown
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from training_helpers import InterruptAt, Snapshot
 
-from alignment.jobs import RunStore
 from alignment.kto import KTORecipe, class_weights, kto_report, train_kto
+from chatbot.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
 

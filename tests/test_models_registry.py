@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment.jobs import RunStore
 from chatbot import cli
-from chatbot.store import ChatStore, PromotionRefused
+from chatbot.store import ChatStore, NotFound, PromotionRefused
+from chatbot.store.runs import RunStore
 
 BASE = "bundled:SmolLM2-135M-Instruct.Q4_1"
 
@@ -184,9 +184,9 @@ def test_a_version_serves_only_its_own_persona(store: ChatStore, make_version) -
 
 
 def test_unknown_version_is_a_key_error(store: ChatStore) -> None:
-    with pytest.raises(KeyError, match="model version 999 does not exist"):
+    with pytest.raises(NotFound, match="model version 999 does not exist"):
         store.promote(999, by="a")
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         store.get_version(999)
 
 

@@ -1,8 +1,9 @@
 """The OpenAI-compatible API (/v1), used as its users would: the official `openai` client against the real app.
 
-`python app.py` runs on a data directory with the converted bundled model;
-what the API says is checked against what the SQLite file holds (through
-ChatStore). Greedy decoding and a few tokens per reply keep it quick.
+The app is what `serve` runs, on real HTTP in this process (tests/in_process_app.py),
+answering from FakeEngine: what the API says is checked against what the SQLite
+file holds (through ChatStore), whatever the model would have said. (The real
+model's replies: test_engine.py, test_engine_contract.py; `python app.py`: test_cli.py.)
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from browser_helpers import running_app, wait_until
+from browser_helpers import wait_until
+from fake_engine import FakeEngine
+from in_process_app import running_in_process
 
 from chatbot import default_model
 from chatbot.personas import PersonaLibrary, render
 from chatbot.store import ChatStore
 from chatbot.store.accounts import AccountStore
-
-pytestmark = pytest.mark.model
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONAS = PersonaLibrary(REPO / "personas")
@@ -41,20 +42,21 @@ def system_prompt(persona_id: str, user: str = "User") -> str:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, checkpoint):
-    """One app without accounts for the module: everyone is the local user `User`."""
+def app(tmp_path_factory):
+    """One app without accounts for the module: everyone is the local user `User`.
+
+    (url, data directory, the FakeEngine it answers with: its model id is the bundled model's.)
+    """
     folder = tmp_path_factory.mktemp("openai")
     data = folder / "data"
-    data.mkdir()
-    (data / "models").symlink_to(checkpoint.parent, target_is_directory=True)
     with pytest.MonkeyPatch.context() as env:  # what conftest's per-test isolation does, for the whole module
         for key in [k for k in os.environ if k.startswith("PERSONA_STUDIO_")]:
             env.delenv(key)
         env.setenv("XDG_DATA_HOME", str(folder / "xdg"))
         env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        with running_app(data, folder / "app.log") as url:
-            yield url, data
-    log = (folder / "app.log").read_text()
+        with running_in_process(data, engine=FakeEngine(model_id=default_model.MODEL_ID)) as running:
+            yield running.url, data, running.engine
+    log = running.errors.text()
     assert "Traceback" not in log and "ERROR" not in log, log  # bad requests are answered, never crash a handler
 
 
@@ -239,7 +241,17 @@ def test_other_routes_under_v1_are_an_api_404_not_the_web_page(app):
         assert response.json()["error"]["message"].startswith(f"no route {method} /{path}")
 
 
-def test_a_client_that_hangs_up_stops_its_reply(app, store):
+@pytest.fixture
+def long_slow_reply(app):
+    """The next reply runs to max_tokens (400) unless stopped, a token every 50 ms: time to hang up."""
+    engine = app[2]
+    engine.queue("word " * 400)
+    engine.delay = 0.05
+    yield
+    engine.delay = 0.0
+
+
+def test_a_client_that_hangs_up_stops_its_reply(app, store, long_slow_reply):
     with httpx.stream("POST", app[0] + "v1/chat/completions", timeout=120, json={
             "model": "pirate", "messages": [{"role": "user", "content": "Tell me a very long tale of the sea."}],
             "max_tokens": 400, "temperature": 0, "stream": True}) as response:
@@ -263,7 +275,15 @@ def test_a_client_that_hangs_up_stops_its_reply(app, store):
 
 
 @pytest.fixture
-def app_with_accounts(data_dir, tmp_path):
+def data_dir(tmp_path):
+    """A data directory without the model (the app here answers from FakeEngine)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def app_with_accounts(data_dir):
     """Two accounts, each with an API key, made before the app starts."""
     store = open_store(data_dir)
     try:
@@ -274,8 +294,8 @@ def app_with_accounts(data_dir, tmp_path):
             keys[name] = accounts.create_api_key(name)
     finally:
         store.close()
-    with running_app(data_dir, tmp_path / "app.log") as url:
-        yield url, keys
+    with running_in_process(data_dir) as running:
+        yield running.url, keys
 
 
 def test_with_accounts_a_key_is_required_and_reaches_only_its_own_account(app_with_accounts, data_dir):

@@ -1,12 +1,11 @@
-"""`persona-studio personas ...` as a user runs it: a real process, real files, no model."""
+"""`persona-studio personas ...` as a user runs it (`main(argv)` in this process): real files, no model."""
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -23,10 +22,13 @@ CARD = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
     "extensions": {"world": "Orion"}}}
 
 
-def run(*args, folder: Path | None = None):
-    extra = ["--personas-dir", str(folder)] if folder is not None else []
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", "personas", *args, *extra],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+@pytest.fixture
+def run(capsys):
+    """`persona-studio personas ARGS [--personas-dir FOLDER]`, in this process."""
+    def personas(*args, folder: Path | None = None):
+        extra = ["--personas-dir", str(folder)] if folder is not None else []
+        return run_cli(capsys, "personas", *args, *extra)
+    return personas
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def folder(tmp_path) -> Path:
     return folder
 
 
-def test_list_shows_personas_then_errors(folder):
+def test_list_shows_personas_then_errors(folder, run):
     (folder / "broken.yaml").write_text("name: Broken\ngreeting: Hi\n")
     done = run("list", folder=folder)
     assert done.returncode == 0, done.stderr
@@ -49,7 +51,7 @@ def test_list_shows_personas_then_errors(folder):
     assert "1 file(s) failed to load" in errors and "broken.yaml: system_prompt: Field required" in errors
 
 
-def test_validate_fails_on_a_broken_file_and_names_it(folder):
+def test_validate_fails_on_a_broken_file_and_names_it(folder, run):
     (folder / "broken.yaml").write_text(GOOD + "colour: red\n")
     (folder / "stray.yml").write_text(GOOD)
     done = run("validate", folder=folder)
@@ -61,13 +63,13 @@ def test_validate_fails_on_a_broken_file_and_names_it(folder):
     assert run("validate", str(folder / "tester.yaml")).returncode == 0
 
 
-def test_validate_passes_on_the_shipped_personas():
+def test_validate_passes_on_the_shipped_personas(run):
     done = run("validate", str(REPO / "personas"))
     assert done.returncode == 0, done.stderr
     assert "0 error(s)" in done.stdout
 
 
-def test_new_writes_a_valid_template_and_refuses_bad_or_taken_ids(folder):
+def test_new_writes_a_valid_template_and_refuses_bad_or_taken_ids(folder, run):
     done = run("new", "space_cat", folder=folder)
     assert done.returncode == 0, done.stderr
     path = folder / "space_cat.yaml"
@@ -81,7 +83,7 @@ def test_new_writes_a_valid_template_and_refuses_bad_or_taken_ids(folder):
     assert not (folder.parent / "x.yaml").exists()
 
 
-def test_import_png_writes_persona_and_avatar_and_reports(folder, tmp_path):
+def test_import_png_writes_persona_and_avatar_and_reports(folder, tmp_path, run):
     info = PngInfo()
     info.add_text("chara", base64.b64encode(json.dumps(CARD).encode()).decode())
     source = tmp_path / "nova.png"
@@ -102,7 +104,7 @@ def test_import_png_writes_persona_and_avatar_and_reports(folder, tmp_path):
     assert load_persona(folder / "nova2.yaml").persona.avatar == "nova2.png"
 
 
-def test_import_error_is_one_line(folder, tmp_path):
+def test_import_error_is_one_line(folder, tmp_path, run):
     source = tmp_path / "empty.json"
     source.write_text(json.dumps({**CARD, "data": {**CARD["data"], "first_mes": ""}}))
     done = run("import", str(source), folder=folder)
@@ -112,7 +114,7 @@ def test_import_error_is_one_line(folder, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["tester.yaml"]
 
 
-def test_export_to_stdout_and_file(folder, tmp_path):
+def test_export_to_stdout_and_file(folder, tmp_path, run):
     done = run("export", "tester", folder=folder)
     assert done.returncode == 0, done.stderr
     card = json.loads(done.stdout)
@@ -128,9 +130,8 @@ def test_export_to_stdout_and_file(folder, tmp_path):
     assert missing.returncode == 1 and "no persona 'nobody'" in missing.stderr
 
 
-def test_personas_dir_from_the_environment_and_before_the_subcommand(folder, monkeypatch):
+def test_personas_dir_from_the_environment_and_before_the_subcommand(folder, monkeypatch, run):
     monkeypatch.setenv("PERSONA_STUDIO_PERSONAS_DIR", str(folder))
     assert run("list").stdout.splitlines()[1].startswith("tester")
-    done = subprocess.run([sys.executable, "-m", "chatbot.cli", "personas", "--personas-dir",
-                           str(folder / "missing"), "list"], capture_output=True, text=True, timeout=60)
+    done = run("--personas-dir", str(folder / "missing"), "list")
     assert done.returncode == 1 and "does not exist" in done.stderr

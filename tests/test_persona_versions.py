@@ -1,4 +1,8 @@
-"""Persona versions, macros, hot reload and adapter overrides, through ChatService on the real model."""
+"""Persona versions, macros, hot reload and adapter overrides, through ChatService.
+
+What reaches the model (prompts, versions) is checked on FakeEngine; the
+adapter override, which must change what the model says, on the real model.
+"""
 
 import shutil
 from pathlib import Path
@@ -11,7 +15,6 @@ from chatbot.transformers_engine import TransformersEngine
 from chatbot.personas import PersonaLibrary
 from chatbot.store import ChatStore
 
-pytestmark = pytest.mark.model
 REPO_PERSONAS = Path(__file__).resolve().parent.parent / "personas"
 
 PERSONA = """# a test persona
@@ -36,6 +39,12 @@ def folder(tmp_path):
     folder.mkdir()
     (folder / "mira.yaml").write_text(PERSONA)
     return folder
+
+
+@pytest.fixture
+def engine(fake_engine):
+    """FakeEngine: the tests that take it check what reaches the model, not what it says."""
+    return fake_engine
 
 
 def make_service(engine, folder, db_path):
@@ -97,6 +106,7 @@ def test_new_and_deleted_files_are_picked_up_without_restart(engine, folder, tmp
         service.new_session(service.user_id("Ann"), "pirate", "Ann")
 
 
+@pytest.mark.model
 def test_adapter_override_serves_a_lora_adapter_per_persona_on_one_base_model(checkpoint, folder, tmp_path, request):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -1,4 +1,4 @@
-"""The Personas tab's form <-> persona conversion, without a browser."""
+"""The Personas tab's form (chatbot/persona_form.py): persona <-> form values, saves and drafts, without a browser."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from chatbot.persona_files import update_persona_text
 from chatbot.personas import PersonaError, PersonaLibrary, parse_persona
-from chatbot.ui.personas_tab import form_changes, form_values
+from chatbot.persona_form import FormSave, broken_files, draft, form_changes, form_values, open_for_editing, save_form
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = PersonaLibrary(REPO / "personas")
@@ -59,3 +59,73 @@ def test_an_emptied_example_row_is_reported_by_the_validator():
     text = update_persona_text(loaded.text, form_changes(loaded.persona, values))
     with pytest.raises(PersonaError, match="example_dialogue.0.assistant"):
         parse_persona(text, "pirate.yaml")
+
+
+# -- saving the form and trying a draft (chatbot/persona_form.py) ---------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path):
+    import shutil
+
+    folder = tmp_path / "personas"
+    folder.mkdir()
+    shutil.copy(REPO / "personas" / "pirate.yaml", folder)
+    return folder
+
+
+def test_saving_an_untouched_form_writes_nothing(folder):
+    library = PersonaLibrary(folder)
+    editing = open_for_editing(library, "pirate", {})
+    before = (folder / "pirate.yaml").read_text()
+    assert save_form(library, editing, form_values(editing.loaded.persona)) == FormSave({})
+    assert (folder / "pirate.yaml").read_text() == before
+
+
+def test_saving_writes_only_the_changed_field_into_the_file_as_it_is_now(folder):
+    library = PersonaLibrary(folder)
+    editing = open_for_editing(library, "pirate", {})
+    values = form_values(editing.loaded.persona)
+    values[8] = "sea, tales"  # tags, changed in the form
+    path = folder / "pirate.yaml"
+    path.write_text(path.read_text() + "# added on disk meanwhile\n")  # another edit since it was opened
+    result = save_form(library, editing, values)
+    assert result.changes == {"tags": ["sea", "tales"]} and result.merged
+    text = path.read_text()
+    assert "# added on disk meanwhile" in text and result.saved.persona.tags == ["sea", "tales"]
+    assert result.saved.persona.system_prompt == editing.loaded.persona.system_prompt
+
+
+def test_saving_a_file_gone_meanwhile_is_refused(folder):
+    library = PersonaLibrary(folder)
+    editing = open_for_editing(library, "pirate", {})
+    values = form_values(editing.loaded.persona)
+    values[0] = "Captain Bluebeard"
+    (folder / "pirate.yaml").unlink()
+    with pytest.raises(PersonaError, match="is gone from the personas folder"):
+        save_form(library, editing, values)
+
+
+def test_a_draft_is_the_form_validated_and_not_saved(folder):
+    library = PersonaLibrary(folder)
+    editing = open_for_editing(library, "pirate", {})
+    before = (folder / "pirate.yaml").read_text()
+    values = form_values(editing.loaded.persona)
+    values[2] = "You are {{char}}, a pirate who only speaks in rhymes."
+    drafted = draft(editing, values)
+    assert drafted.persona.system_prompt == values[2] and drafted.version != editing.version
+    assert (folder / "pirate.yaml").read_text() == before
+    values[0] = ""  # the name is required
+    with pytest.raises(PersonaError, match="name"):
+        draft(editing, values)
+
+
+def test_a_broken_file_opens_with_its_text_and_problem(folder):
+    (folder / "broken.yaml").write_text("name: [unclosed\n")
+    library = PersonaLibrary(folder)
+    broken = broken_files(library)
+    assert list(broken) == ["broken"]
+    editing = open_for_editing(library, "broken", broken)
+    assert editing.loaded is None and editing.text == "name: [unclosed\n" and editing.problem == broken["broken"]
+    with pytest.raises(PersonaError, match="does not load"):
+        draft(editing, form_values(None))

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from training_helpers import InterruptAt, Snapshot
 
-from alignment.jobs import RunStore
 from alignment.ppo import PPORecipe, train_ppo
 from alignment.reward import RewardRecipe, score_pairs, train_reward
 from alignment.training import ensure_pad_token
+from chatbot.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
 PER_STEP = ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy",

@@ -10,9 +10,9 @@ import pytest
 from training_helpers import InterruptAt, Snapshot
 
 from alignment import metrics
-from alignment.jobs import RunStore
 from alignment.reward import RewardRecipe, encode_pair_side, train_reward
 from alignment.training import ensure_pad_token
+from chatbot.store.runs import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
 

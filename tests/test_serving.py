@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.jobs import RunStore
 from chatbot.chat import ChatService, params_for
+from chatbot.store.runs import RunStore
 from chatbot.transformers_engine import TransformersEngine
 from chatbot.store import ChatStore
 

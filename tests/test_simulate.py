@@ -1,13 +1,12 @@
 """`persona-studio simulate`: rules, a small run on the bundled model, and the command."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from chatbot.chat import params_for
-from chatbot.simulate import (
+from chatbot.simulation import (
     ContainsRule,
     QuestionRule,
     ShortRule,
@@ -98,7 +97,7 @@ def test_simulate_stores_simulated_votes_for_every_regeneration(service, store):
 
 
 def test_rerate_votes_again_by_another_rule_without_generating(store):
-    from chatbot.simulate import SIMULATOR_USER, rerate
+    from chatbot.simulation import SIMULATOR_USER, rerate
 
     simulator, person = store.get_or_create_user(SIMULATOR_USER), store.get_or_create_user("ann")
     conv = store.create_conversation(simulator, "pirate", "v1")
@@ -122,13 +121,12 @@ def test_rerate_votes_again_by_another_rule_without_generating(store):
 
 
 @pytest.mark.model
-def test_simulate_command_prints_that_it_is_simulated(data_dir, tmp_path):
+def test_simulate_command_prints_that_it_is_simulated(data_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello there\n")
-    done = subprocess.run([sys.executable, "-m", "chatbot.cli", "simulate", "--persona", "pirate",
-                           "--rule", "question", "--prompts", str(prompts), "--data-dir", str(data_dir),
-                           "--n", "1", "--samples", "2", "--max-new-tokens", "6", "--seed", "1"],
-                          capture_output=True, text=True, timeout=180, check=False)
+    done = run_cli(capsys, "simulate", "--persona", "pirate",
+                   "--rule", "question", "--prompts", str(prompts), "--data-dir", str(data_dir),
+                   "--n", "1", "--samples", "2", "--max-new-tokens", "6", "--seed", "1")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("SIMULATED feedback (a rule, not people): persona pirate")
@@ -145,10 +143,9 @@ def test_simulate_command_prints_that_it_is_simulated(data_dir, tmp_path):
     assert len(rows) == 2 and all(r.feedback.simulated for r in rows)
 
 
-def test_simulate_command_refuses_an_unknown_rule(tmp_path):
+def test_simulate_command_refuses_an_unknown_rule(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hi\n")
-    done = subprocess.run([sys.executable, "-m", "chatbot.cli", "simulate", "--persona", "pirate",
-                           "--rule", "loud", "--prompts", str(prompts), "--data-dir", str(tmp_path / "d")],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = run_cli(capsys, "simulate", "--persona", "pirate",
+                   "--rule", "loud", "--prompts", str(prompts), "--data-dir", str(tmp_path / "d"))
     assert done.returncode == 1 and "unknown rule 'loud'" in done.stderr

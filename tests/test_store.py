@@ -28,6 +28,7 @@ from chatbot.store import (
     Feedback,
     Message,
     ModelVersion,
+    NotFound,
     StoreError,
     make_engine,
     migrate,
@@ -319,7 +320,7 @@ def test_title_comes_from_the_first_user_message(
 
 
 def test_missing_message_raises_key_error(store: ChatStore) -> None:
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         store.get_message(12345)
 
 

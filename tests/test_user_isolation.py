@@ -1,8 +1,9 @@
 """Accounts keep people apart, proved through the app's own HTTP API.
 
-The real app (`python app.py`) runs with two accounts; each test signs in as
-they would (Gradio's /login form) and calls the event handlers the way the
-page does: POST /gradio_api/queue/join, then read the result from the
+The real app (what `serve` runs, on real HTTP in this process, answering from
+FakeEngine: tests/in_process_app.py) runs with two accounts; each test signs
+in as they would (Gradio's /login form) and calls the event handlers the way
+the page does: POST /gradio_api/queue/join, then read the result from the
 /gradio_api/queue/data event stream. Nothing here trusts the browser: a
 script can send any request a page can, so the server must refuse it.
 """
@@ -19,9 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser_helpers import db_rows, running_app
-
-pytestmark = pytest.mark.model
+from browser_helpers import db_rows
+from in_process_app import running_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN = ("alice", "alice-password")
@@ -76,8 +76,9 @@ class ApiSession:
     def load(self, elem_id: str, query: dict | None = None) -> list[Result]:
         """Run the page-load events that fill `elem_id`, as the page does on opening (`query`: ?k=v)."""
         cid = self.component(elem_id)
+        page = self.config["layout"]["id"]  # the Blocks' own id: not 0 when another app was built in this process
         return [self.call(d, [self.values.get(i) for i in d["inputs"]], query=query)
-                for d in self.config["dependencies"] if [0, "load"] in d["targets"] and cid in d["outputs"]]
+                for d in self.config["dependencies"] if [page, "load"] in d["targets"] and cid in d["outputs"]]
 
     def trigger(self, elem_id: str, event: str, event_data: dict | None = None, **overrides) -> Result:
         """Fire `event` on `elem_id` with the page's current values (overrides by elem_id)."""
@@ -116,6 +117,14 @@ class ApiSession:
 
 
 @pytest.fixture
+def data_dir(tmp_path):
+    """A data directory without the model (the app here answers from FakeEngine)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
 def app_with_accounts(data_dir, tmp_path):
     """The app over a copy of the shipped personas, with an admin and a user account."""
     personas = tmp_path / "personas"
@@ -123,10 +132,9 @@ def app_with_accounts(data_dir, tmp_path):
     for (name, password), role in ((ADMIN, "admin"), (USER, "user")):
         done = cli(data_dir, "add", name, "--role", role, "--password-stdin", password=password + "\n")
         assert done.returncode == 0, done.stderr
-    with running_app(data_dir, tmp_path / "app.log", "--personas-dir", str(personas)) as url:
-        log = (tmp_path / "app.log").read_text()
-        assert f"accounts enabled: sign in at {url.rstrip('/')}" in log
-        yield url, personas
+    with running_in_process(data_dir, personas) as running:
+        assert running.identity.accounts_enabled  # what `serve` prints as "accounts enabled: sign in at URL"
+        yield running.url, personas
 
 
 def test_signing_in_is_required_and_checked(app_with_accounts, data_dir):

@@ -11,6 +11,7 @@ import gradio as gr
 import pytest
 from argon2 import PasswordHasher
 from browser_helpers import free_port
+from cli_helpers import run_cli
 from sqlalchemy import select
 
 from chatbot.store import ChatStore, User
@@ -167,7 +168,7 @@ def test_api_keys_act_as_their_account_and_only_their_hash_is_stored(chat_store,
     assert accounts.user_for_api_key(third) is None and accounts.api_key_count("alice") == 0
 
 
-def test_users_api_key_prints_the_key_once(tmp_path):
+def test_users_api_key_prints_the_key_once(tmp_path, users):
     assert users(tmp_path, "add", "alice", "--password-stdin", stdin="correct horse\n").returncode == 0
     done = users(tmp_path, "api-key", "alice")
     assert done.returncode == 0, done.stderr
@@ -230,12 +231,15 @@ def test_with_accounts_the_request_says_who_and_the_store_says_what_role(chat_st
 # -- the `users` command -------------------------------------------------------
 
 
-def users(data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", "users", *args, "--data-dir", str(data_dir)],
-                          input=stdin, capture_output=True, text=True, timeout=60, cwd=REPO)
+@pytest.fixture
+def users(capsys):
+    """`persona-studio users ARGS --data-dir DATA_DIR` with ``stdin`` as its standard input, in this process."""
+    def run(data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return run_cli(capsys, "users", *args, "--data-dir", str(data_dir), stdin=stdin)
+    return run
 
 
-def test_users_command_manages_accounts(tmp_path):
+def test_users_command_manages_accounts(tmp_path, users):
     data = tmp_path / "fresh" / "data"  # made by the first command
     done = users(data, "add", "alice", "--role", "admin", "--password-stdin", stdin="correct horse\n")
     assert done.returncode == 0, done.stderr
@@ -280,14 +284,14 @@ def test_users_command_manages_accounts(tmp_path):
     (("remove", "nobody"), None, "no account named 'nobody'"),
     (("passwd", "nobody", "--password-stdin"), "a new password\n", "no account named 'nobody'"),
 ])
-def test_users_command_failures_are_one_line(tmp_path, args, stdin, problem):
+def test_users_command_failures_are_one_line(tmp_path, args, stdin, problem, users):
     assert users(tmp_path, "add", "alice", "--password-stdin", stdin="correct horse\n").returncode == 0
     done = users(tmp_path, *args, stdin=stdin)
     assert done.returncode == 1
     assert done.stderr.strip() == f"persona-studio: error: {problem}"
 
 
-def test_a_bad_role_is_refused_by_the_parser(tmp_path):
+def test_a_bad_role_is_refused_by_the_parser(tmp_path, users):
     done = users(tmp_path, "set-role", "alice", "root")
     assert done.returncode == 2 and "invalid choice: 'root'" in done.stderr
 

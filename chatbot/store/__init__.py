@@ -2,10 +2,19 @@
 
 ``ChatStore.open(url)`` is the entry point; the schema is managed by the
 Alembic migrations shipped in ``migrations/`` and applied by ``migrate``.
+``AccountStore`` (accounts.py) and ``RunStore`` (runs.py) share its engine;
+all three derive from ``StoreBase`` (base.py), and all raise ``NotFound``
+(errors.py) for a row that does not exist.
+
+Modules, lowest first (each imports only those before it): db, models,
+errors, base; versions; canary; promotions; runs, accounts, repository.
 """
 
+from chatbot.store.accounts import AccountStore
+from chatbot.store.base import DetachedRow, StoreBase
 from chatbot.store.canary import CanaryRecord, CanaryRefused, CanaryStats
 from chatbot.store.db import StoreError, make_engine, migrate
+from chatbot.store.errors import NotFound
 from chatbot.store.models import (
     ApiKey,
     Base,
@@ -20,9 +29,11 @@ from chatbot.store.models import (
     User,
 )
 from chatbot.store.repository import ChatStore, ConversationRecord, FeedbackRecord, MessageRecord
+from chatbot.store.runs import RunRecord, RunStore
 from chatbot.store.versions import ModelVersionRecord, PromotionChange, PromotionRecord, PromotionRefused
 
 __all__ = [
+    "AccountStore",
     "ApiKey",
     "Base",
     "Canary",
@@ -30,20 +41,25 @@ __all__ = [
     "CanaryRefused",
     "CanaryStats",
     "ChatStore",
-    "ConversationRecord",
-    "FeedbackRecord",
     "Conversation",
+    "ConversationRecord",
+    "DetachedRow",
     "Feedback",
     "FeedbackEvent",
+    "FeedbackRecord",
     "Message",
     "MessageRecord",
     "ModelVersion",
     "ModelVersionRecord",
+    "NotFound",
     "PersonaVersion",
     "Promotion",
     "PromotionChange",
     "PromotionRecord",
     "PromotionRefused",
+    "RunRecord",
+    "RunStore",
+    "StoreBase",
     "StoreError",
     "User",
     "make_engine",

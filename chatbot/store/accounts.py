@@ -40,8 +40,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+from chatbot.store.base import StoreBase
+from chatbot.store.errors import NotFound
 from chatbot.store.models import USER_ROLES, ApiKey, Conversation, User
 
 MIN_PASSWORD_LENGTH = 8
@@ -92,25 +94,24 @@ def check_password(password: str) -> str:
     return password
 
 
-class AccountStore:
+class AccountStore(StoreBase):
     """Add, list, change and remove accounts; check passwords.
 
     Shares the chat store's engine: ``AccountStore(chat_store.engine)``.
+    Sessions and retried writes come from StoreBase (store/base.py). A name
+    with no account (no such user, or one without a password) is NotFound.
     """
 
     def __init__(self, engine: Engine, hasher: PasswordHasher | None = None) -> None:
+        super().__init__(engine)
         self.hasher = hasher or PasswordHasher()
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._reads = sessionmaker(
-            engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
-        )
         self._dummy_hash: str | None = None
 
     # -- queries ----------------------------------------------------------
 
     def has_accounts(self) -> bool:
         """Whether anyone can sign in: if so, the app asks everyone to."""
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             found = session.scalar(select(User.id).where(User.password_hash.is_not(None)).limit(1))
             return found is not None
 
@@ -121,7 +122,7 @@ class AccountStore:
             .group_by(Conversation.user_id)
             .subquery()
         )
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             rows = session.execute(
                 select(User, func.coalesce(counts.c.n, 0))
                 .outerjoin(counts, counts.c.user_id == User.id)
@@ -131,7 +132,7 @@ class AccountStore:
 
     def get(self, name: str) -> Account | None:
         """The user called ``name`` (any kind), or None."""
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             user = session.scalar(select(User).where(User.name == name))
             if user is None:
                 return None
@@ -140,14 +141,14 @@ class AccountStore:
 
     def admin_count(self) -> int:
         """Accounts (that can sign in) with the admin role."""
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             return session.scalar(
                 select(func.count(User.id)).where(User.role == "admin", User.password_hash.is_not(None))
             ) or 0
 
     def session_epoch(self, name: str) -> int | None:
         """The account's current session epoch (module docstring); None if ``name`` cannot sign in."""
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             return session.scalar(
                 select(User.session_epoch).where(User.name == name, User.password_hash.is_not(None))
             )
@@ -177,13 +178,14 @@ class AccountStore:
                 user.session_epoch += 1  # whoever held the name before is signed out
 
         try:
-            self._write(work)
-        except IntegrityError:  # the same name added at the same moment by someone else
+            # The same name added at the same moment by someone else: write runs work again, which refuses it.
+            self.write(work)
+        except IntegrityError:  # the name's unique key, should it still be violated
             raise ValueError(f"user {name!r} already exists") from None
         return self._must_get(name)
 
     def set_password(self, name: str, password: str) -> None:
-        """Change an account's password; ValueError if there is no such account."""
+        """Change an account's password; NotFound if there is no such account."""
         password_hash = self.hasher.hash(check_password(password))
 
         def work(session: Session) -> None:
@@ -191,7 +193,7 @@ class AccountStore:
             user.password_hash = password_hash
             user.session_epoch += 1  # sessions signed in with the old password end
 
-        self._write(work)
+        self.write(work)
 
     def set_role(self, name: str, role: str) -> Account:
         check_role(role)
@@ -199,7 +201,7 @@ class AccountStore:
         def work(session: Session) -> None:
             self._account_row(session, name).role = role
 
-        self._write(work)
+        self.write(work)
         return self._must_get(name)
 
     def remove_user(self, name: str) -> Account:
@@ -212,7 +214,7 @@ class AccountStore:
             user.session_epoch += 1
             session.execute(delete(ApiKey).where(ApiKey.user_id == user.id))
 
-        self._write(work)
+        self.write(work)
         return self._must_get(name)
 
     # -- API keys ---------------------------------------------------------------
@@ -220,7 +222,7 @@ class AccountStore:
     def create_api_key(self, name: str) -> str:
         """A new key for the account ``name``, returned once (only its hash is stored).
 
-        ValueError if there is no such account. An account may hold several keys.
+        NotFound if there is no such account. An account may hold several keys.
         """
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
 
@@ -228,18 +230,21 @@ class AccountStore:
             user = self._account_row(session, name)
             session.add(ApiKey(user_id=user.id, key_hash=hash_api_key(key)))
 
-        self._write(work)
+        self.write(work)
         return key
 
     def revoke_api_keys(self, name: str) -> int:
-        """Delete every key of the account ``name``; how many there were. ValueError if no such account."""
-        with self._sessions.begin() as session:
+        """Delete every key of the account ``name``; how many there were. NotFound if no such account."""
+
+        def work(session: Session) -> int:
             user = self._account_row(session, name)
             return session.execute(delete(ApiKey).where(ApiKey.user_id == user.id)).rowcount
 
+        return self.write(work)
+
     def api_key_count(self, name: str) -> int:
         """How many keys the user ``name`` holds (0 for an unknown name)."""
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             return session.scalar(
                 select(func.count(ApiKey.id)).join(User, User.id == ApiKey.user_id).where(User.name == name)
             ) or 0
@@ -248,7 +253,7 @@ class AccountStore:
         """The account ``key`` belongs to, if it can still sign in; None for any other key."""
         if not key:
             return None
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             name = session.scalar(
                 select(User.name).join(ApiKey, ApiKey.user_id == User.id).where(
                     ApiKey.key_hash == hash_api_key(key), User.password_hash.is_not(None)
@@ -265,7 +270,7 @@ class AccountStore:
         either way), so response times do not tell which names exist. A hash
         made with older parameters is replaced on a successful sign-in.
         """
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             row = session.execute(
                 select(User.id, User.password_hash).where(
                     User.name == name, User.password_hash.is_not(None)
@@ -299,18 +304,14 @@ class AccountStore:
             if user is not None and user.password_hash == old_hash:
                 user.password_hash = new_hash
 
-        self._write(work)
+        self.write(work)
 
     @staticmethod
     def _account_row(session: Session, name: str) -> User:
         user = session.scalar(select(User).where(User.name == name))
         if user is None or user.password_hash is None:
-            raise ValueError(f"no account named {name!r}")
+            raise NotFound(f"no account named {name!r}")
         return user
-
-    def _write(self, work) -> None:
-        with self._sessions.begin() as session:
-            work(session)
 
     def _must_get(self, name: str) -> Account:
         account = self.get(name)

@@ -65,13 +65,14 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import case, false, func, select
 from sqlalchemy.orm import Session
 
+from chatbot.store.base import DetachedRow, StoreBase
+from chatbot.store.errors import NotFound
 from chatbot.store.models import Canary, Conversation, Feedback, Message, ModelVersion, utcnow
-from chatbot.store.repository import DetachedRow
 from chatbot.store.versions import (
     ModelVersionRecord,
     PromotionRefused,
@@ -83,9 +84,6 @@ from chatbot.store.versions import (
     _who,
     check_gate,
 )
-
-if TYPE_CHECKING:
-    from chatbot.store.repository import ChatStore
 
 CONTROL, CANDIDATE = "control", "candidate"
 DEFAULT_SHARE = 0.2
@@ -268,31 +266,31 @@ def _stats(session: Session, canary: Canary, include_simulated: bool) -> CanaryS
     return CanaryStats(CanaryRecord.from_row(canary), include_simulated, arms[CONTROL], arms[CANDIDATE], diff, ci)
 
 
-def stats(store: ChatStore, canary_id: int, include_simulated: bool | None = None) -> CanaryStats:
+def stats(store: StoreBase, canary_id: int, include_simulated: bool | None = None) -> CanaryStats:
     """A canary's figures; simulated votes count if asked or if the canary counts them."""
-    with store._reads.begin() as session:
+    with store.read_session() as session:
         canary = session.get(Canary, canary_id)
         if canary is None:
-            raise KeyError(f"canary {canary_id} does not exist")
+            raise NotFound(f"canary {canary_id} does not exist")
         return _stats(session, canary, bool(include_simulated) or canary.include_simulated)
 
 
-def canaries(store: ChatStore, persona_id: str) -> list[CanaryRecord]:
+def canaries(store: StoreBase, persona_id: str) -> list[CanaryRecord]:
     """The persona's canaries, oldest first."""
-    with store._reads.begin() as session:
+    with store.read_session() as session:
         rows = session.scalars(select(Canary).where(Canary.persona_id == persona_id).order_by(Canary.id))
         return [CanaryRecord.from_row(row) for row in rows]
 
 
-def running_canary(store: ChatStore, persona_id: str) -> CanaryRecord | None:
-    with store._reads.begin() as session:
+def running_canary(store: StoreBase, persona_id: str) -> CanaryRecord | None:
+    with store.read_session() as session:
         row = _running(session, persona_id)
         return None if row is None else CanaryRecord.from_row(row)
 
 
-def serving_version(store: ChatStore, persona_id: str, conversation_id: int | None) -> ModelVersionRecord | None:
+def serving_version(store: StoreBase, persona_id: str, conversation_id: int | None) -> ModelVersionRecord | None:
     """The candidate for a conversation in a running canary's candidate arm; else what serves the persona."""
-    with store._reads.begin() as session:
+    with store.read_session() as session:
         if conversation_id is not None:
             candidate = session.scalar(
                 select(Canary.candidate_id).join(Conversation, Conversation.canary_id == Canary.id)
@@ -307,7 +305,7 @@ def serving_version(store: ChatStore, persona_id: str, conversation_id: int | No
 # -- writing ----------------------------------------------------------------
 
 
-def start(store: ChatStore, version_id: int, *, by: str, share: float = DEFAULT_SHARE,
+def start(store: StoreBase, version_id: int, *, by: str, share: float = DEFAULT_SHARE,
           min_votes: int = DEFAULT_MIN_VOTES, persona_id: str | None = None,
           include_simulated: bool = False) -> CanaryRecord:
     by = _who(by)
@@ -319,7 +317,7 @@ def start(store: ChatStore, version_id: int, *, by: str, share: float = DEFAULT_
     def work(session: Session) -> CanaryRecord:
         row = session.get(ModelVersion, version_id)
         if row is None:
-            raise KeyError(f"model version {version_id} does not exist")
+            raise NotFound(f"model version {version_id} does not exist")
         version = ModelVersionRecord.from_row(row)
         target = _target(version, persona_id)
         # What could serve at all (a policy adapter on disk); the offline gate is not required:
@@ -342,7 +340,7 @@ def start(store: ChatStore, version_id: int, *, by: str, share: float = DEFAULT_
         session.flush()
         return CanaryRecord.from_row(canary)
 
-    return store._write_retrying(work)
+    return store.write(work)
 
 
 def _end(session: Session, canary: Canary, *, by: str, outcome: str) -> CanaryRecord:
@@ -353,7 +351,7 @@ def _end(session: Session, canary: Canary, *, by: str, outcome: str) -> CanaryRe
     return CanaryRecord.from_row(canary)
 
 
-def stop(store: ChatStore, persona_id: str, *, by: str) -> CanaryRecord:
+def stop(store: StoreBase, persona_id: str, *, by: str) -> CanaryRecord:
     by = _who(by)
 
     def work(session: Session) -> CanaryRecord:
@@ -363,7 +361,7 @@ def stop(store: ChatStore, persona_id: str, *, by: str) -> CanaryRecord:
             raise CanaryRefused(f"no canary is running for persona {persona_id!r}")
         return _end(session, canary, by=by, outcome=f"stopped by {by}")
 
-    return store._write_retrying(work)
+    return store.write(work)
 
 
 # -- hooks inside the store's own transactions -----------------------------------

@@ -21,7 +21,7 @@ PostgreSQL, reached through the same URL setting, needs none of that. A bare
 ``postgresql://`` URL uses psycopg 3 (a dependency), not SQLAlchemy's default
 psycopg2. Its pool holds a connection for every worker thread that may write
 at once, and its transient errors (deadlock, serialization failure) are
-retried by the store's write helper; ``is_transient`` recognises them.
+retried by ``StoreBase.write`` (base.py); ``is_transient`` recognises them.
 
 ``sqlite://`` (in memory) works for single-threaded tests: one shared
 connection, so concurrent transactions are not supported there.
@@ -204,7 +204,7 @@ def _configure_sqlite(engine: Engine, busy_timeout: float) -> None:
                 if not is_transient(exc):
                     raise
                 if attempt == WRITE_RETRIES:
-                    # StoreError, not OperationalError: the store's write helper
+                    # StoreError, not OperationalError: StoreBase.write (base.py)
                     # must not start this whole wait over again.
                     raise StoreError(
                         f"database {_safe(engine.url)} is busy: another connection held "

@@ -6,27 +6,25 @@ Gradio's worker threads and nothing it returns goes stale or lazy-loads.
 
 "Get or create" and upsert methods are race-safe without locks of their own:
 they try, and when a concurrent writer wins the unique constraint they
-retry, finding that writer's row.
+retry, finding that writer's row. Sessions and that retrying come from
+``StoreBase`` (base.py); a row asked for by id that does not exist is
+``NotFound`` (errors.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
-from chatbot.store.db import (
-    WRITE_RETRIES,
-    is_transient,
-    make_engine,
-    migrate,
-    sleep_before_retry,
-)
+from chatbot.store import canary, promotions, versions
+from chatbot.store.base import DetachedRow, StoreBase
+from chatbot.store.canary import CanaryRecord, CanaryStats
+from chatbot.store.db import make_engine, migrate
+from chatbot.store.errors import NotFound
 from chatbot.store.models import (
     MESSAGE_ROLES,
     RATINGS,
@@ -40,29 +38,15 @@ from chatbot.store.models import (
     User,
     utcnow,
 )
-
-if TYPE_CHECKING:
-    from chatbot.store.canary import CanaryRecord, CanaryStats
-    from chatbot.store.versions import ModelVersionRecord, PromotionChange, PromotionRecord
+from chatbot.store.versions import ModelVersionRecord, PromotionChange, PromotionRecord
 
 TITLE_LENGTH = 60
 # The longest conversation search accepted: titles are at most 200 characters, and SQLite
 # refuses LIKE patterns over 50,000 bytes with an error naming the SQL.
 SEARCH_LENGTH = 200
 
-T = TypeVar("T")
-
 # "leave this field as it is" for optional keyword arguments where None means "clear".
 UNCHANGED = object()
-
-
-class DetachedRow:
-    """Base of the frozen dataclasses the store hands out: copies of an ORM row's columns,
-    so callers never hold ORM objects across sessions."""
-
-    @classmethod
-    def from_row(cls, row):
-        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,17 +114,11 @@ def _title_from(content: str) -> str | None:
     return flat[:TITLE_LENGTH] or None
 
 
-class ChatStore:
-    """Users, persona and model versions, conversations, messages, votes."""
+class ChatStore(StoreBase):
+    """Users, persona and model versions, conversations, messages, votes.
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
-        # Read-only methods skip SQLite's write lock (see db.py): in WAL mode
-        # they then never wait behind a writer. Other backends ignore this.
-        self._reads = sessionmaker(
-            engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
-        )
+    Sessions and retried writes come from StoreBase (store/base.py).
+    """
 
     @classmethod
     def open(cls, url: str) -> ChatStore:
@@ -158,33 +136,6 @@ class ChatStore:
 
     def close(self) -> None:
         self.engine.dispose()
-
-    # -- shared helpers -------------------------------------------------
-
-    def _write_retrying(self, work: Callable[[Session], T]) -> T:
-        """Run ``work`` in a transaction; again if it lost a race.
-
-        A unique key raced (IntegrityError): once more, and that run sees the
-        competing writer's committed row; a second IntegrityError is a real
-        error and propagates. A transient conflict (a PostgreSQL deadlock or
-        serialization failure; see ``db.is_transient``), which rolled the
-        transaction back: up to WRITE_RETRIES more times, with backoff.
-        """
-        unique_raced = False
-        attempt = 0
-        while True:
-            try:
-                with self._sessions.begin() as session:
-                    return work(session)
-            except IntegrityError:
-                if unique_raced:
-                    raise
-                unique_raced = True
-            except OperationalError as exc:
-                if attempt == WRITE_RETRIES or not is_transient(exc):
-                    raise
-                sleep_before_retry(attempt)
-                attempt += 1
 
     # -- users, personas, models ----------------------------------------
 
@@ -208,7 +159,7 @@ class ChatStore:
             session.flush()
             return user.id
 
-        return self._write_retrying(work)
+        return self.write(work)
 
     def record_persona_version(self, persona_id: str, content_hash: str, text: str) -> None:
         """Keep the persona text a conversation was started with (idempotent)."""
@@ -226,15 +177,15 @@ class ChatStore:
                 )
                 session.flush()
 
-        self._write_retrying(work)
+        self.write(work)
 
     def persona_version_text(self, persona_id: str, content_hash: str) -> str:
-        """The YAML text of a persona version some conversation used; KeyError if never recorded."""
-        with self._reads.begin() as session:
+        """The YAML text of a persona version some conversation used; NotFound if never recorded."""
+        with self.read_session() as session:
             text = session.scalar(select(PersonaVersion.text).where(
                 PersonaVersion.persona_id == persona_id, PersonaVersion.content_hash == content_hash))
         if text is None:
-            raise KeyError(f"persona {persona_id} version {content_hash} was never recorded")
+            raise NotFound(f"persona {persona_id} version {content_hash} was never recorded")
         return text
 
     def get_or_create_model_version(
@@ -258,9 +209,9 @@ class ChatStore:
             session.flush()
             return version.id
 
-        return self._write_retrying(work)
+        return self.write(work)
 
-    # -- model versions and promotions (the logic is in store/versions.py) --
+    # -- model versions and promotions (logic: store/versions.py, promotions.py) --
 
     def serving_version(self, persona_id: str, conversation_id: int | None = None) -> ModelVersionRecord | None:
         """The promoted version serving the persona; None: its persona file's adapter (or the bare base).
@@ -268,22 +219,16 @@ class ChatStore:
         With a conversation: the canary's candidate if the conversation is in the candidate arm of a
         running canary (store/canary.py), else the same.
         """
-        from chatbot.store import canary, versions
-
         if conversation_id is None:
             return versions.serving_version(self, persona_id)
         return canary.serving_version(self, persona_id, conversation_id)
 
     def get_version(self, version_id: int) -> ModelVersionRecord:
-        """One model version; KeyError if there is none with that id."""
-        from chatbot.store import versions
-
+        """One model version; NotFound if there is none with that id."""
         return versions.get_version(self, version_id)
 
     def list_versions(self, persona_id: str | None = None) -> list[ModelVersionRecord]:
         """Model versions, newest first; for a persona, its own and any promoted for it."""
-        from chatbot.store import versions
-
         return versions.list_versions(self, persona_id)
 
     def promote(self, version_id: int, *, by: str, force: bool = False, reason: str | None = None,
@@ -291,26 +236,20 @@ class ChatStore:
         """Make a version serve its persona (or ``persona_id``, for a version without one), past the gate.
 
         Raises PromotionRefused (a ValueError) saying why when it may not,
-        KeyError for an unknown version. ``force`` needs a ``reason``. An A/B
+        NotFound for an unknown version. ``force`` needs a ``reason``. An A/B
         (canary) showing the version significantly better stands in for the
         gate; ``require_ab`` demands one that reached its minimum sample and
         is not significantly worse.
         """
-        from chatbot.store import versions
-
-        return versions.promote(self, version_id, by=by, force=force, reason=reason, persona_id=persona_id,
-                                require_ab=require_ab)
+        return promotions.promote(self, version_id, by=by, force=force, reason=reason, persona_id=persona_id,
+                                  require_ab=require_ab)
 
     def rollback(self, persona_id: str, *, by: str) -> PromotionChange:
         """Take the persona's serving version off; the one promoted before it serves again."""
-        from chatbot.store import versions
-
-        return versions.rollback(self, persona_id, by=by)
+        return promotions.rollback(self, persona_id, by=by)
 
     def promotion_log(self, persona_id: str) -> list[PromotionRecord]:
         """The persona's promotions and rollbacks, oldest first."""
-        from chatbot.store import versions
-
         return versions.promotion_log(self, persona_id)
 
     # -- canaries: A/B on people's thumbs (the logic is in store/canary.py) --
@@ -319,34 +258,24 @@ class ChatStore:
                      persona_id: str | None = None, include_simulated: bool = False) -> CanaryRecord:
         """Serve ``share`` of the persona's new conversations from the version, the rest from the control.
 
-        Raises CanaryRefused (a PromotionRefused) saying why when it may not, KeyError for an unknown version.
+        Raises CanaryRefused (a PromotionRefused) saying why when it may not, NotFound for an unknown version.
         """
-        from chatbot.store import canary
-
         return canary.start(self, version_id, by=by, share=share, min_votes=min_votes, persona_id=persona_id,
                             include_simulated=include_simulated)
 
     def stop_canary(self, persona_id: str, *, by: str) -> CanaryRecord:
         """End the persona's running canary: every conversation gets the control again."""
-        from chatbot.store import canary
-
         return canary.stop(self, persona_id, by=by)
 
     def running_canary(self, persona_id: str) -> CanaryRecord | None:
-        from chatbot.store import canary
-
         return canary.running_canary(self, persona_id)
 
     def canaries(self, persona_id: str) -> list[CanaryRecord]:
         """The persona's canaries, running or ended, oldest first."""
-        from chatbot.store import canary
-
         return canary.canaries(self, persona_id)
 
     def canary_stats(self, canary_id: int, include_simulated: bool | None = None) -> CanaryStats:
-        """Both arms' like rates and their difference with a 95 % CI; KeyError for an unknown canary."""
-        from chatbot.store import canary
-
+        """Both arms' like rates and their difference with a 95 % CI; NotFound for an unknown canary."""
         return canary.stats(self, canary_id, include_simulated)
 
     # -- conversations and messages -------------------------------------
@@ -354,18 +283,20 @@ class ChatStore:
     def create_conversation(
         self, user_id: int, persona_id: str, persona_hash: str, title: str | None = None
     ) -> int:
-        with self._sessions.begin() as session:
+        """A new conversation of the user's; its id. NotFound if there is no such user."""
+
+        def work(session: Session) -> int:
             if session.get(User, user_id) is None:
-                raise ValueError(f"user {user_id} does not exist")
+                raise NotFound(f"user {user_id} does not exist")
             conversation = Conversation(
                 user_id=user_id, persona_id=persona_id, persona_hash=persona_hash, title=title
             )
             session.add(conversation)
             session.flush()
-            from chatbot.store import canary
-
             canary.assign(session, conversation)  # its A/B arm, if a canary runs: decided once, here
             return conversation.id
+
+        return self.write(work)
 
     def add_message(
         self,
@@ -386,17 +317,21 @@ class ChatStore:
         """Append a message; returns its id.
 
         Also bumps the conversation's ``updated_at`` and, while it has no
-        title, names it after its first user message.
+        title, names it after its first user message. NotFound if the
+        conversation or the parent message does not exist.
         """
         if role not in MESSAGE_ROLES:
             raise ValueError(f"message role must be one of {MESSAGE_ROLES}, not {role!r}")
-        with self._sessions.begin() as session:
+
+        def work(session: Session) -> int:
             conversation = session.get(Conversation, conversation_id)
             if conversation is None:
-                raise ValueError(f"conversation {conversation_id} does not exist")
+                raise NotFound(f"conversation {conversation_id} does not exist")
             if parent_id is not None:
                 parent = session.get(Message, parent_id)
-                if parent is None or parent.conversation_id != conversation_id:
+                if parent is None:
+                    raise NotFound(f"parent message {parent_id} does not exist")
+                if parent.conversation_id != conversation_id:
                     raise ValueError(
                         f"parent message {parent_id} is not in conversation {conversation_id}"
                     )
@@ -423,17 +358,19 @@ class ChatStore:
             session.flush()
             return message.id
 
+        return self.write(work)
+
     def get_message(self, message_id: int) -> MessageRecord:
-        """The stored message; KeyError if there is none."""
-        with self._reads.begin() as session:
+        """The stored message; NotFound if there is none."""
+        with self.read_session() as session:
             row = session.get(Message, message_id)
             if row is None:
-                raise KeyError(f"message {message_id} does not exist")
+                raise NotFound(f"message {message_id} does not exist")
             return MessageRecord.from_row(row)
 
     def conversation_messages(self, conversation_id: int) -> list[MessageRecord]:
         """All messages of a conversation, every branch, in insertion order."""
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             rows = session.scalars(
                 select(Message)
                 .where(Message.conversation_id == conversation_id)
@@ -442,11 +379,11 @@ class ChatStore:
             return [MessageRecord.from_row(row) for row in rows]
 
     def get_conversation(self, conversation_id: int) -> ConversationRecord:
-        """Raises KeyError if there is no such conversation."""
-        with self._reads.begin() as session:
+        """The stored conversation; NotFound if there is none."""
+        with self.read_session() as session:
             row = session.get(Conversation, conversation_id)
             if row is None:
-                raise KeyError(f"conversation {conversation_id} does not exist")
+                raise NotFound(f"conversation {conversation_id} does not exist")
             return ConversationRecord.from_row(row)
 
     def list_conversations(self, user_id: int, search: str = "", limit: int = 200) -> list[ConversationRecord]:
@@ -467,22 +404,30 @@ class ChatStore:
             query = query.where(Conversation.title.icontains(search, autoescape=True)
                                 | Conversation.id.in_(in_messages))
         query = query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit)
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             return [ConversationRecord.from_row(row) for row in session.scalars(query)]
 
     def rename_conversation(self, conversation_id: int, title: str) -> None:
+        """Retitle a conversation; ValueError for an empty title, NotFound if there is no such conversation."""
         title = " ".join(title.split())[:200]
         if not title:
             raise ValueError("a conversation title must not be empty")
-        with self._sessions.begin() as session:
+
+        def work(session: Session) -> None:
             row = session.get(Conversation, conversation_id)
             if row is None:
-                raise ValueError(f"conversation {conversation_id} does not exist")
+                raise NotFound(f"conversation {conversation_id} does not exist")
             row.title = title
 
+        self.write(work)
+
     def delete_conversation(self, conversation_id: int) -> None:
-        """Delete a conversation with its messages, votes and vote history, in one transaction."""
-        with self._sessions.begin() as session:
+        """Delete a conversation with its messages, votes and vote history, in one transaction.
+
+        A conversation that does not exist (deleted already) is no error.
+        """
+
+        def work(session: Session) -> None:
             message_ids = select(Message.id).where(Message.conversation_id == conversation_id)
             session.execute(delete(FeedbackEvent).where(FeedbackEvent.message_id.in_(message_ids)))
             session.execute(delete(Feedback).where(Feedback.message_id.in_(message_ids)))
@@ -492,11 +437,13 @@ class ChatStore:
             session.execute(delete(Message).where(Message.conversation_id == conversation_id))
             session.execute(delete(Conversation).where(Conversation.id == conversation_id))
 
+        self.write(work)
+
     def conversation_votes(self, conversation_id: int, user_id: int) -> dict[int, FeedbackRecord]:
         """The user's current votes in a conversation, by message id."""
         query = (select(Feedback).join(Message, Message.id == Feedback.message_id)
                  .where(Message.conversation_id == conversation_id, Feedback.user_id == user_id))
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             return {row.message_id: FeedbackRecord.from_row(row) for row in session.scalars(query)}
 
     # -- feedback --------------------------------------------------------
@@ -519,14 +466,14 @@ class ChatStore:
         def work(session: Session) -> None:
             message = session.get(Message, message_id)
             if message is None:
-                raise ValueError(f"message {message_id} does not exist")
+                raise NotFound(f"message {message_id} does not exist")
             if message.role != "assistant":
                 raise ValueError(
                     f"message {message_id} is a {message.role} message; "
                     "only assistant messages can be rated"
                 )
             if session.get(User, user_id) is None:
-                raise ValueError(f"user {user_id} does not exist")
+                raise NotFound(f"user {user_id} does not exist")
             vote = session.scalar(
                 select(Feedback).where(
                     Feedback.message_id == message_id, Feedback.user_id == user_id
@@ -547,12 +494,10 @@ class ChatStore:
             session.flush()
             session.add(FeedbackEvent(feedback_id=vote.id, message_id=message_id, user_id=user_id,
                                       rating=vote.rating, reason=vote.reason, comment=vote.comment))
-            from chatbot.store import canary
-
             # A vote in a canary's conversation may show its candidate significantly worse: ended here.
             canary.after_vote(session, message.conversation_id, simulated)
 
-        self._write_retrying(work)
+        self.write(work)
 
     def feedback_rows(self, persona_id: str | None = None, since: datetime | None = None,
                       model_version_id: int | None = None, user_id: int | None = None) -> list[VoteRow]:
@@ -572,14 +517,14 @@ class ChatStore:
             query = query.where(Message.model_version_id == model_version_id)
         if user_id is not None:
             query = query.where(Feedback.user_id == user_id)
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             return [VoteRow(feedback=FeedbackRecord.from_row(f), message=MessageRecord.from_row(m),
                             user_name=name, base_model=base, adapter_path=adapter)
                     for f, m, name, base, adapter in session.execute(query)]
 
     def get_feedback(self, message_id: int, user_id: int) -> int | None:
         """The user's current rating of a message; None if none or cleared."""
-        with self._reads.begin() as session:
+        with self.read_session() as session:
             return session.scalar(
                 select(Feedback.rating).where(
                     Feedback.message_id == message_id, Feedback.user_id == user_id

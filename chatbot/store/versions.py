@@ -19,12 +19,9 @@ A/B on people's thumbs that shows the version significantly better
 (``store/canary.py``), and ``require_ab`` demands a sufficient A/B that does
 not show it worse. A promote or rollback ends the persona's running canary.
 
-Promote and rollback each run in one transaction, serialized per persona:
-on SQLite by the write lock every store transaction takes (BEGIN IMMEDIATE,
-see db.py), on PostgreSQL by a transaction-scoped advisory lock on the
-persona, so two at once cannot both build on the same stack top.
-
-These functions are the body of ``ChatStore``'s methods of the same names.
+Promote and rollback themselves are in promotions.py (they also end canaries,
+canary.py, which builds on this module). The functions here taking a store
+are the body of ``ChatStore``'s methods of the same names.
 """
 
 from __future__ import annotations
@@ -33,16 +30,14 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from chatbot.store.base import DetachedRow, StoreBase
+from chatbot.store.errors import NotFound
 from chatbot.store.models import AlignmentRun, ModelVersion, Promotion
-from chatbot.store.repository import DetachedRow
-
-if TYPE_CHECKING:
-    from chatbot.store.repository import ChatStore
 
 # Runs whose adapter is a reward model (a score head), which cannot write replies.
 NON_POLICY_KINDS = ("reward",)
@@ -128,42 +123,42 @@ def _record(session: Session, version_id: int | None) -> ModelVersionRecord | No
     return None if row is None else ModelVersionRecord.from_row(row)
 
 
-def serving_version(store: ChatStore, persona_id: str) -> ModelVersionRecord | None:
-    with store._reads.begin() as session:
+def serving_version(store: StoreBase, persona_id: str) -> ModelVersionRecord | None:
+    with store.read_session() as session:
         stack = _stack(session, persona_id)
         return _record(session, stack[-1] if stack else None)
 
 
-def get_version(store: ChatStore, version_id: int) -> ModelVersionRecord:
-    with store._reads.begin() as session:
+def get_version(store: StoreBase, version_id: int) -> ModelVersionRecord:
+    with store.read_session() as session:
         record = _record(session, version_id)
     if record is None:
-        raise KeyError(f"model version {version_id} does not exist")
+        raise NotFound(f"model version {version_id} does not exist")
     return record
 
 
-def list_versions(store: ChatStore, persona_id: str | None = None) -> list[ModelVersionRecord]:
+def list_versions(store: StoreBase, persona_id: str | None = None) -> list[ModelVersionRecord]:
     """Newest first; for a persona, its own versions and any promoted for it."""
     query = select(ModelVersion).order_by(ModelVersion.id.desc())
     if persona_id is not None:
         promoted = select(Promotion.version_id).where(Promotion.persona_id == persona_id)
         query = query.where(or_(ModelVersion.persona_id == persona_id, ModelVersion.id.in_(promoted)))
-    with store._reads.begin() as session:
+    with store.read_session() as session:
         return [ModelVersionRecord.from_row(row) for row in session.scalars(query)]
 
 
-def run_kinds(store: ChatStore, run_ids: set[int]) -> dict[int, str]:
+def run_kinds(store: StoreBase, run_ids: set[int]) -> dict[int, str]:
     """The kind ("reward", "kto", "ppo", ...) of each of these alignment runs that exists."""
     if not run_ids:
         return {}
-    with store._reads.begin() as session:
+    with store.read_session() as session:
         return dict(session.execute(select(AlignmentRun.id, AlignmentRun.kind)
                                     .where(AlignmentRun.id.in_(run_ids))).all())
 
 
-def promotion_log(store: ChatStore, persona_id: str) -> list[PromotionRecord]:
+def promotion_log(store: StoreBase, persona_id: str) -> list[PromotionRecord]:
     """The persona's promotions and rollbacks, oldest first."""
-    with store._reads.begin() as session:
+    with store.read_session() as session:
         rows = session.scalars(select(Promotion).where(Promotion.persona_id == persona_id)
                                .order_by(Promotion.id))
         return [PromotionRecord.from_row(row) for row in rows]
@@ -223,7 +218,7 @@ def check_gate(version: ModelVersionRecord, run_kind: str | None, *, force: bool
     return gate
 
 
-# -- writing ----------------------------------------------------------------
+# -- what promotions and canaries share -------------------------------------
 
 
 def _lock_persona(session: Session, persona_id: str) -> None:
@@ -231,33 +226,6 @@ def _lock_persona(session: Session, persona_id: str) -> None:
     if session.get_bind().dialect.name == "postgresql":
         digest = hashlib.blake2b(f"promotions:{persona_id}".encode(), digest_size=8).digest()
         session.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
-
-
-def _refresh_statuses(session: Session, version_ids: set[int]) -> None:
-    """Each promoted-at-some-time version: "serving" if on top of any persona's stack, else "retired"."""
-    session.flush()
-    for version_id in version_ids:
-        personas = session.scalars(select(Promotion.persona_id).distinct()
-                                   .where(Promotion.version_id == version_id)).all()
-        on_top = any((stack := _stack(session, p)) and stack[-1] == version_id for p in personas)
-        session.get(ModelVersion, version_id).status = "serving" if on_top else "retired"
-
-
-def _append(session: Session, **values: Any) -> Promotion:
-    entry = Promotion(**values)
-    session.add(entry)
-    session.flush()
-    return entry
-
-
-def _change(session: Session, entry: Promotion, version_id: int, previous: int | None,
-            ended_canary: Any = None) -> PromotionChange:
-    session.flush()
-    stack = _stack(session, entry.persona_id)
-    return PromotionChange(
-        entry=PromotionRecord.from_row(entry), version=_record(session, version_id),
-        previous=_record(session, previous), serving=_record(session, stack[-1] if stack else None),
-        ended_canary=ended_canary)
 
 
 def _who(by: str) -> str:
@@ -281,69 +249,3 @@ def _run_kind(session: Session, version: ModelVersionRecord) -> str | None:
     if version.run_id is None:
         return None
     return session.scalar(select(AlignmentRun.kind).where(AlignmentRun.id == version.run_id))
-
-
-def promote(store: ChatStore, version_id: int, *, by: str, force: bool = False, reason: str | None = None,
-            persona_id: str | None = None, require_ab: bool = False) -> PromotionChange:
-    from chatbot.store import canary
-
-    by = _who(by)
-    reason = reason.strip() if reason and reason.strip() else None
-    if force and reason is None:
-        raise PromotionRefused("--force needs --reason TEXT: a forced promotion records why")
-
-    def work(session: Session) -> PromotionChange:
-        row = session.get(ModelVersion, version_id)
-        if row is None:
-            raise KeyError(f"model version {version_id} does not exist")
-        version = ModelVersionRecord.from_row(row)
-        target = _target(version, persona_id)
-        run_kind = _run_kind(session, version)
-        check_gate(version, run_kind, force=True)  # what can never be promoted, whatever the A/B says
-        _lock_persona(session, target)
-        stack = _stack(session, target)
-        previous = stack[-1] if stack else None
-        ab = canary.ab_for(session, target, version_id, previous)
-        if require_ab:
-            canary.require_ab(ab, version_id, target)
-        # People are an independent judge: an A/B that shows it significantly better stands in for the gate.
-        try:
-            gate = check_gate(version, run_kind, force=force or (ab is not None and ab.better))
-        except PromotionRefused as refused:
-            if ab is None:
-                raise
-            raise PromotionRefused(f"{refused}; nor does its A/B (canary {ab.canary.id}) show it significantly "
-                                   f"better: {ab.verdict} ({ab.summary()})") from None
-        if previous == version_id:
-            raise PromotionRefused(f"version {version_id} already serves persona {target!r}")
-        # Forced only when the gate was really overridden: --force on a passing version changes nothing,
-        # nor on one whose A/B shows it better.
-        forced = force and not (gate is not None and gate.get("passed") is True) and not (ab is not None and ab.better)
-        entry = _append(session, persona_id=target, version_id=version_id, action="promote",
-                        forced=forced, reason=reason, gate=gate, by=by,
-                        ab=ab.to_dict() if ab is not None else None)
-        ended = canary.end_for_change(session, target, by=by, promoted=version_id)
-        _refresh_statuses(session, {version_id} | ({previous} if previous is not None else set()))
-        return _change(session, entry, version_id, previous, ended)
-
-    return store._write_retrying(work)
-
-
-def rollback(store: ChatStore, persona_id: str, *, by: str) -> PromotionChange:
-    from chatbot.store import canary
-
-    by = _who(by)
-
-    def work(session: Session) -> PromotionChange:
-        _lock_persona(session, persona_id)
-        stack = _stack(session, persona_id)
-        if not stack:
-            raise PromotionRefused(f"nothing to roll back: no promoted version serves persona {persona_id!r} "
-                                   "(it uses its persona file's adapter, or the base model)")
-        top = stack[-1]
-        entry = _append(session, persona_id=persona_id, version_id=top, action="rollback", by=by)
-        ended = canary.end_for_change(session, persona_id, by=by, promoted=None)
-        _refresh_statuses(session, {top} | ({stack[-2]} if len(stack) > 1 else set()))
-        return _change(session, entry, top, top, ended)
-
-    return store._write_retrying(work)

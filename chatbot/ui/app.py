@@ -17,7 +17,7 @@ from .safe_markdown import literal
 def build_app(service: ChatService, identity: Identity | str) -> gr.Blocks:
     """The app; ``identity`` may be a plain name: everyone is that local user (no accounts)."""
     if isinstance(identity, str):
-        identity = Identity.local(service.store, identity)
+        identity = Identity.local_as(service.user_id(identity), identity)
     with gr.Blocks(title="Persona Studio") as app:
         with gr.Row():
             gr.Markdown("## Persona Studio")

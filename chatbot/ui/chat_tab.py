@@ -2,13 +2,12 @@
 
 Handlers only validate, delegate to ChatService and turn results into
 component updates. Per-user state lives in gr.State: the ChatSession and a
-StopSignal the Stop button shares with the running reply. Who is asking comes
-from `identity.current(request)` on every event, never from build time.
+StopSignal (stop_signal.py) the Stop button shares with the running reply.
+Who is asking comes from `identity.current(request)` on every event, never
+from build time.
 """
 
 from __future__ import annotations
-
-import threading
 
 import gradio as gr
 
@@ -19,20 +18,10 @@ from ..prompting import PromptTooLong
 from . import history_sidebar
 from .identity import Identity
 from .safe_markdown import literal, safe_markdown, safe_messages
+from .stop_signal import StopSignal
 
 LIKE_REASONS = ["helpful", "in character", "accurate", "funny"]
 DISLIKE_REASONS = ["wrong", "out of character", "too long", "repetitive", "rude or unsafe"]
-
-
-class StopSignal:
-    """A per-session threading.Event. gr.State deep-copies initial values and
-    an Event cannot be copied, so each copy is simply a fresh signal."""
-
-    def __init__(self):
-        self.event = threading.Event()
-
-    def __deepcopy__(self, memo):
-        return StopSignal()
 
 
 def history_of(session: ChatSession, partial: str | None = None) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from ..chat import ChatService
+from ..chat import ChatError, ChatService
 from ..feedback_export import daily_like_rates, like_rates
 from .identity import Identity, NotAllowed
 from .safe_markdown import literal
@@ -54,11 +54,11 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, tab: gr.Tab
 
     def load(request: gr.Request):
         try:
-            identity.require_admin(request, "see everyone's feedback")
-        except NotAllowed as exc:
+            user = identity.require_admin(request, "see everyone's feedback")
+            votes = service.all_feedback(as_admin=user.is_admin)
+        except (NotAllowed, ChatError) as exc:
             empty = _plot_frame([])
             return str(exc), empty, empty, [], ""
-        votes = service.store.feedback_rows()
         table = [[r.persona_id or "-", r.model, r.likes, r.dislikes, "-" if r.rate is None else f"{r.rate:.0%}"]
                  for r in like_rates(votes)]
         comment_list = latest_comments(votes)

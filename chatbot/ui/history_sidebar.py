@@ -15,8 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..chat import ChatError, ChatService
-from ..store.repository import SEARCH_LENGTH
+from ..chat import MAX_SEARCH_CHARS, ChatError, ChatService
 from .identity import Identity
 
 
@@ -57,7 +56,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, session_sta
     # Closed at first: on narrower windows an open sidebar covers the chat.
     with gr.Sidebar(label="Conversations", open=False, elem_id="history-sidebar"):
         search = gr.Textbox(placeholder="Search your conversations", show_label=False, elem_id="history-search",
-                            max_length=SEARCH_LENGTH)
+                            max_length=MAX_SEARCH_CHARS)
         listing = gr.Radio([], label="Your conversations, newest first", elem_id="history-list")
         title = gr.Textbox(label="Title", elem_id="history-title")
         with gr.Row():
@@ -84,10 +83,10 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, session_sta
         user = identity.current(request)
         try:
             session = service.resume(user.id, conversation_id, user.name)
+            title = service.conversation(user.id, session.conversation_id).title
         except ChatError as exc:
             raise gr.Error(str(exc)) from None
-        conversation = service.store.get_conversation(session.conversation_id)
-        return (*show(session, None), conversation.title or "")
+        return (*show(session, None), title or "")
 
     listing.input(on_pick, listing, [*show_outputs, title])
 

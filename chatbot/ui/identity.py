@@ -79,7 +79,12 @@ class Identity:
     @classmethod
     def local(cls, store: ChatStore, name: str) -> Identity:
         """Everyone is the user ``name`` (created if new), with every right."""
-        return cls(None, CurrentUser(store.get_or_create_user(name), name, "admin"))
+        return cls.local_as(store.get_or_create_user(name), name)
+
+    @classmethod
+    def local_as(cls, user_id: int, name: str) -> Identity:
+        """Everyone is the existing user ``user_id`` called ``name``, with every right."""
+        return cls(None, CurrentUser(user_id, name, "admin"))
 
     @classmethod
     def with_accounts(cls, store: ChatStore, session_lifetime: float = DEFAULT_LIFETIME) -> Identity:

@@ -5,6 +5,8 @@ file survive, see `persona_files.update_persona_text`); "Save YAML" writes the
 raw text as typed. Both validate first and write atomically. "Try it" streams
 a reply from the persona as it is in the form, without saving or storing
 anything. Per-user state (which persona is open, as read) is a gr.State.
+What the form means (file <-> field values, drafts, saves) is plain Python in
+chatbot/persona_form.py; this module lays the tab out and wires its events.
 
 Everyone may browse personas and try them; writing (Save, Save YAML, New,
 Duplicate, Delete) is for admins. The check is in each write handler, on the
@@ -14,39 +16,19 @@ buttons are also disabled when the page loads.
 
 from __future__ import annotations
 
-import colorsys
 import functools
-import hashlib
-import math
-from dataclasses import dataclass
 
 import gradio as gr
-from PIL import Image, ImageDraw, ImageFont
 
 from ..chat import ChatError, ChatService, params_for
-from ..persona_files import archive_persona, create_persona, duplicate_persona, save_persona, update_persona_text
-from ..personas import (
-    MAX_AVATAR_PIXELS,
-    LoadedPersona,
-    Persona,
-    PersonaError,
-    PersonaLibrary,
-    content_hash,
-    open_plain_file,
-    parse_persona,
-    read_plain_text,
-    render,
-)
+from ..persona_files import archive_persona, create_persona, duplicate_persona, save_persona
+from ..persona_form import Editing, broken_files, draft, form_values, open_for_editing, save_form
+from ..personas import PersonaError, PersonaLibrary, render
 from ..prompting import PromptTooLong
-from .chat_tab import StopSignal
 from .identity import CurrentUser, Identity, NotAllowed
+from .persona_thumbnails import caption, thumbnail
 from .safe_markdown import literal, safe_markdown, safe_messages
-
-TEXT_FIELDS = ["name", "description", "system_prompt", "greeting", "alternate_greetings", "scenario",
-               "example_dialogue", "post_history_instructions", "tags"]
-GENERATION_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed"]
-FLOAT_TOLERANCE = 0.005  # half a slider step: a value the slider only re-rounded is not a change
-THUMB = 160
+from .stop_signal import StopSignal
 
 
 class Refusal(Exception):
@@ -77,137 +59,7 @@ def refusing(outputs: int):
     return decorate
 
 
-@dataclass(frozen=True)
-class Editing:
-    """The persona file open in the editor, as it was read (a broken file has no `loaded`)."""
-
-    id: str
-    text: str
-    version: str
-    loaded: LoadedPersona | None = None
-    problem: str = ""
-
-
-# ---------------------------------------------------------------- form <-> persona
-
-def form_values(persona: Persona | None) -> list:
-    """The persona as the form shows it, in TEXT_FIELDS + GENERATION_FIELDS order."""
-    if persona is None:
-        return ["", "", "", "", "", "", [["", ""]], "", "", 0.7, 0.9, 50, 1.1, 256, -1]
-    g = persona.generation
-    return [persona.name, persona.description, persona.system_prompt, persona.greeting,
-            "\n".join(persona.alternate_greetings), persona.scenario,
-            [[e.user, e.assistant] for e in persona.example_dialogue] or [["", ""]],
-            persona.post_history_instructions, ", ".join(persona.tags),
-            g.temperature, g.top_p, g.top_k, g.repetition_penalty, g.max_new_tokens,
-            -1 if g.seed is None else g.seed]
-
-
-def _rows(table) -> list[list[str]]:
-    """Dataframe rows as [user, assistant] strings; rows left blank are dropped."""
-    if table is None:
-        return []
-    if hasattr(table, "values"):  # a pandas DataFrame
-        table = table.values.tolist()
-    rows = []
-    for row in table:
-        cells = ["" if c is None or (isinstance(c, float) and math.isnan(c)) else str(c) for c in list(row)[:2]]
-        cells += [""] * (2 - len(cells))
-        if any(c.strip() for c in cells):
-            rows.append(cells)
-    return rows
-
-
-def _same(field: str, old, new) -> bool:
-    if field == "example_dialogue":
-        return _rows(old) == _rows(new)
-    if isinstance(old, float) or isinstance(new, float):
-        try:
-            return abs(float(old) - float(new)) < FLOAT_TOLERANCE
-        except (TypeError, ValueError):
-            return False
-    return old == new
-
-
-def _number(value, integer: bool):
-    if value is None or value == "":
-        return None
-    return round(float(value)) if integer else round(float(value), 4)
-
-
-def form_changes(persona: Persona | None, values: list) -> dict:
-    """The fields whose form value differs from `persona`, as schema values."""
-    before = form_values(persona)
-    changes: dict = {}
-    for field, old, new in zip(TEXT_FIELDS, before, values):
-        if persona is not None and _same(field, old, new):
-            continue
-        if field in ("alternate_greetings",):
-            changes[field] = [line.strip() for line in (new or "").splitlines() if line.strip()]
-        elif field == "tags":
-            changes[field] = [tag.strip() for tag in (new or "").split(",") if tag.strip()]
-        elif field == "example_dialogue":
-            changes[field] = [{"user": u, "assistant": a} for u, a in _rows(new)]
-        elif field == "name":
-            changes[field] = (new or "").strip()
-        else:
-            changes[field] = new or ""
-    generation = {}
-    for field, old, new in zip(GENERATION_FIELDS, before[len(TEXT_FIELDS):], values[len(TEXT_FIELDS):]):
-        if persona is not None and _same(field, old, new):
-            continue
-        value = _number(new, integer=field in ("top_k", "max_new_tokens", "seed"))
-        generation[field] = None if field == "seed" and (value is None or value < 0) else value
-    if generation:
-        changes["generation"] = generation
-    return changes
-
-
 # ---------------------------------------------------------------- the list
-
-def _placeholder(persona_id: str, name: str) -> Image.Image:
-    """A coloured square with the persona's initials, for personas without an avatar."""
-    hue = int(hashlib.sha256(persona_id.encode()).hexdigest()[:2], 16) / 255
-    colour = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.35, 0.78))
-    image = Image.new("RGB", (THUMB, THUMB), colour)
-    initials = "".join(word[0] for word in name.split()[:2]).upper() or "?"
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=THUMB // 3)
-    draw.text((THUMB / 2, THUMB / 2), initials, fill="white", font=font, anchor="mm")
-    return image
-
-
-def _thumbnail(loaded: LoadedPersona) -> Image.Image:
-    path = loaded.avatar_path
-    if path is not None:
-        try:
-            with open_plain_file(path) as handle, Image.open(handle) as image:
-                if image.width * image.height > MAX_AVATAR_PIXELS:  # checked before decoding anything
-                    raise ValueError(f"{image.width}x{image.height} pixels")
-                image.draft("RGB", (THUMB, THUMB))  # a JPEG decodes at a fraction of its size
-                image = image.convert("RGB")
-                image.thumbnail((THUMB, THUMB))
-                return image
-        except Exception:  # noqa: BLE001 - PIL raises OSError, ValueError (a text chunk over 1 MB),
-            pass  # DecompressionBombError, SyntaxError... for hostile files; the placeholder says who it is
-    return _placeholder(loaded.id, loaded.persona.name)
-
-
-def _caption(loaded: LoadedPersona) -> str:
-    tags = " ".join(f"#{t}" for t in loaded.persona.tags)
-    return f"{loaded.persona.name}\n{tags}" if tags else loaded.persona.name
-
-
-def _broken(library: PersonaLibrary) -> dict[str, str]:
-    """Persona files that failed to load: id -> the loader's message, without the path."""
-    broken = {}
-    for path in sorted(library.folder.glob("*.yaml")):
-        if path.stem not in library.personas:
-            prefix = f"{path}: "
-            message = next((e for e in library.errors if e.startswith(prefix)), "it cannot be loaded")
-            broken[path.stem] = message.removeprefix(prefix)
-    return broken
-
 
 def _escape(message: str) -> str:
     """A loader message as Markdown text: one line, shown as written (`<unicode string>` is not a
@@ -225,21 +77,6 @@ def _problems(broken: dict[str, str]) -> str:
         return ""
     lines = "\n".join(f"- `{pid}.yaml`: {_escape(msg)}" for pid, msg in broken.items())
     return safe_markdown(f"**Files that do not load** (open them to fix the YAML):\n{lines}")  # any file name
-
-
-def _open(library: PersonaLibrary, persona_id: str, broken: dict[str, str]) -> Editing:
-    loaded = library.personas.get(persona_id)
-    if loaded is not None:
-        return Editing(persona_id, loaded.text, loaded.version, loaded)
-    path = library.path_for(persona_id)
-    try:
-        text = read_plain_text(path)  # never through a link: `x.yaml -> /etc/passwd` is not shown
-    except PersonaError as exc:
-        text = ""
-        problem = f"cannot read it: {str(exc).removeprefix(f'{path}: ')}"
-    else:
-        problem = broken.get(persona_id, "it cannot be loaded")
-    return Editing(persona_id, text, content_hash(text), None, problem)
 
 
 # ---------------------------------------------------------------- the tab
@@ -326,13 +163,13 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     def show(persona_id: str | None, who: CurrentUser) -> list:
         """Everything the tab shows to `who`, with `persona_id` open (re-read from disk)."""
         library.refresh()
-        broken = _broken(library)
+        broken = broken_files(library)
         ids = list(library.personas) + list(broken)
         if persona_id not in ids:
             persona_id = ids[0] if ids else None
-        editing = _open(library, persona_id, broken) if persona_id else None
+        editing = open_for_editing(library, persona_id, broken) if persona_id else None
         loaded = editing.loaded if editing else None
-        thumbs = [(_thumbnail(p), _caption(p)) for p in library.personas.values()]
+        thumbs = [(thumbnail(p), caption(p)) for p in library.personas.values()]
         selected = list(library.personas).index(persona_id) if persona_id in library.personas else None
         if editing is None:
             state_line = "No personas yet: type an id and press **New**."
@@ -381,22 +218,13 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     @refusing(len(view))
     def on_save(request: gr.Request, editing, *values):
         who = admin(request)
-        editing = require(editing, loadable=True)
-        changes = form_changes(editing.loaded.persona, list(values))
-        if not changes:
+        result = save_form(library, require(editing, loadable=True), list(values))
+        if not result.changes:
             gr.Info("Nothing changed.")
             return show(editing.id, who)
-        path = library.path_for(editing.id)
-        if not path.exists():
-            raise Refusal(f"{editing.id}.yaml is gone from the personas folder (archived elsewhere?).")
-        current = read_plain_text(path)  # a PersonaError (a link, too big) is shown as a warning
-        # Only the changed fields are applied, to the file as it is now: edits made
-        # to other fields since it was opened are kept.
-        saved = save_persona(library, editing.id, update_persona_text(current, changes))
-        merged = " (merged with changes made to the file since you opened it)" \
-            if content_hash(current) != editing.version else ""
-        gr.Info(f"Saved {saved.path.name}: {', '.join(changes)}{merged}. New chats use it.")
-        return show(saved.id, who)
+        merged = " (merged with changes made to the file since you opened it)" if result.merged else ""
+        gr.Info(f"Saved {result.saved.path.name}: {', '.join(result.changes)}{merged}. New chats use it.")
+        return show(result.saved.id, who)
 
     @refusing(len(view))
     def on_save_raw(request: gr.Request, editing, text):
@@ -431,19 +259,11 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
                 "move it back to restore it.")
         return show(None, who)
 
-    def draft(editing: Editing | None, values) -> LoadedPersona:
-        """The persona as it is in the form, parsed but not saved."""
-        editing = require(editing, loadable=True)
-        text = update_persona_text(editing.text, form_changes(editing.loaded.persona, list(values)))
-        persona = parse_persona(text, f"{editing.id}.yaml (draft)")
-        return LoadedPersona(id=editing.id, persona=persona, text=text, version=content_hash(text),
-                             path=editing.loaded.path)
-
     def on_try(request: gr.Request, message, editing, signal, *values):
         signal.event.clear()
         try:
             user = identity.current(request).name
-            loaded = draft(editing, values)
+            loaded = draft(require(editing, loadable=True), values)
             history = [{"role": "assistant", "content": render(loaded, user).greetings[0]},
                        {"role": "user", "content": (message or "").strip()}]
             for reply in service.try_draft(loaded, message or "", params_for(loaded), user, signal.event):

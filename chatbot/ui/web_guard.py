@@ -1,7 +1,7 @@
 """The web app's sign-in layer, with accounts: who may send what to the Gradio app.
 
 Gradio's own handling had three holes, each closed here, on the outer FastAPI
-app (cli.build_server) in front of the mounted Gradio app:
+app (build_server, chatbot/cli/serve.py) in front of the mounted Gradio app:
 
 - ``POST /login`` checked any number of passwords, as fast as argon2 allowed.
   Ours (shadowing Gradio's, which is never reached) goes through

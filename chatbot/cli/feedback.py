@@ -15,10 +15,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .feedback_export import FORMATS, export_rows, like_rates
-from .settings import Settings
-
-EXIT_FAILED = 1
+from ..feedback_export import FORMATS, export_rows, like_rates
+from .errors import CommandError
+from .options import print_table, setting_options, settings
 
 
 def _date(text: str) -> datetime:
@@ -32,10 +31,7 @@ def _date(text: str) -> datetime:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("feedback", help="export feedback as training data, or show like rates")
     commands = parser.add_subparsers(dest="feedback_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    for name in ("db_url", "data_dir"):
-        help_text = next(f.metadata["help"] for f in Settings.__dataclass_fields__.values() if f.name == name)
-        common.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+    common = setting_options()  # --db-url, --data-dir
     common.add_argument("--persona", default=None, help="only replies of this persona id")
     common.add_argument("--since", type=_date, default=None, help="only votes cast or changed since this date")
     common.add_argument("--model-version", type=int, default=None, help="only replies of this model version id")
@@ -48,14 +44,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    from .store import ChatStore, StoreError
+def run(args: argparse.Namespace) -> int:
+    from ..store import ChatStore, StoreError
 
     try:
-        store = ChatStore.open(settings.database_url)
+        store = ChatStore.open(settings(args).database_url)
     except StoreError as exc:
-        print(f"persona-studio: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        raise CommandError(exc) from None
     try:
         votes = store.feedback_rows(args.persona, args.since, args.model_version)
         if args.feedback_command == "export":
@@ -85,9 +80,7 @@ def _stats(votes) -> int:
     for r in like_rates(votes):
         rows.append((r.persona_id or "-", r.model, str(r.likes), str(r.dislikes),
                      "-" if r.rate is None else f"{r.rate:.0%}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print_table(rows)
     if len(rows) == 1:
         print("no votes yet")
     return 0

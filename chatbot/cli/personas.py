@@ -17,25 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from .persona_cards import export_card_v2, import_card
-from .persona_files import create_persona
-from .personas import PersonaError, PersonaLibrary, atomic_write, atomic_write_text, check_id, load_persona
-from .settings import Settings
+from ..persona_cards import export_card_v2, import_card
+from ..persona_files import create_persona
+from ..personas import PersonaError, PersonaLibrary, atomic_write, atomic_write_text, check_id, load_persona
+from .errors import EXIT_FAILED, CommandError
+from .options import print_table, setting_options, settings
 
-EXIT_FAILED = 1
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `personas` and its subcommands on the main parser's subparsers."""
-    help_dir = next(f.metadata["help"] for f in fields(Settings) if f.name == "personas_dir")
     parser = subparsers.add_parser("personas", help="list, validate, create, import and export personas",
                                    description=__doc__.split("\n\n")[0])
-    # On the group and on each subcommand; SUPPRESS keeps a subcommand from resetting the group's value.
-    parser.add_argument("--personas-dir", dest="personas_dir", default=None, help=help_dir)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--personas-dir", dest="personas_dir", default=argparse.SUPPRESS, help=help_dir)
+    common = setting_options(["personas_dir"], group=parser)  # before or after the subcommand
     commands = parser.add_subparsers(dest="personas_command", required=True, metavar="COMMAND")
     commands.add_parser("list", parents=[common], help="id, name, version and tags of each persona")
     validate = commands.add_parser("validate", parents=[common],
@@ -56,25 +51,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, personas_dir: Path) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run one `personas` subcommand; returns the exit status."""
     handler = {"list": _list, "validate": _validate, "new": _new, "import": _import,
                "export": _export}[args.personas_command]
+    folder = Path(settings(args).personas_dir)
     try:
-        return handler(args, Path(personas_dir))
+        return handler(args, folder)
     except (PersonaError, OSError) as exc:
         message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
-        print(f"persona-studio: error: {message}", file=sys.stderr)
-        return EXIT_FAILED
+        raise CommandError(message) from None
 
 
 def _list(args, folder: Path) -> int:
     library = PersonaLibrary(folder)
     rows = [("ID", "NAME", "VERSION", "TAGS")]
     rows += [(p.id, p.persona.name, p.version, ", ".join(p.persona.tags)) for p in library.personas.values()]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
+    print_table(rows)
     if library.errors:
         print(f"\n{len(library.errors)} file(s) failed to load:")
         for problem in library.errors:
@@ -99,6 +92,7 @@ def _validate(args, folder: Path) -> int:
     for problem in errors:
         print(problem, file=sys.stderr)
     print(f"{count} persona(s) valid, {len(errors)} error(s) in {target}")
+    # Not a CommandError: the problems are already listed, one per line, for CI logs.
     return EXIT_FAILED if errors else 0
 
 
@@ -148,5 +142,3 @@ def _export(args, folder: Path) -> int:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-

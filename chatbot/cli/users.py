@@ -31,34 +31,27 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from dataclasses import fields
 
-from .cli_errors import fail
-from .settings import Settings
-from .store import ChatStore, StoreError
-from .store.accounts import AccountStore, check_name, check_password
-from .store.models import USER_ROLES
-
-STORE_SETTINGS = ("data_dir", "db_url")
+from ..settings import Settings
+from ..store import ChatStore, NotFound, StoreError
+from ..store.accounts import AccountStore, check_name, check_password
+from ..store.models import USER_ROLES
+from .errors import CommandError
+from .options import print_table, setting_options, settings
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `users` and its subcommands on the main parser's subparsers."""
-    helps = {f.name: f.metadata.get("help") for f in fields(Settings)}
     parser = subparsers.add_parser("users", help="add, list, change and remove accounts",
                                    description=__doc__.split("\n\n")[0])
-    # On the group and on each subcommand; SUPPRESS keeps a subcommand from resetting the group's value.
-    common = argparse.ArgumentParser(add_help=False)
-    for name in STORE_SETTINGS:
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, dest=name, default=None, help=helps[name])
-        common.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=helps[name])
+    common = setting_options(group=parser)  # --db-url, --data-dir: before or after the subcommand
     commands = parser.add_subparsers(dest="users_command", required=True, metavar="COMMAND")
 
     add = commands.add_parser("add", parents=[common], help="create an account")
     add.add_argument("name")
     add.add_argument("--role", choices=USER_ROLES, default="user",
-                     help="admin: may also edit personas (and run alignment jobs); default user")
+                     help="admin: may also edit personas and open the Feedback tab in the app; default user "
+                          "(roles apply to the app only: commands such as `align` check none)")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
     passwd = commands.add_parser("passwd", parents=[common], help="change an account's password")
@@ -79,28 +72,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run one `users` subcommand; returns the exit status."""
     handler = {"add": _add, "passwd": _passwd, "list": _list, "set-role": _set_role,
                "remove": _remove, "api-key": _api_key}[args.users_command]
+    config = settings(args)
     try:
-        store = _open(settings)
+        store = _open(config)
     except (StoreError, OSError) as exc:
-        return fail(exc)
+        raise CommandError(exc) from None
     try:
         return handler(args, AccountStore(store.engine))
-    except ValueError as exc:
-        return fail(exc)
+    except (NotFound, ValueError) as exc:  # NotFound: no account of that name
+        raise CommandError(exc) from None
     finally:
         store.close()
 
 
-def _open(settings: Settings) -> ChatStore:
-    if not settings.db_url:
+def _open(config: Settings) -> ChatStore:
+    if not config.db_url:
         # The default SQLite file lives in the data directory; on a fresh install
         # `users add` may come before the first `serve` has made it.
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return ChatStore.open(settings.database_url)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    return ChatStore.open(config.database_url)
 
 
 def read_password(from_stdin: bool) -> str:
@@ -149,9 +143,7 @@ def _list(args, accounts: AccountStore) -> int:
     for a in users:
         rows.append((a.name, a.role, "yes" if a.can_sign_in else "no", str(a.conversations),
                      a.created_at.strftime("%Y-%m-%d %H:%M")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print_table(rows)
     if not any(a.can_sign_in for a in users):
         print("No accounts: the app runs as one local user. "
               "`persona-studio users add NAME --role admin` creates the first.")

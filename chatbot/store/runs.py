@@ -1,9 +1,10 @@
 """Alignment runs and the candidate model versions they produce.
 
 A small store class over ``alignment_runs`` and ``model_versions`` (no SQL
-in job code). Registering a candidate and marking its run succeeded happen
-in one transaction: a job killed at any point leaves either no version or a
-version whose run says succeeded, never a half-registered one.
+in job code: the alignment jobs in alignment/ use it). Registering a
+candidate and marking its run succeeded happen in one transaction: a job
+killed at any point leaves either no version or a version whose run says
+succeeded, never a half-registered one.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+from chatbot.store.base import DetachedRow, StoreBase
+from chatbot.store.errors import NotFound
 from chatbot.store.models import RUN_STATUSES, AlignmentRun, ModelVersion
-from chatbot.store.repository import DetachedRow
 
 JOB_FILE = "job.json"  # in a run's output folder: the process running it
 
@@ -78,17 +79,19 @@ def process_alive(output_dir: str | Path | None) -> bool | None:
     return True
 
 
-class RunStore:
-    """Create, update and read alignment runs; register candidate versions."""
+class RunStore(StoreBase):
+    """Create, update and read alignment runs; register candidate versions.
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+    Shares the chat store's engine: ``RunStore(chat_store.engine)``. Sessions
+    and retried writes come from StoreBase (store/base.py); an unknown run or
+    version is NotFound.
+    """
 
-    def _run(self, session: Session, run_id: int) -> AlignmentRun:
+    @staticmethod
+    def _run(session: Session, run_id: int) -> AlignmentRun:
         row = session.get(AlignmentRun, run_id)
         if row is None:
-            raise KeyError(f"alignment run {run_id} does not exist")
+            raise NotFound(f"alignment run {run_id} does not exist")
         return row
 
     def create_run(
@@ -101,7 +104,7 @@ class RunStore:
         dataset_stats: dict[str, Any] | None = None,
         output_dir: str | None = None,
     ) -> int:
-        with self._sessions.begin() as session:
+        def work(session: Session) -> int:
             row = AlignmentRun(
                 kind=kind, persona_id=persona_id, config=config, dataset_hash=dataset_hash,
                 dataset_stats=dataset_stats, output_dir=output_dir, status="queued", progress=0.0,
@@ -110,20 +113,26 @@ class RunStore:
             session.flush()
             return row.id
 
+        return self.write(work)
+
     def set_status(self, run_id: int, status: str, error: str | None = None) -> None:
-        """Move a run to ``status``; ``error`` is kept for failed/interrupted runs."""
+        """Move a run to ``status``; ``error`` is kept for failed/interrupted runs. NotFound for an unknown run."""
         if status not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {RUN_STATUSES}, not {status!r}")
         if status == "succeeded":
             raise ValueError("a run succeeds only through register_candidate")
-        with self._sessions.begin() as session:
+
+        def work(session: Session) -> None:
             row = self._run(session, run_id)
             row.status = status
             row.error = error
 
+        self.write(work)
+
     def record_step(self, run_id: int, progress: float, logs: dict[str, Any] | None = None) -> None:
-        """Store progress (0..1) and, if given, one step's logs."""
-        with self._sessions.begin() as session:
+        """Store progress (0..1) and, if given, one step's logs. NotFound for an unknown run."""
+
+        def work(session: Session) -> None:
             row = self._run(session, run_id)
             row.progress = max(0.0, min(1.0, float(progress)))
             if logs:
@@ -134,6 +143,8 @@ class RunStore:
                 metrics["last"] = logs
                 # A fresh dict: SQLAlchemy's JSON type only notices reassignment.
                 row.metrics = metrics
+
+        self.write(work)
 
     def reap_stale(self) -> list[int]:
         """Mark "running" runs whose process is gone as interrupted; their ids."""
@@ -146,12 +157,13 @@ class RunStore:
         return reaped
 
     def get_run(self, run_id: int) -> RunRecord:
-        with self._sessions.begin() as session:
+        """The run; NotFound if there is none with that id."""
+        with self.read_session() as session:
             return RunRecord.from_row(self._run(session, run_id))
 
     def list_runs(self, kind: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest first."""
-        with self._sessions.begin() as session:
+        with self.read_session() as session:
             query = select(AlignmentRun).order_by(AlignmentRun.id.desc()).limit(limit)
             if kind is not None:
                 query = query.where(AlignmentRun.kind == kind)
@@ -170,8 +182,10 @@ class RunStore:
         """Record the run's adapter as a candidate version and mark the run succeeded.
 
         One transaction: both happen or neither does. Returns the version id.
+        NotFound for an unknown run.
         """
-        with self._sessions.begin() as session:
+
+        def work(session: Session) -> int:
             run = self._run(session, run_id)
             version = ModelVersion(
                 base_model=base_model, adapter_path=adapter_path, parent_id=parent_id,
@@ -188,22 +202,27 @@ class RunStore:
             session.flush()
             return version.id
 
+        return self.write(work)
+
     def candidate_for_run(self, run_id: int) -> int | None:
         """The id of the version a run registered, if any."""
-        with self._sessions.begin() as session:
+        with self.read_session() as session:
             return session.scalar(select(ModelVersion.id).where(ModelVersion.run_id == run_id))
 
     def record_evaluation(self, version_id: int, evaluation: dict[str, Any]) -> None:
         """Store an evaluation (alignment/evaluate.py) under the version's ``metrics["evaluation"]``.
 
         ``persona-studio models promote`` reads ``["evaluation"]["gate"]`` from
-        there. A later evaluation replaces an earlier one.
+        there. A later evaluation replaces an earlier one. NotFound for an unknown version.
         """
-        with self._sessions.begin() as session:
+
+        def work(session: Session) -> None:
             version = session.get(ModelVersion, version_id)
             if version is None:
-                raise KeyError(f"model version {version_id} does not exist")
+                raise NotFound(f"model version {version_id} does not exist")
             metrics = dict(version.metrics or {})
             metrics["evaluation"] = evaluation
             # A fresh dict: SQLAlchemy's JSON type only notices reassignment.
             version.metrics = metrics
+
+        self.write(work)

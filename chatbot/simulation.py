@@ -1,10 +1,14 @@
-"""`persona-studio simulate`: SIMULATED feedback from a declared rule, for demos, tests and benchmarks.
+"""SIMULATED feedback from a declared rule, for demos, tests and benchmarks: the rules and the run.
+
+The command is `persona-studio simulate` (chatbot/cli/simulate.py); the rules
+are also judges for `align evaluate` (alignment/evaluate.py), which is why
+they live here, outside the command line.
 
     persona-studio simulate --persona ID --rule RULE --prompts FILE [--n N] [--samples K]
                             [--max-new-tokens M] [--seed S] [--data-dir DIR] [--db-url URL] [--model M]
     persona-studio simulate --persona ID --rule RULE --rerate [--data-dir DIR] [--db-url URL]
 
-Drives the real chat path (new chat, then several replies to the message,
+``simulate`` drives the real chat path (new chat, then several replies to the message,
 siblings as Retry makes them, sampled together in one batch) as the user
 "simulator" and rates every reply by a rule, not by people:
 
@@ -33,18 +37,12 @@ count in the canary's figures only with `--include-simulated`.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .settings import Settings
-
 SIMULATOR_USER = "simulator"
-BANNER = "SIMULATED feedback (a rule, not people)"
-EXIT_FAILED = 1
 
 
 # -- rules ---------------------------------------------------------------------
@@ -273,88 +271,3 @@ def rerate(store, persona_id: str, rule) -> SimulationReport:
     report.conversation_ids = list(conversations)
     report.prompts = len(conversations)
     return report
-
-
-# -- the command ---------------------------------------------------------------
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "simulate", help="SIMULATED feedback: rate replies by a rule, for demos, tests and benchmarks",
-        description="Sends prompts through the real chat path and rates every reply by a declared "
-                    "rule. The votes are marked simulated: they are not people's opinions.")
-    for f in fields(Settings):
-        if f.name in ("host", "port", "user"):
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata.get("help"))
-    parser.add_argument("--persona", required=True, help="persona id (file name without .yaml)")
-    parser.add_argument("--rule", required=True, help=RULE_SPECS + " (short: 40 words)")
-    parser.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line")
-    parser.add_argument("--rerate", action="store_true",
-                        help="generate nothing: vote again by --rule on every reply the simulator rated "
-                             "for --persona")
-    parser.add_argument("--n", type=int, default=None, help="prompts to send (default: each prompt once)")
-    parser.add_argument("--samples", type=int, default=4,
-                        help="replies per prompt, sampled together; siblings as Retry makes them")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit in tokens")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="sampling seed (prompt i's reply k uses seed + i x samples + k)")
-    return parser
-
-
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    from .chat import params_for
-    from .cli import StartupError, build_service, check_data_dir
-    from .personas import PersonaError
-
-    try:
-        rule = parse_rule(args.rule)
-        if args.rerate:
-            return _rerate(args, settings, rule)
-        if args.prompts is None:
-            raise ValueError("--prompts FILE is needed (or --rerate to vote again on replies already rated)")
-        prompts = load_prompts(args.prompts)
-    except ValueError as exc:
-        print(f"persona-studio: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    n = args.n or len(prompts)
-    check_data_dir(settings.data_dir)
-    service = build_service(settings)
-    try:
-        try:
-            persona = service.personas.get(args.persona)
-        except (KeyError, PersonaError) as exc:
-            raise StartupError(str(exc)) from None
-        params = params_for(persona, max_new_tokens=args.max_new_tokens, seed=args.seed)
-        print(f"{BANNER}: persona {args.persona}, rule {args.rule!r} ({rule.describe()}), "
-              f"{n} prompts x {args.samples} replies, user {SIMULATOR_USER!r}; "
-              f"votes are stored marked simulated", flush=True)
-        if params.temperature == 0 and args.samples > 1:
-            print("SIMULATED: warning: the persona decodes greedily (temperature 0), "
-                  "so regenerations repeat the same reply", flush=True)
-        report = simulate(service, args.persona, rule, prompts, n, args.samples, params,
-                          progress=lambda line: print(line, flush=True))
-    finally:
-        service.close()
-    print(report.summary(), flush=True)
-    for problem in report.failed:
-        print(f"SIMULATED: failed: {problem}", file=sys.stderr)
-    return 0 if report.replies else EXIT_FAILED
-
-
-def _rerate(args: argparse.Namespace, settings: Settings, rule) -> int:
-    from .store import ChatStore, StoreError
-
-    try:
-        store = ChatStore.open(settings.database_url)
-    except StoreError as exc:
-        raise ValueError(str(exc)) from None
-    try:
-        report = rerate(store, args.persona, rule)
-    finally:
-        store.close()
-    if not report.replies:
-        raise ValueError(f"the simulator has rated no reply of persona {args.persona} yet: run simulate first")
-    print(f"{BANNER}: re-rated by rule {args.rule!r}", flush=True)
-    print(report.summary(), flush=True)
-    return 0

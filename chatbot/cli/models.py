@@ -18,7 +18,7 @@ conversations (an A/B on people's thumbs, see store/canary.py); an A/B that
 shows it significantly better also gets it past the gate, and
 `--require-ab` refuses a promotion without a sufficient A/B that is not
 significantly worse. `--by` defaults to the OS user. Opens only the database
-(`--db-url` / `--data-dir`), never the model. Errors: one line, exit 1.
+(`--db-url` / `--data-dir`), never the model. Errors: one line, exit 1 (chatbot/cli/errors.py).
 """
 
 from __future__ import annotations
@@ -30,17 +30,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_errors import fail
-from .settings import Settings
+from .errors import CommandError
+from .options import print_table, setting_options, settings
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("models", help="model versions: list, promote to serve a persona, roll back")
     commands = parser.add_subparsers(dest="models_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    for name in ("db_url", "data_dir"):
-        help_text = Settings.__dataclass_fields__[name].metadata["help"]
-        common.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+    common = setting_options()  # --db-url, --data-dir
     by = argparse.ArgumentParser(add_help=False)
     by.add_argument("--by", default=None, help="who is doing this, for the log (default: the OS user)")
 
@@ -88,13 +85,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    from .store import ChatStore, PromotionRefused, StoreError
+def run(args: argparse.Namespace) -> int:
+    from ..store import ChatStore, NotFound, PromotionRefused, StoreError
 
+    config = settings(args)
     try:
-        store = ChatStore.open(settings.database_url)
+        store = ChatStore.open(config.database_url)
     except StoreError as exc:
-        return fail(exc)
+        raise CommandError(exc) from None
     try:
         command = args.models_command
         if command == "list":
@@ -105,7 +103,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return _canary_status(store, args.persona, args.include_simulated, args.json)
         who = args.by or getpass.getuser()
         if command == "canary":
-            return _canary_start(store, args, who, settings.personas_dir)
+            return _canary_start(store, args, who, config.personas_dir)
         if command == "canary-stop":
             ended = store.stop_canary(args.persona, by=who)
             print(f"canary {ended.id} ended ({ended.outcome}): {_served_by_control(ended)} serves persona "
@@ -114,13 +112,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if command == "promote":
             change = store.promote(args.version, by=who, force=args.force, reason=args.reason,
                                    persona_id=args.persona, require_ab=args.require_ab)
-            _warn_unknown_persona(change.entry.persona_id, settings.personas_dir)
+            _warn_unknown_persona(change.entry.persona_id, config.personas_dir)
         else:
             change = store.rollback(args.persona, by=who)
         print(_describe(change))
         return 0
-    except (PromotionRefused, KeyError, StoreError) as exc:
-        return fail(exc)
+    except (PromotionRefused, NotFound, StoreError) as exc:
+        raise CommandError.from_exception(exc) from None
     finally:
         store.close()
 
@@ -170,7 +168,7 @@ def _rate(arm) -> str:
 
 
 def _canary_status(store, persona: str, include_simulated: bool, as_json: bool) -> int:
-    from .store import CanaryRefused
+    from ..store import CanaryRefused
 
     history = store.canaries(persona)
     if not history:
@@ -196,7 +194,7 @@ def _canary_status(store, persona: str, include_simulated: bool, as_json: bool) 
     for arm in (figures.control, figures.candidate):
         rows.append((arm.arm, "-" if arm.version_id is None else str(arm.version_id), str(arm.assigned),
                      str(arm.conversations), str(arm.votes), str(arm.liked), _rate(arm)))
-    _print_table(rows)
+    print_table(rows)
     if figures.difference is None:
         print("difference (candidate - control): n/a (an arm has no votes yet)")
     elif figures.ci is None:
@@ -241,7 +239,7 @@ def _verdict(version) -> str:
 
 
 def _list(store, persona: str | None, as_json: bool) -> int:
-    from .store.versions import run_kinds
+    from ..store.versions import run_kinds
 
     versions = store.list_versions(persona)
     kinds = run_kinds(store, {v.run_id for v in versions if v.run_id is not None})
@@ -254,19 +252,11 @@ def _list(store, persona: str | None, as_json: bool) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     header = ("id", "persona", "status", "kind", "win rate", "gate", "created", "base", "adapter")
-    _print_table([header] + [(
+    print_table([header] + [(
         str(r["id"]), r["persona"] or "-", r["status"], r["run_kind"] or "-", r["win_rate"], r["gate"],
         f"{v.created_at:%Y-%m-%d %H:%M}", r["base_model"], r["adapter_path"] or "-",
     ) for r, v in zip(rows, versions, strict=True)])
     return 0
-
-
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    """Columns padded to their widest cell; the last one (a path, a note) is not padded."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print(("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
-              .rstrip())
 
 
 def _log(store, persona: str) -> int:
@@ -301,5 +291,5 @@ def _log(store, persona: str) -> int:
     rows = [("when", "by", "action", "version", "note")]
     for when, _, row in sorted(events, key=lambda event: event[:2]):
         rows.append((f"{when:%Y-%m-%d %H:%M}", *row))
-    _print_table(rows)
+    print_table(rows)
     return 0

@@ -13,6 +13,9 @@
     persona-studio align evaluate RUN [--baseline VERSION|base] [--judge RUN] [--prompts FILE]
                                       [--samples K] [--max-new-tokens N] [--rule RULE] [--seed S]
 
+The jobs and the evaluation themselves live in alignment/ (this module only
+parses, opens the store and reports); `align evaluate` is alignment/evaluate.py.
+
 Every job also takes ``--output DIR`` (default ``<data-dir>/runs/<kind>-<time>``),
 which ``accelerate launch`` with several processes needs so that all of them
 write to one folder; only the main process (RANK 0) writes to the store.
@@ -39,17 +42,18 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .cli_errors import fail
-from .settings import Settings
+from alignment.evaluate import POLICY_KINDS, EvalOptions
+
+from ..settings import Settings
+from ..store.errors import NotFound
+from .errors import CommandError
+from .options import setting_options, settings
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("align", help="alignment jobs: reward model, PPO, KTO, DPO; runs; evaluation")
     commands = parser.add_subparsers(dest="align_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    for name in ("db_url", "data_dir"):
-        help_text = Settings.__dataclass_fields__[name].metadata["help"]
-        common.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+    common = setting_options()  # --db-url, --data-dir
     for kind, help_text in (("reward", "train a reward model on same-context pairs"),
                             ("ppo", "train a LoRA policy with PPO against a reward model"),
                             ("kto", "train a LoRA policy with KTO on unpaired thumbs"),
@@ -75,22 +79,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     runs.add_argument("--kind", default=None, help="only runs of this kind")
     show = commands.add_parser("show", parents=[common], help="one run's config, data, status and metrics")
     show.add_argument("run", type=int)
-    from alignment.evaluate import add_arguments as evaluate_arguments
-
-    evaluate_arguments(commands.add_parser(
+    _evaluate_arguments(commands.add_parser(
         "evaluate", parents=[common], help="a policy run's candidate vs a baseline on held-out prompts, and the gate"))
     return parser
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    from alignment.jobs import RunStore
+def run(args: argparse.Namespace) -> int:
+    from ..store import ChatStore, StoreError
+    from ..store.runs import RunStore
 
-    from .store import ChatStore, StoreError
-
+    config = settings(args)
     try:
-        store = ChatStore.open(settings.database_url)
+        store = ChatStore.open(config.database_url)
     except StoreError as exc:
-        return fail(exc)
+        raise CommandError(exc) from None
     try:
         runs = RunStore(store.engine)
         runs.reap_stale()  # a run whose process died (SIGKILL, power loss) is not "running"
@@ -102,16 +104,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.align_command == "show":
             try:
                 record = runs.get_run(args.run)
-            except KeyError as exc:
-                return fail(exc)
+            except NotFound as exc:
+                raise CommandError.from_exception(exc) from None
             print(json.dumps({k: v.isoformat() if hasattr(v, "isoformat") else v
                               for k, v in record.__dict__.items()}, indent=2, default=str))
             return 0
         if args.align_command == "evaluate":
-            from alignment.evaluate import command
-
-            return command(args, settings, store)
-        return _train(args.align_command, args, settings, store, runs)
+            return _evaluate(args, config, store)
+        return _train(args.align_command, args, config, store, runs)
     finally:
         store.close()
 
@@ -137,9 +137,10 @@ def _job(kind: str):
     return RewardRecipe, data.build_preference, train_reward, "min_pairs", "reward model", "pairs"
 
 
-def _train(kind: str, args, settings: Settings, store, runs) -> int:
+def _train(kind: str, args, config: Settings, store, runs) -> int:
     from alignment.data import DataTooSmall, write_train_prompts
-    from alignment.jobs import claim, process_alive
+
+    from ..store.runs import claim, process_alive
 
     recipe_class, build, train, min_field, what, unit = _job(kind)
     try:
@@ -150,19 +151,19 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
         if kind == "ppo":
             train = functools.partial(train, reward_dir=_reward_dir(runs, args.reward_run, args.persona))
     except (ValueError, OSError, DataTooSmall) as exc:
-        return fail(exc)
+        raise CommandError(exc) from None
     main_process = int(os.environ.get("RANK", "0")) == 0  # `accelerate launch` sets RANK per process
     if not main_process and args.output is None:
-        return fail(ValueError("with several accelerate processes, give every process the same --output DIR"))
+        raise CommandError("with several accelerate processes, give every process the same --output DIR")
     if args.resume is not None:
         try:
             previous = runs.get_run(args.resume)
-        except KeyError as exc:
-            return fail(exc)
+        except NotFound as exc:
+            raise CommandError.from_exception(exc) from None
         if previous.kind != kind:
-            return fail(ValueError(f"run {previous.id} is a {previous.kind} run, not {kind}"))
+            raise CommandError(f"run {previous.id} is a {previous.kind} run, not {kind}")
         if main_process and previous.status == "running" and process_alive(previous.output_dir):
-            return fail(ValueError(f"run {previous.id} is still running ({previous.output_dir}/job.json)"))
+            raise CommandError(f"run {previous.id} is still running ({previous.output_dir}/job.json)")
         if previous.dataset_hash != split.snapshot_hash:
             print(f"note: the feedback changed since run {previous.id} started; "
                   "resuming on the data it was started with is not possible, using today's", file=sys.stderr)
@@ -170,10 +171,10 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
     elif not main_process:
         run_id, output = None, args.output
     else:
-        output = args.output or Path(settings.data_dir) / "runs" / f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
+        output = args.output or Path(config.data_dir) / "runs" / f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
         if output.exists() and any(output.iterdir()):
-            return fail(ValueError(f"{output} is not empty: a new run needs a new folder "
-                                    "(or continue the run that used it with --resume RUN)"))
+            raise CommandError(f"{output} is not empty: a new run needs a new folder "
+                               "(or continue the run that used it with --resume RUN)")
         run_id = runs.create_run(kind, persona_id=args.persona, config=recipe.to_dict(),
                                  dataset_hash=split.snapshot_hash, dataset_stats=split.stats,
                                  output_dir=str(output))
@@ -185,7 +186,7 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
     run_store = runs if main_process else None
     try:
         result = train(recipe, split.trl("train"), split.trl("eval"), output, run_store=run_store,
-                       run_id=run_id, resume=args.resume is not None, data_dir=settings.data_dir)
+                       run_id=run_id, resume=args.resume is not None, data_dir=config.data_dir)
     except KeyboardInterrupt:
         print(f"interrupted: continue with `persona-studio align {kind} --recipe {args.recipe} "
               f"--resume {run_id}`", file=sys.stderr)
@@ -193,7 +194,7 @@ def _train(kind: str, args, settings: Settings, store, runs) -> int:
     except ValueError as exc:
         if run_store is not None and runs.get_run(run_id).status in ("queued", "running"):
             runs.set_status(run_id, "failed", str(exc))  # refused before training started
-        return fail(exc)
+        raise CommandError(exc) from None
     if main_process:
         # One JSON line last on stdout (the trainer logs above it), for scripts.
         print(json.dumps({"run": run_id, "version": result.version_id, "adapter": str(result.adapter_dir),
@@ -206,7 +207,7 @@ def _reward_dir(runs, reward_run: int | None, persona: str | None) -> Path:
     if reward_run is not None:
         try:
             run = runs.get_run(reward_run)
-        except KeyError as exc:
+        except NotFound as exc:
             raise ValueError(exc.args[0]) from None
         if run.kind != "reward" or run.status != "succeeded":
             raise ValueError(f"--reward-run {reward_run} is a {run.status} {run.kind} run; "
@@ -224,3 +225,75 @@ def _reward_dir(runs, reward_run: int | None, persona: str | None) -> Path:
                      "train one with `persona-studio align reward`, or name one with --reward-run")
 
 
+# -- align evaluate -----------------------------------------------------------
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `persona-studio align evaluate` (besides --db-url / --data-dir)."""
+    parser.add_argument("run", type=int, help=f"the policy run ({', '.join(POLICY_KINDS)}) whose candidate is evaluated")
+    parser.add_argument("--baseline", default=None, metavar="VERSION|base",
+                        help="compare with this model version, or 'base' (no adapter); "
+                             "default: what serves the persona now")
+    parser.add_argument("--judge", type=int, default=None, metavar="RUN",
+                        help="reward run that scores the replies (default: the newest succeeded one for the persona)")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="one user message per line instead of the run's held-out feedback prompts")
+    parser.add_argument("--samples", type=int, default=2, metavar="K", help="replies per prompt and model (default 2)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="reply length cap (default 64)")
+    parser.add_argument("--rule", default=None,
+                        help="also report how often a simulate rule likes the replies: short[:N], question, "
+                             "contains:WORD")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    parser.add_argument("--batch", type=int, default=EvalOptions.batch, metavar="N",
+                        help=f"prompts in flight at once, decoded together (default {EvalOptions.batch}); "
+                             "the replies depend on --seed only")
+    parser.add_argument("--personas-dir", dest="personas_dir", default=None,
+                        help="folder of persona YAML files (for sampling settings and --prompts)")
+
+
+def _evaluate(args, config: Settings, store) -> int:
+    """`persona-studio align evaluate`: 0 when the evaluation ran (whatever the gate says), 1 on an error."""
+    from alignment.evaluate import evaluate
+    from alignment.gate import failed_checks
+
+    from ..personas import PersonaLibrary
+
+    options = EvalOptions(baseline=args.baseline, judge=args.judge, prompts_file=args.prompts, samples=args.samples,
+                          max_new_tokens=args.max_new_tokens, rule=args.rule, seed=args.seed, batch=args.batch)
+    try:
+        personas = PersonaLibrary(config.personas_dir)
+        evaluation = evaluate(store, args.run, options, personas=personas, data_dir=config.data_dir,
+                              user_name=config.user)
+    except (ValueError, OSError) as exc:  # EvaluationError is a ValueError, as are bad rules and prompt files
+        raise CommandError(exc) from None
+    gate = evaluation["gate"]
+    cand, base = evaluation["metrics"]["candidate"], evaluation["metrics"]["baseline"]
+    win, judge, rule = evaluation["win_rate"], evaluation["judge"], evaluation["rule"]
+    judged = []
+    if win is not None:
+        judged.append(f"win rate {win['value']:.2f} (95% CI {win['ci'][0]:.2f}-{win['ci'][1]:.2f}) by reward run "
+                      f"{judge['run']}" + ("" if judge["independent"] else ", NOT independent"))
+    if rule is not None:
+        gain = rule["gain"]
+        judged.append(f"rule {rule['spec']} {gain['baseline']:.2f} -> {gain['candidate']:.2f} "
+                      f"(gain 95% CI {gain['ci'][0]:+.2f} to {gain['ci'][1]:+.2f})")
+    print(f"run {evaluation['run']}: {evaluation['candidate']['label']} vs {evaluation['baseline']['label']} on "
+          f"{evaluation['prompts']['used']} prompts: {'; '.join(judged)}; gate {'PASSED' if gate['passed'] else 'FAILED'}",
+          file=sys.stderr)
+    if judge is not None and not judge["independent"]:
+        print(f"  judge: {judge['why']}", file=sys.stderr)
+    for line in failed_checks(gate):
+        print(f"  failed: {line}", file=sys.stderr)
+    summary = {
+        "run": evaluation["run"], "version": evaluation["candidate"]["version"],
+        "baseline": evaluation["baseline"]["label"], "judge": judge and judge["run"],
+        "judge_independent": judge and judge["independent"],
+        "prompts": evaluation["prompts"]["used"], "win_rate": win and win["value"], "win_rate_ci": win and win["ci"],
+        "rule_gain": rule and rule["gain"],
+        "reward": {"candidate": cand["reward_mean"], "baseline": base["reward_mean"]},
+        "kl": cand["kl_mean"], "rule_rate": {"candidate": cand["rule_rate"], "baseline": base["rule_rate"]},
+        "gate_passed": gate["passed"], "failed_checks": [c["name"] for c in gate["checks"] if not c["passed"]],
+        "report": evaluation["files"]["report"], "evaluation": evaluation["files"]["evaluation"],
+    }
+    print(json.dumps(summary))
+    return 0

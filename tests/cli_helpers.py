@@ -1,0 +1,27 @@
+"""`persona-studio ...` in the test process: `main(argv)` with its output captured by capsys.
+
+Cheaper than a subprocess (no interpreter, no torch import per call) and what
+the entry point runs. A subprocess stays where it is the point: `serve`'s
+start-up exit status, a job killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from unittest import mock
+
+from chatbot.cli import main
+
+
+def run_cli(capsys, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run the command; returns what a subprocess.run(..., capture_output=True, text=True) would."""
+    capsys.readouterr()  # what the test printed before is not the command's
+    with mock.patch.object(sys, "stdin", io.StringIO(stdin or "")):
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse: --help, a usage error (status 2)
+            status = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["persona-studio", *args], status, out, err)
