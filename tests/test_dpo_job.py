@@ -82,7 +82,7 @@ def setup(tiny_model, tmp_path_factory):
     out = folder / "dpo"
     run_id = runs.create_run("dpo", persona_id=PERSONA, config=recipe.to_dict(), dataset_hash=split.snapshot_hash,
                              dataset_stats=split.stats, output_dir=str(out))
-    data.write_train_prompts(out, split.train)  # what align_cli does for every job
+    data.write_train_prompts(out, split.train)  # what `persona-studio align` (chatbot/cli/align.py) does for every job
     snapshot = Snapshot()
     train = split.trl("train")
     # Two pairs with chosen == rejected: dropped by validation, not trained on.

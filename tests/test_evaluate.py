@@ -255,7 +255,7 @@ def _train_run(store, runs, kind: str, recipe, build, train, out: Path, part: st
     split = build(store, persona=PERSONA, eval_fraction=recipe.eval_fraction, seed=recipe.seed, part=part)
     run_id = runs.create_run(kind, persona_id=PERSONA, config=recipe.to_dict(), dataset_hash=split.snapshot_hash,
                              dataset_stats=split.stats, output_dir=str(out))
-    data.write_train_prompts(out, split.train)  # what align_cli does for every job
+    data.write_train_prompts(out, split.train)  # what `persona-studio align` (chatbot/cli/align.py) does for every job
     train(recipe, split.trl("train"), split.trl("eval"), out, run_store=runs, run_id=run_id, progress=False)
     return run_id
 
