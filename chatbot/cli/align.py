@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 record = runs.get_run(args.run)
             except NotFound as exc:
-                raise CommandError.from_exception(exc) from None
+                raise CommandError(exc) from None
             print(json.dumps({k: v.isoformat() if hasattr(v, "isoformat") else v
                               for k, v in record.__dict__.items()}, indent=2, default=str))
             return 0
@@ -159,7 +159,7 @@ def _train(kind: str, args, config: Settings, store, runs) -> int:
         try:
             previous = runs.get_run(args.resume)
         except NotFound as exc:
-            raise CommandError.from_exception(exc) from None
+            raise CommandError(exc) from None
         if previous.kind != kind:
             raise CommandError(f"run {previous.id} is a {previous.kind} run, not {kind}")
         if main_process and previous.status == "running" and process_alive(previous.output_dir):

@@ -25,13 +25,6 @@ class CommandError(Exception):
         super().__init__(str(message))
         self.status = status
 
-    @classmethod
-    def from_exception(cls, exc: BaseException, status: int = EXIT_FAILED) -> "CommandError":
-        """The error of a caught exception, with its message as a person would read it."""
-        # A KeyError's str() is its repr ('"run 7 does not exist"'); its message is the argument.
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        return cls(message, status)
-
 
 # What `main` catches: everything a command may stop on with a one-line message.
 FAILURES = (CommandError, StartupError)

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         print(_describe(change))
         return 0
     except (PromotionRefused, NotFound, StoreError) as exc:
-        raise CommandError.from_exception(exc) from None
+        raise CommandError(exc) from None
     finally:
         store.close()
 
