@@ -47,7 +47,7 @@ from alignment.evaluate import POLICY_KINDS, EvalOptions
 from ..settings import Settings
 from ..store.errors import NotFound
 from .errors import CommandError
-from .options import setting_options, settings
+from .options import open_store, setting_options, settings
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -85,14 +85,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..store import ChatStore, StoreError
     from ..store.runs import RunStore
 
     config = settings(args)
-    try:
-        store = ChatStore.open(config.database_url)
-    except StoreError as exc:
-        raise CommandError(exc) from None
+    store = open_store(config.database_url)
     try:
         runs = RunStore(store.engine)
         runs.reap_stale()  # a run whose process died (SIGKILL, power loss) is not "running"

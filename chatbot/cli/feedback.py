@@ -16,8 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..feedback_export import FORMATS, export_rows, like_rates
-from .errors import CommandError
-from .options import print_table, setting_options, settings
+from .options import open_store, print_table, setting_options, settings
 
 
 def _date(text: str) -> datetime:
@@ -45,12 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..store import ChatStore, StoreError
-
-    try:
-        store = ChatStore.open(settings(args).database_url)
-    except StoreError as exc:
-        raise CommandError(exc) from None
+    store = open_store(settings(args).database_url)
     try:
         votes = store.feedback_rows(args.persona, args.since, args.model_version)
         if args.feedback_command == "export":

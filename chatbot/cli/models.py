@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CommandError
-from .options import print_table, setting_options, settings
+from .options import open_store, print_table, setting_options, settings
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -86,13 +86,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..store import ChatStore, NotFound, PromotionRefused, StoreError
+    from ..store import NotFound, PromotionRefused, StoreError
 
     config = settings(args)
-    try:
-        store = ChatStore.open(config.database_url)
-    except StoreError as exc:
-        raise CommandError(exc) from None
+    store = open_store(config.database_url)
     try:
         command = args.models_command
         if command == "list":

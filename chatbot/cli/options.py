@@ -59,6 +59,17 @@ def settings(args: argparse.Namespace) -> Settings:
         raise StartupError(str(exc)) from None
 
 
+def open_store(database_url: str):
+    """The ChatStore at ``database_url``, or a CommandError naming why it cannot be opened."""
+    from ..store import ChatStore, StoreError  # imported here: `--help` never loads SQLAlchemy
+    from .errors import CommandError
+
+    try:
+        return ChatStore.open(database_url)
+    except StoreError as exc:
+        raise CommandError(exc) from None
+
+
 def print_table(rows: Sequence[Sequence[str]]) -> None:
     """Columns padded to their widest cell, two spaces apart; the last one (a path, a note) is not padded."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
