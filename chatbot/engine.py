@@ -19,7 +19,6 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Iterator
 
 from .prompting import Message, Prompt, fit_to_context
@@ -190,38 +189,3 @@ class Engine:
             reply.finish_reason = "stopped"
         reply.done = True
         return reply
-
-
-ENGINES = ("transformers", "vllm")
-
-
-def open_engine(settings) -> Engine:
-    """The backend ``settings`` ask for (``--engine``, ``--engine-url``), loaded and ready.
-
-    Raises ModelLoadError or EngineUnavailable with a one-line reason.
-    """
-    from . import default_model
-
-    if settings.engine not in ENGINES:
-        raise ValueError(f"unknown engine {settings.engine!r}: use {' or '.join(ENGINES)}")
-    if settings.engine == "transformers" and not settings.engine_url:
-        from .transformers_engine import TransformersEngine
-
-        return TransformersEngine.load(settings.model, settings.data_dir, settings.dtype, settings.context_tokens)
-    from .vllm_engine import VLLMEngine, VLLMServer, default_python, free_port
-
-    if settings.model:
-        checkpoint, model_id = settings.model, settings.model
-    else:
-        checkpoint, model_id = default_model.ensure_checkpoint(settings.data_dir), default_model.MODEL_ID
-    if settings.engine_url:
-        return VLLMEngine.connect(settings.engine_url, checkpoint, model_id, settings.context_tokens)
-    server = VLLMServer(default_python(), Path(checkpoint), model_id, free_port(),
-                        Path(settings.data_dir) / "vllm.log", max_model_len=settings.context_tokens,
-                        dtype="bfloat16" if settings.dtype == "auto" else settings.dtype)
-    url = server.start()
-    try:
-        return VLLMEngine.connect(url, checkpoint, model_id, settings.context_tokens, server=server)
-    except BaseException:
-        server.stop()
-        raise

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .settings import Settings
+
+if TYPE_CHECKING:  # the backends import the engine module; it never imports them
+    from .engine import Engine
 
 EXIT_STARTUP = 2
 
@@ -42,7 +46,7 @@ def build_service(settings: Settings):
     """Open the store, load the personas and the model: the shared services."""
     from .chat import ChatService
     from .default_model import ModelLoadError
-    from .engine import EngineUnavailable, open_engine
+    from .engine import EngineUnavailable
     from .personas import PersonaError, PersonaLibrary
     from .store import ChatStore, StoreError
 
@@ -56,3 +60,38 @@ def build_service(settings: Settings):
         # ValueError: a setting no engine accepts (`--engine tgi`)
         raise StartupError(str(exc)) from None
     return ChatService(engine, personas, store)
+
+
+ENGINES = ("transformers", "vllm")
+
+
+def open_engine(settings: Settings) -> Engine:
+    """The backend ``settings`` ask for (``--engine``, ``--engine-url``), loaded and ready.
+
+    Raises ModelLoadError or EngineUnavailable with a one-line reason.
+    """
+    from . import default_model
+
+    if settings.engine not in ENGINES:
+        raise ValueError(f"unknown engine {settings.engine!r}: use {' or '.join(ENGINES)}")
+    if settings.engine == "transformers" and not settings.engine_url:
+        from .transformers_engine import TransformersEngine
+
+        return TransformersEngine.load(settings.model, settings.data_dir, settings.dtype, settings.context_tokens)
+    from .vllm_engine import VLLMEngine, VLLMServer, default_python, free_port
+
+    if settings.model:
+        checkpoint, model_id = settings.model, settings.model
+    else:
+        checkpoint, model_id = default_model.ensure_checkpoint(settings.data_dir), default_model.MODEL_ID
+    if settings.engine_url:
+        return VLLMEngine.connect(settings.engine_url, checkpoint, model_id, settings.context_tokens)
+    server = VLLMServer(default_python(), Path(checkpoint), model_id, free_port(),
+                        Path(settings.data_dir) / "vllm.log", max_model_len=settings.context_tokens,
+                        dtype="bfloat16" if settings.dtype == "auto" else settings.dtype)
+    url = server.start()
+    try:
+        return VLLMEngine.connect(url, checkpoint, model_id, settings.context_tokens, server=server)
+    except BaseException:
+        server.stop()
+        raise

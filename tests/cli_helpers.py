@@ -1,12 +1,14 @@
-"""`persona-studio ...` in the test process: `main(argv)` with its output captured by capsys.
+"""`persona-studio ...` in the test process: `main(argv)` with its output captured.
 
 Cheaper than a subprocess (no interpreter, no torch import per call) and what
-the entry point runs. A subprocess stays where it is the point: `serve`'s
-start-up exit status, a job killed with SIGKILL.
+the entry point runs. The command opens its own store connections, as another
+process would. A subprocess stays where it is the point: `serve`'s start-up
+exit status, a job killed with SIGKILL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import subprocess
 import sys
@@ -15,13 +17,13 @@ from unittest import mock
 from chatbot.cli import main
 
 
-def run_cli(capsys, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the command; returns what a subprocess.run(..., capture_output=True, text=True) would."""
-    capsys.readouterr()  # what the test printed before is not the command's
-    with mock.patch.object(sys, "stdin", io.StringIO(stdin or "")):
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "stdin", io.StringIO(stdin or "")), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             status = main(list(args))
         except SystemExit as exc:  # argparse: --help, a usage error (status 2)
             status = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["persona-studio", *args], status, out, err)
+    return subprocess.CompletedProcess(["persona-studio", *args], status, out.getvalue(), err.getvalue())

@@ -30,10 +30,10 @@ def fill(store, conversations: int) -> None:
 
 
 @pytest.fixture
-def cli(capsys):
+def cli():
     """`persona-studio align ARGS`, in this process."""
     def align(*args):
-        return run_cli(capsys, "align", *args)
+        return run_cli("align", *args)
     return align
 
 
@@ -179,8 +179,8 @@ def test_a_job_refused_before_training_is_marked_failed(store, tiny_model, tmp_p
     assert run.status == "failed" and "max_length=8" in run.error
 
 
-def test_ppo_never_picks_a_judge_reward_model_by_default(store, tmp_path, capsys):
-    from chatbot.cli.align import _reward_dir
+def test_ppo_never_picks_a_judge_reward_model_by_default(store, tmp_path):
+    from alignment.jobs import reward_dir
     from chatbot.store.runs import RunStore
 
     runs = RunStore(store.engine)
@@ -193,7 +193,9 @@ def test_ppo_never_picks_a_judge_reward_model_by_default(store, tmp_path, capsys
 
     policy = reward_run("policy")
     judge = reward_run("judge")  # newer, but kept for judging
-    assert _reward_dir(runs, None, "pirate") == tmp_path / "policy"
-    assert _reward_dir(runs, judge, "pirate") == tmp_path / "judge"  # named explicitly: allowed, with a warning
-    assert f"reward run {judge} was trained as a judge" in capsys.readouterr().err
+    notes = []
+    assert reward_dir(runs, None, "pirate", notes) == tmp_path / "policy" and notes == []
+    assert reward_dir(runs, judge, "pirate", notes) == tmp_path / "judge"  # named explicitly: allowed, with a warning
+    assert notes == [f"reward run {judge} was trained as a judge (--part judge); optimised against, "
+                     "it can no longer judge this policy"]
     assert policy < judge

@@ -3,7 +3,6 @@
 `serve`'s start-up checks run in a subprocess: their exit status is the point.
 """
 
-import functools
 import socket
 import sqlite3
 import subprocess
@@ -22,8 +21,8 @@ def run(*args, timeout=180):
 
 
 @pytest.fixture
-def cli(capsys):
-    return functools.partial(run_cli, capsys)
+def cli():
+    return run_cli
 
 
 def test_chat_streams_a_reply_and_stores_it(data_dir, cli):

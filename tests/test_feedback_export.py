@@ -1,11 +1,10 @@
 """Feedback export (jsonl, TRL preference pairs, TRL KTO rows) and stats, from a real SQLite store."""
 
 import json
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from cli_helpers import run_cli
 
 from chatbot.feedback_export import daily_like_rates, export_rows, like_rates
 
@@ -84,15 +83,12 @@ def test_like_rates_per_persona_and_model(store, filled):
 def test_cli_export_and_stats(store, filled, tmp_path):
     url = str(store.engine.url)
     out = tmp_path / "pairs.jsonl"
-    done = subprocess.run([sys.executable, "-m", "chatbot.cli", "feedback", "export", "--format", "preference",
-                           "--db-url", url, "--persona", "pirate", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli("feedback", "export", "--format", "preference", "--db-url", url, "--persona", "pirate",
+                   "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert len(out.read_text().splitlines()) == 2 and "2 preference rows" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "chatbot.cli", "feedback", "stats", "--db-url", url],
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli("feedback", "stats", "--db-url", url)
     assert done.returncode == 0, done.stderr
     assert "pirate" in done.stdout and "75%" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "chatbot.cli", "feedback", "export", "--since", "yesterday",
-                           "--db-url", url], capture_output=True, text=True, timeout=120)
+    done = run_cli("feedback", "export", "--since", "yesterday", "--db-url", url)
     assert done.returncode == 2 and "expected a date" in done.stderr

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from argon2 import PasswordHasher
+from cli_helpers import run_cli
 from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
 
@@ -79,10 +78,8 @@ class App:
         return TestClient(self.server, client=(address, 50000))
 
     def users(self, *args: str, password: str | None = None) -> None:
-        """`persona-studio users ...` in another process, on the same database."""
-        done = subprocess.run([sys.executable, "-m", "chatbot.cli", "users", *args, "--db-url", self.db_url],
-                              input=None if password is None else password + "\n",
-                              capture_output=True, text=True, timeout=120, cwd=REPO)
+        """`persona-studio users ...` on the same database, through its own store connections."""
+        done = run_cli("users", *args, "--db-url", self.db_url, stdin=None if password is None else password + "\n")
         assert done.returncode == 0, done.stderr
 
 

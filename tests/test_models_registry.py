@@ -183,7 +183,7 @@ def test_a_version_serves_only_its_own_persona(store: ChatStore, make_version) -
     assert store.serving_version("poet") is None
 
 
-def test_unknown_version_is_a_key_error(store: ChatStore) -> None:
+def test_unknown_version_is_not_found(store: ChatStore) -> None:
     with pytest.raises(NotFound, match="model version 999 does not exist"):
         store.promote(999, by="a")
     with pytest.raises(NotFound):

@@ -16,6 +16,9 @@ from chatbot.chat import params_for
 pytestmark = pytest.mark.model
 
 SEEDS = (1, 2, 3)
+# The trait shows in a reply's first sentences; a shorter reply keeps the 90
+# generations of this file to a fraction of the suite's time.
+MAX_NEW_TOKENS = 48
 TRAITS = {
     "pirate": (r"\b(arr+|matey|ye|ahoy|ship|sea|treasure|avast)\b",
                ["What did you do today?", "Can you recommend a book?", "What's the weather like?"]),
@@ -38,7 +41,7 @@ def trait_count(service, speaker: str, settings_of: str, pattern: str, questions
     for question in questions:
         for seed in SEEDS:
             session = service.new_session(user, speaker, "Sam")
-            params = params_for(service.personas.get(settings_of), seed=seed)
+            params = params_for(service.personas.get(settings_of), seed=seed, max_new_tokens=MAX_NEW_TOKENS)
             *_, reply = service.send(session, question, params)
             if re.search(pattern, reply.text, re.IGNORECASE | re.DOTALL):
                 hits += 1
@@ -66,6 +69,6 @@ def test_assistant_answers_simple_facts(service):
     for question, answer in pattern_answers:
         for seed in SEEDS:
             session = service.new_session(user, "assistant", "Sam")
-            *_, reply = service.send(session, question, params_for(session.persona, seed=seed))
+            *_, reply = service.send(session, question, params_for(session.persona, seed=seed, max_new_tokens=MAX_NEW_TOKENS))
             right += bool(re.search(answer, reply.text, re.IGNORECASE))
     assert right >= 6, f"right in {right}/9"

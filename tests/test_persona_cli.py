@@ -23,11 +23,11 @@ CARD = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
 
 
 @pytest.fixture
-def run(capsys):
+def run():
     """`persona-studio personas ARGS [--personas-dir FOLDER]`, in this process."""
     def personas(*args, folder: Path | None = None):
         extra = ["--personas-dir", str(folder)] if folder is not None else []
-        return run_cli(capsys, "personas", *args, *extra)
+        return run_cli("personas", *args, *extra)
     return personas
 
 

@@ -68,15 +68,17 @@ def test_prompt_files_skip_blanks_and_comments(tmp_path):
         load_prompts(path)
 
 
-@pytest.mark.model
-def test_simulate_stores_simulated_votes_for_every_regeneration(service, store):
+def test_simulate_stores_simulated_votes_for_every_regeneration(fake_service, fake_engine, store):
+    service = fake_service
+    fake_engine.queue("Arr, gold.", "Arr, the gold be buried deep under the old palm tree.",
+                      "Why did the parrot cross the sea? To get to the other tide, matey.", "Ha!")
     persona = service.personas.get("pirate")
     params = params_for(persona, max_new_tokens=8, seed=3)
     lines = []
     rule = parse_rule("short:5")
     report = simulate(service, "pirate", rule, ["Hi!", "Tell me a joke."], n=2, samples=2, params=params,
                       progress=lines.append)
-    assert (report.prompts, report.replies, report.liked + report.disliked) == (2, 4, 4)
+    assert (report.prompts, report.replies, report.liked, report.disliked) == (2, 4, 2, 2)
     assert len(lines) == 2 and lines[0].startswith("SIMULATED [1/2]")
     rows = store.feedback_rows(persona_id="pirate")
     assert len(rows) == 4 and {r.message.id for r in rows} == set(report.message_ids)
@@ -121,10 +123,10 @@ def test_rerate_votes_again_by_another_rule_without_generating(store):
 
 
 @pytest.mark.model
-def test_simulate_command_prints_that_it_is_simulated(data_dir, tmp_path, capsys):
+def test_simulate_command_prints_that_it_is_simulated(data_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello there\n")
-    done = run_cli(capsys, "simulate", "--persona", "pirate",
+    done = run_cli("simulate", "--persona", "pirate",
                    "--rule", "question", "--prompts", str(prompts), "--data-dir", str(data_dir),
                    "--n", "1", "--samples", "2", "--max-new-tokens", "6", "--seed", "1")
     assert done.returncode == 0, done.stderr
@@ -143,9 +145,9 @@ def test_simulate_command_prints_that_it_is_simulated(data_dir, tmp_path, capsys
     assert len(rows) == 2 and all(r.feedback.simulated for r in rows)
 
 
-def test_simulate_command_refuses_an_unknown_rule(tmp_path, capsys):
+def test_simulate_command_refuses_an_unknown_rule(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hi\n")
-    done = run_cli(capsys, "simulate", "--persona", "pirate",
+    done = run_cli("simulate", "--persona", "pirate",
                    "--rule", "loud", "--prompts", str(prompts), "--data-dir", str(tmp_path / "d"))
     assert done.returncode == 1 and "unknown rule 'loud'" in done.stderr

@@ -319,7 +319,7 @@ def test_title_comes_from_the_first_user_message(
         assert session.get(Conversation, titled).title == "Mine"
 
 
-def test_missing_message_raises_key_error(store: ChatStore) -> None:
+def test_missing_message_is_not_found(store: ChatStore) -> None:
     with pytest.raises(NotFound):
         store.get_message(12345)
 

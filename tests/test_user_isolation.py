@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from browser_helpers import db_rows
+from cli_helpers import run_cli
 from in_process_app import running_in_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,8 +29,7 @@ USER = ("bob", "bob-password")
 
 
 def cli(data_dir: Path, *args: str, password: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", "users", *args, "--data-dir", str(data_dir)],
-                          input=password, capture_output=True, text=True, timeout=60, cwd=REPO)
+    return run_cli("users", *args, "--data-dir", str(data_dir), stdin=password)
 
 
 @dataclass

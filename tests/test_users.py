@@ -232,10 +232,10 @@ def test_with_accounts_the_request_says_who_and_the_store_says_what_role(chat_st
 
 
 @pytest.fixture
-def users(capsys):
+def users():
     """`persona-studio users ARGS --data-dir DATA_DIR` with ``stdin`` as its standard input, in this process."""
     def run(data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-        return run_cli(capsys, "users", *args, "--data-dir", str(data_dir), stdin=stdin)
+        return run_cli("users", *args, "--data-dir", str(data_dir), stdin=stdin)
     return run
 
 

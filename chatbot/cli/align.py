@@ -35,11 +35,8 @@ a run whose process was killed is reported as interrupted, not running).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from alignment.evaluate import POLICY_KINDS, EvalOptions
@@ -112,113 +109,33 @@ def run(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _job(kind: str):
-    """Recipe class, data builder, trainer, the recipe's minimum field, what it trains and on what, for ``kind``."""
-    from alignment import data
-
-    if kind == "ppo":
-        from alignment.ppo import PPORecipe, train_ppo
-
-        return PPORecipe, data.build_prompts, train_ppo, "min_prompts", "PPO policy", "prompts"
-    if kind == "kto":
-        from alignment.kto import KTORecipe, train_kto
-
-        return KTORecipe, data.build_kto, train_kto, "min_rows", "KTO policy", "rows"
-    if kind == "dpo":
-        from alignment.dpo import DPORecipe, train_dpo
-
-        return DPORecipe, data.build_preference, train_dpo, "min_pairs", "DPO policy", "pairs"
-    from alignment.reward import RewardRecipe, train_reward
-
-    return RewardRecipe, data.build_preference, train_reward, "min_pairs", "reward model", "pairs"
-
-
 def _train(kind: str, args, config: Settings, store, runs) -> int:
-    from alignment.data import DataTooSmall, write_train_prompts
+    from alignment.jobs import JobError, JobRequest, job_kind, start
 
-    from ..store.runs import claim, process_alive
-
-    recipe_class, build, train, min_field, what, unit = _job(kind)
     try:
-        recipe = recipe_class.from_yaml(args.recipe)
-        split = build(store, persona=args.persona, split=args.split, part=args.part,
-                      eval_fraction=recipe.eval_fraction, seed=recipe.seed)
-        split.require(getattr(recipe, min_field), min_eval=1)
-        if kind == "ppo":
-            train = functools.partial(train, reward_dir=_reward_dir(runs, args.reward_run, args.persona))
-    except (ValueError, OSError, DataTooSmall) as exc:
+        recipe = job_kind(kind).recipe_class.from_yaml(args.recipe)
+        request = JobRequest(kind, recipe, persona=args.persona, part=args.part, split=args.split,
+                             reward_run=getattr(args, "reward_run", None), output=args.output, resume=args.resume)
+        job = start(request, store, runs, data_dir=Path(config.data_dir))
+    except (ValueError, OSError) as exc:  # JobError is a ValueError, as are recipe errors
         raise CommandError(exc) from None
-    main_process = int(os.environ.get("RANK", "0")) == 0  # `accelerate launch` sets RANK per process
-    if not main_process and args.output is None:
-        raise CommandError("with several accelerate processes, give every process the same --output DIR")
-    if args.resume is not None:
-        try:
-            previous = runs.get_run(args.resume)
-        except NotFound as exc:
-            raise CommandError(exc) from None
-        if previous.kind != kind:
-            raise CommandError(f"run {previous.id} is a {previous.kind} run, not {kind}")
-        if main_process and previous.status == "running" and process_alive(previous.output_dir):
-            raise CommandError(f"run {previous.id} is still running ({previous.output_dir}/job.json)")
-        if previous.dataset_hash != split.snapshot_hash:
-            print(f"note: the feedback changed since run {previous.id} started; "
-                  "resuming on the data it was started with is not possible, using today's", file=sys.stderr)
-        run_id, output = previous.id, Path(previous.output_dir)
-    elif not main_process:
-        run_id, output = None, args.output
-    else:
-        output = args.output or Path(config.data_dir) / "runs" / f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
-        if output.exists() and any(output.iterdir()):
-            raise CommandError(f"{output} is not empty: a new run needs a new folder "
-                               "(or continue the run that used it with --resume RUN)")
-        run_id = runs.create_run(kind, persona_id=args.persona, config=recipe.to_dict(),
-                                 dataset_hash=split.snapshot_hash, dataset_stats=split.stats,
-                                 output_dir=str(output))
-    if main_process:
-        claim(output)
-        write_train_prompts(output, split.train)
-        print(f"run {run_id}: {what} on {len(split.train)} train / {len(split.eval)} eval {unit} "
-              f"(snapshot {split.snapshot_hash[:12]}) -> {output}", file=sys.stderr)
-    run_store = runs if main_process else None
+    for note in job.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if job.runs is not None:
+        print(job.describe(), file=sys.stderr)
     try:
-        result = train(recipe, split.trl("train"), split.trl("eval"), output, run_store=run_store,
-                       run_id=run_id, resume=args.resume is not None, data_dir=config.data_dir)
+        result = job.run()
     except KeyboardInterrupt:
         print(f"interrupted: continue with `persona-studio align {kind} --recipe {args.recipe} "
-              f"--resume {run_id}`", file=sys.stderr)
+              f"--resume {job.run_id}`", file=sys.stderr)
         return 130
-    except ValueError as exc:
-        if run_store is not None and runs.get_run(run_id).status in ("queued", "running"):
-            runs.set_status(run_id, "failed", str(exc))  # refused before training started
+    except JobError as exc:
         raise CommandError(exc) from None
-    if main_process:
+    if job.runs is not None:
         # One JSON line last on stdout (the trainer logs above it), for scripts.
-        print(json.dumps({"run": run_id, "version": result.version_id, "adapter": str(result.adapter_dir),
+        print(json.dumps({"run": job.run_id, "version": result.version_id, "adapter": str(result.adapter_dir),
                           "metrics": result.metrics}, default=str))
     return 0
-
-
-def _reward_dir(runs, reward_run: int | None, persona: str | None) -> Path:
-    """The output folder of the reward run PPO optimises against: the one named, or the newest that fits."""
-    if reward_run is not None:
-        try:
-            run = runs.get_run(reward_run)
-        except NotFound as exc:
-            raise ValueError(exc.args[0]) from None
-        if run.kind != "reward" or run.status != "succeeded":
-            raise ValueError(f"--reward-run {reward_run} is a {run.status} {run.kind} run; "
-                             "it must be a succeeded reward run")
-        if (run.dataset_stats or {}).get("part") == "judge":
-            print(f"warning: reward run {reward_run} was trained as a judge (--part judge); optimised against, "
-                  "it can no longer judge this policy", file=sys.stderr)
-        return Path(run.output_dir)
-    for run in runs.list_runs("reward"):
-        # A judge-part reward model is kept for judging: optimising against it would leave no independent judge.
-        if run.status == "succeeded" and run.persona_id == persona and \
-                (run.dataset_stats or {}).get("part") != "judge":
-            return Path(run.output_dir)
-    raise ValueError(f"no succeeded reward run for persona {persona or '(all personas)'} outside the judge part: "
-                     "train one with `persona-studio align reward`, or name one with --reward-run")
 
 
 # -- align evaluate -----------------------------------------------------------

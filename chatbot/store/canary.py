@@ -76,13 +76,13 @@ from chatbot.store.models import Canary, Conversation, Feedback, Message, ModelV
 from chatbot.store.versions import (
     ModelVersionRecord,
     PromotionRefused,
-    _lock_persona,
-    _record,
-    _run_kind,
-    _stack,
-    _target,
-    _who,
+    acting_name,
     check_gate,
+    lock_persona,
+    promotion_stack,
+    target_persona,
+    version_record,
+    version_run_kind,
 )
 
 CONTROL, CANDIDATE = "control", "candidate"
@@ -297,9 +297,9 @@ def serving_version(store: StoreBase, persona_id: str, conversation_id: int | No
                 .where(Conversation.id == conversation_id, Conversation.canary_arm == CANDIDATE,
                        Canary.ended_at.is_(None)))
             if candidate is not None:
-                return _record(session, candidate)
-        stack = _stack(session, persona_id)
-        return _record(session, stack[-1] if stack else None)
+                return version_record(session, candidate)
+        stack = promotion_stack(session, persona_id)
+        return version_record(session, stack[-1] if stack else None)
 
 
 # -- writing ----------------------------------------------------------------
@@ -308,7 +308,7 @@ def serving_version(store: StoreBase, persona_id: str, conversation_id: int | No
 def start(store: StoreBase, version_id: int, *, by: str, share: float = DEFAULT_SHARE,
           min_votes: int = DEFAULT_MIN_VOTES, persona_id: str | None = None,
           include_simulated: bool = False) -> CanaryRecord:
-    by = _who(by)
+    by = acting_name(by)
     if not (isinstance(share, (int, float)) and 0 < share < 1):
         raise CanaryRefused(f"--share must be between 0 and 1 (exclusive), not {share}")
     if isinstance(min_votes, bool) or not isinstance(min_votes, int) or min_votes < 1:
@@ -319,12 +319,12 @@ def start(store: StoreBase, version_id: int, *, by: str, share: float = DEFAULT_
         if row is None:
             raise NotFound(f"model version {version_id} does not exist")
         version = ModelVersionRecord.from_row(row)
-        target = _target(version, persona_id)
+        target = target_persona(version, persona_id)
         # What could serve at all (a policy adapter on disk); the offline gate is not required:
         # the A/B is the other judge.
-        check_gate(version, _run_kind(session, version), force=True)
-        _lock_persona(session, target)
-        stack = _stack(session, target)
+        check_gate(version, version_run_kind(session, version), force=True)
+        lock_persona(session, target)
+        stack = promotion_stack(session, target)
         control = stack[-1] if stack else None
         if control == version_id:
             raise CanaryRefused(f"version {version_id} already serves persona {target!r}: there is nothing to "
@@ -352,10 +352,10 @@ def _end(session: Session, canary: Canary, *, by: str, outcome: str) -> CanaryRe
 
 
 def stop(store: StoreBase, persona_id: str, *, by: str) -> CanaryRecord:
-    by = _who(by)
+    by = acting_name(by)
 
     def work(session: Session) -> CanaryRecord:
-        _lock_persona(session, persona_id)
+        lock_persona(session, persona_id)
         canary = _running(session, persona_id, fresh=True)
         if canary is None:
             raise CanaryRefused(f"no canary is running for persona {persona_id!r}")
@@ -384,7 +384,7 @@ def after_vote(session: Session, conversation_id: int, simulated: bool) -> Canar
                               .where(Canary.id == canary_id, Canary.ended_at.is_(None))).first()
     if running is None or (simulated and not running.include_simulated):
         return None  # ended already, or a vote it does not count
-    _lock_persona(session, running.persona_id)  # then this check sees every vote committed before it
+    lock_persona(session, running.persona_id)  # then this check sees every vote committed before it
     canary = session.scalars(select(Canary).where(Canary.id == canary_id, Canary.ended_at.is_(None))
                              .execution_options(populate_existing=True)).first()
     if canary is None:

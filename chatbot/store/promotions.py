@@ -25,13 +25,13 @@ from chatbot.store.versions import (
     PromotionChange,
     PromotionRecord,
     PromotionRefused,
-    _lock_persona,
-    _record,
-    _run_kind,
-    _stack,
-    _target,
-    _who,
+    acting_name,
     check_gate,
+    lock_persona,
+    promotion_stack,
+    target_persona,
+    version_record,
+    version_run_kind,
 )
 
 
@@ -41,7 +41,7 @@ def _refresh_statuses(session: Session, version_ids: set[int]) -> None:
     for version_id in version_ids:
         personas = session.scalars(select(Promotion.persona_id).distinct()
                                    .where(Promotion.version_id == version_id)).all()
-        on_top = any((stack := _stack(session, p)) and stack[-1] == version_id for p in personas)
+        on_top = any((stack := promotion_stack(session, p)) and stack[-1] == version_id for p in personas)
         session.get(ModelVersion, version_id).status = "serving" if on_top else "retired"
 
 
@@ -55,16 +55,16 @@ def _append(session: Session, **values: Any) -> Promotion:
 def _change(session: Session, entry: Promotion, version_id: int, previous: int | None,
             ended_canary: Any = None) -> PromotionChange:
     session.flush()
-    stack = _stack(session, entry.persona_id)
+    stack = promotion_stack(session, entry.persona_id)
     return PromotionChange(
-        entry=PromotionRecord.from_row(entry), version=_record(session, version_id),
-        previous=_record(session, previous), serving=_record(session, stack[-1] if stack else None),
+        entry=PromotionRecord.from_row(entry), version=version_record(session, version_id),
+        previous=version_record(session, previous), serving=version_record(session, stack[-1] if stack else None),
         ended_canary=ended_canary)
 
 
 def promote(store: StoreBase, version_id: int, *, by: str, force: bool = False, reason: str | None = None,
             persona_id: str | None = None, require_ab: bool = False) -> PromotionChange:
-    by = _who(by)
+    by = acting_name(by)
     reason = reason.strip() if reason and reason.strip() else None
     if force and reason is None:
         raise PromotionRefused("--force needs --reason TEXT: a forced promotion records why")
@@ -74,11 +74,11 @@ def promote(store: StoreBase, version_id: int, *, by: str, force: bool = False, 
         if row is None:
             raise NotFound(f"model version {version_id} does not exist")
         version = ModelVersionRecord.from_row(row)
-        target = _target(version, persona_id)
-        run_kind = _run_kind(session, version)
+        target = target_persona(version, persona_id)
+        run_kind = version_run_kind(session, version)
         check_gate(version, run_kind, force=True)  # what can never be promoted, whatever the A/B says
-        _lock_persona(session, target)
-        stack = _stack(session, target)
+        lock_persona(session, target)
+        stack = promotion_stack(session, target)
         previous = stack[-1] if stack else None
         ab = canary.ab_for(session, target, version_id, previous)
         if require_ab:
@@ -107,11 +107,11 @@ def promote(store: StoreBase, version_id: int, *, by: str, force: bool = False, 
 
 
 def rollback(store: StoreBase, persona_id: str, *, by: str) -> PromotionChange:
-    by = _who(by)
+    by = acting_name(by)
 
     def work(session: Session) -> PromotionChange:
-        _lock_persona(session, persona_id)
-        stack = _stack(session, persona_id)
+        lock_persona(session, persona_id)
+        stack = promotion_stack(session, persona_id)
         if not stack:
             raise PromotionRefused(f"nothing to roll back: no promoted version serves persona {persona_id!r} "
                                    "(it uses its persona file's adapter, or the base model)")

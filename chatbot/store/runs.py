@@ -156,6 +156,19 @@ class RunStore(StoreBase):
                 reaped.append(run.id)
         return reaped
 
+    def resumable(self, run_id: int, kind: str, *, check_process: bool = True) -> RunRecord:
+        """The run ``run_id``, checked for continuing as a ``kind`` job.
+
+        NotFound for an unknown run; ValueError for a run of another kind, or,
+        with ``check_process``, one whose process is still running it.
+        """
+        run = self.get_run(run_id)
+        if run.kind != kind:
+            raise ValueError(f"run {run.id} is a {run.kind} run, not {kind}")
+        if check_process and run.status == "running" and process_alive(run.output_dir):
+            raise ValueError(f"run {run.id} is still running ({run.output_dir}/{JOB_FILE})")
+        return run
+
     def get_run(self, run_id: int) -> RunRecord:
         """The run; NotFound if there is none with that id."""
         with self.read_session() as session:

@@ -103,7 +103,7 @@ class PromotionChange:
 # -- reading ----------------------------------------------------------------
 
 
-def _stack(session: Session, persona_id: str) -> list[int]:
+def promotion_stack(session: Session, persona_id: str) -> list[int]:
     """The persona's version ids, bottom first, from replaying its log."""
     stack: list[int] = []
     rows = session.execute(select(Promotion.action, Promotion.version_id)
@@ -116,7 +116,7 @@ def _stack(session: Session, persona_id: str) -> list[int]:
     return stack
 
 
-def _record(session: Session, version_id: int | None) -> ModelVersionRecord | None:
+def version_record(session: Session, version_id: int | None) -> ModelVersionRecord | None:
     if version_id is None:
         return None
     row = session.get(ModelVersion, version_id)
@@ -125,13 +125,13 @@ def _record(session: Session, version_id: int | None) -> ModelVersionRecord | No
 
 def serving_version(store: StoreBase, persona_id: str) -> ModelVersionRecord | None:
     with store.read_session() as session:
-        stack = _stack(session, persona_id)
-        return _record(session, stack[-1] if stack else None)
+        stack = promotion_stack(session, persona_id)
+        return version_record(session, stack[-1] if stack else None)
 
 
 def get_version(store: StoreBase, version_id: int) -> ModelVersionRecord:
     with store.read_session() as session:
-        record = _record(session, version_id)
+        record = version_record(session, version_id)
     if record is None:
         raise NotFound(f"model version {version_id} does not exist")
     return record
@@ -221,20 +221,20 @@ def check_gate(version: ModelVersionRecord, run_kind: str | None, *, force: bool
 # -- what promotions and canaries share -------------------------------------
 
 
-def _lock_persona(session: Session, persona_id: str) -> None:
+def lock_persona(session: Session, persona_id: str) -> None:
     """Serialize promotions of one persona (PostgreSQL; SQLite's write lock already does)."""
     if session.get_bind().dialect.name == "postgresql":
         digest = hashlib.blake2b(f"promotions:{persona_id}".encode(), digest_size=8).digest()
         session.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
 
 
-def _who(by: str) -> str:
+def acting_name(by: str) -> str:
     if not by or not by.strip():
         raise PromotionRefused("say who is doing this (by)")
     return by.strip()
 
 
-def _target(version: ModelVersionRecord, persona_id: str | None) -> str:
+def target_persona(version: ModelVersionRecord, persona_id: str | None) -> str:
     """The persona a version is to serve: its own, or ``persona_id`` for one trained without a persona."""
     if version.persona_id is None and persona_id is None:
         raise PromotionRefused(f"version {version.id} belongs to no persona: name the one it should "
@@ -245,7 +245,7 @@ def _target(version: ModelVersionRecord, persona_id: str | None) -> str:
     return persona_id or version.persona_id
 
 
-def _run_kind(session: Session, version: ModelVersionRecord) -> str | None:
+def version_run_kind(session: Session, version: ModelVersionRecord) -> str | None:
     if version.run_id is None:
         return None
     return session.scalar(select(AlignmentRun.kind).where(AlignmentRun.id == version.run_id))
