@@ -484,12 +484,13 @@ def test_batched_generation_writes_what_one_prompt_at_a_time_does(setup, tiny_mo
     prompts = [[{"role": "user", "content": text}] for text in
                ("Hi", "Tell me a long story about the sea, the ships and the gold of the old captains.",
                 "Where is the treasure?", "Arr?", "What do pirates eat on a long voyage across the ocean?")]
-    greedy = GenerationParams(temperature=0.9, repetition_penalty=1.0)  # sampled: seeds, not order, decide
+    # Sampled: seeds, not order, decide. evaluate() caps the length from its options the same way.
+    sampled = GenerationParams(temperature=0.9, repetition_penalty=1.0, max_new_tokens=8)
 
     def replies(batch: int) -> dict:
         options = EvalOptions(samples=2, max_new_tokens=8, batch=batch)
         with tqdm(disable=True) as bar:
-            out, _ = generate_and_measure(tiny_model, candidate, base, prompts, options, greedy, bar)
+            out, _ = generate_and_measure(tiny_model, candidate, base, prompts, options, sampled, bar)
         return {side: [(r.prompt_index, r.sample, r.token_ids) for r in rows] for side, rows in out.items()}, \
             {side: [x for r in rows for x in (r.kl, r.ref_nll)] for side, rows in out.items()}
 

@@ -5,9 +5,15 @@ questions, three fixed seeds. The persona must show the trait in most
 replies, and far more often than the plain assistant answering the same
 questions with the same settings, so the trait comes from the persona and
 not from the question. Seeds are fixed, so a run is repeatable on one machine.
+
+The replies are the chat's own: the prompt a session builds for the message,
+sampled by the engine with the persona's settings. A question's three seeds
+are decoded together (``Engine.generate_batch``: reply k is the one seed k
+gives alone), and all questions of a test are in flight at once.
 """
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -16,9 +22,6 @@ from chatbot.chat import params_for
 pytestmark = pytest.mark.model
 
 SEEDS = (1, 2, 3)
-# The trait shows in a reply's first sentences; a shorter reply keeps the 90
-# generations of this file to a fraction of the suite's time.
-MAX_NEW_TOKENS = 48
 TRAITS = {
     "pirate": (r"\b(arr+|matey|ye|ahoy|ship|sea|treasure|avast)\b",
                ["What did you do today?", "Can you recommend a book?", "What's the weather like?"]),
@@ -35,40 +38,43 @@ TRAITS = {
 }
 
 
-def trait_count(service, speaker: str, settings_of: str, pattern: str, questions) -> tuple[int, list[str]]:
+def replies(service, speaker: str, settings_of: str, questions) -> list[list[str]]:
+    """For each question, the replies ``speaker`` gives with ``settings_of``'s settings, one per seed."""
     user = service.user_id("Sam")
-    hits, misses = 0, []
-    for question in questions:
-        for seed in SEEDS:
-            session = service.new_session(user, speaker, "Sam")
-            params = params_for(service.personas.get(settings_of), seed=seed, max_new_tokens=MAX_NEW_TOKENS)
-            *_, reply = service.send(session, question, params)
-            if re.search(pattern, reply.text, re.IGNORECASE | re.DOTALL):
-                hits += 1
-            else:
-                misses.append(reply.text[:120])
-    return hits, misses
+    params = params_for(service.personas.get(settings_of), seed=SEEDS[0])
+    assert SEEDS == tuple(range(SEEDS[0], SEEDS[0] + len(SEEDS)))  # generate_batch seeds reply k with seed + k
+
+    def ask(question: str) -> list[str]:
+        prompt = service.new_session(user, speaker, "Sam").prompt([{"role": "user", "content": question}])
+        return [reply.text for reply in service.engine.generate_batch(prompt, params, len(SEEDS))]
+
+    with ThreadPoolExecutor(max_workers=len(questions)) as pool:
+        return list(pool.map(ask, questions))
+
+
+def trait_count(texts: list[list[str]], pattern: str) -> tuple[int, list[str]]:
+    flat = [text for per_question in texts for text in per_question]
+    hits = [bool(re.search(pattern, text, re.IGNORECASE | re.DOTALL)) for text in flat]
+    return sum(hits), [text[:120] for text, hit in zip(flat, hits) if not hit]
 
 
 @pytest.mark.parametrize("persona_id", sorted(TRAITS))
 def test_persona_shows_its_trait_far_more_than_the_plain_assistant(service, persona_id):
     pattern, questions = TRAITS[persona_id]
     total = len(questions) * len(SEEDS)
-    hits, misses = trait_count(service, persona_id, persona_id, pattern, questions)
-    baseline, _ = trait_count(service, "assistant", persona_id, pattern, questions)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # both speakers' replies decoded together
+        own, plain = pool.map(lambda speaker: replies(service, speaker, persona_id, questions),
+                              (persona_id, "assistant"))
+    hits, misses = trait_count(own, pattern)
+    baseline, _ = trait_count(plain, pattern)
     assert hits >= 5, f"{persona_id}: trait in {hits}/{total} replies; misses: {misses}"
     assert hits - baseline >= 4, f"{persona_id}: {hits}/{total} vs plain assistant {baseline}/{total}"
 
 
 def test_assistant_answers_simple_facts(service):
-    pattern_answers = [("What is the capital of France?", r"Paris"),
-                       ("What is the largest planet in the solar system?", r"Jupiter"),
-                       ("How many legs does a spider have?", r"\b(8|eight)\b")]
-    user = service.user_id("Sam")
-    right = 0
-    for question, answer in pattern_answers:
-        for seed in SEEDS:
-            session = service.new_session(user, "assistant", "Sam")
-            *_, reply = service.send(session, question, params_for(session.persona, seed=seed, max_new_tokens=MAX_NEW_TOKENS))
-            right += bool(re.search(answer, reply.text, re.IGNORECASE))
-    assert right >= 6, f"right in {right}/9"
+    questions, answers = zip(("What is the capital of France?", r"Paris"),
+                             ("What is the largest planet in the solar system?", r"Jupiter"),
+                             ("How many legs does a spider have?", r"\b(8|eight)\b"))
+    got = replies(service, "assistant", "assistant", questions)
+    right = sum(bool(re.search(answer, text, re.IGNORECASE)) for answer, texts in zip(answers, got) for text in texts)
+    assert right >= 6, f"right in {right}/9: {got}"
