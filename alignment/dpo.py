@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from alignment.recipe import EpochFields, GateFields
 from alignment.reward import reply_text, validate_rows
 from alignment.training import (
     JobResult,
+    cancel_callback,
     ensure_pad_token,
     find_checkpoint,
     finish_job,
@@ -175,6 +176,7 @@ def train_dpo(
     progress: bool = True,
     data_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
+    cancelled: Callable[[], bool] | None = None,
 ) -> JobResult:
     """Train a LoRA adapter with DPO, report it on ``eval_rows`` and register a candidate.
 
@@ -188,6 +190,8 @@ def train_dpo(
     train_rows = validate_rows(train_rows, "train", recipe.min_pairs)
     eval_rows = validate_rows(eval_rows, "eval")
     last_checkpoint = find_checkpoint(checkpoints, resume)
+    if cancelled is not None:  # a worker's job that someone cancels: checkpoint, then stop
+        callbacks = [*callbacks, cancel_callback(cancelled)]
     return run_tracked(run_store, run_id, lambda: _train(
         recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
         run_store, run_id, progress, data_dir, callbacks))

@@ -108,13 +108,18 @@ class Job:
         return (f"run {self.run_id}: {self.kind.what} on {len(self.split.train)} train / {len(self.split.eval)} "
                 f"eval {self.kind.unit} (snapshot {self.split.snapshot_hash[:12]}) -> {self.output}")
 
-    def run(self) -> JobResult:
+    def run(self, cancelled: Callable[[], bool] | None = None) -> JobResult:
         """Train. A refusal found once training has begun (JobError) marks the run failed;
-        any other exception leaves it to the trainer's own bookkeeping (alignment.training.run_tracked)."""
+        any other exception leaves it to the trainer's own bookkeeping (alignment.training.run_tracked).
+
+        ``cancelled``: asked after every step; once it is true the job writes a
+        checkpoint and raises alignment.training.JobCancelled (the run is then
+        interrupted, and resumes from that checkpoint).
+        """
         try:
             return self.train(self.request.recipe, self.split.trl("train"), self.split.trl("eval"), self.output,
                               run_store=self.runs, run_id=self.run_id, resume=self.request.resume is not None,
-                              data_dir=self.data_dir)
+                              data_dir=self.data_dir, cancelled=cancelled)
         except ValueError as exc:
             if self.runs is not None and self.runs.get_run(self.run_id).status in ("queued", "running"):
                 self.runs.set_status(self.run_id, "failed", str(exc))  # refused before training started

@@ -27,7 +27,7 @@ alignment/training.py and alignment/recipe.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from alignment.recipe import EpochFields, GateFields
 from alignment.reward import reply_text
 from alignment.training import (
     JobResult,
+    cancel_callback,
     ensure_pad_token,
     find_checkpoint,
     finish_job,
@@ -266,6 +267,7 @@ def train_kto(
     progress: bool = True,
     data_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
+    cancelled: Callable[[], bool] | None = None,
 ) -> JobResult:
     """Train a LoRA adapter with KTO, report it on ``eval_rows`` and register a candidate.
 
@@ -281,6 +283,8 @@ def train_kto(
     if recipe.per_device_train_batch_size < 2:
         raise ValueError("per_device_train_batch_size must be > 1: KTO estimates its KL term within a batch")
     last_checkpoint = find_checkpoint(checkpoints, resume)
+    if cancelled is not None:  # a worker's job that someone cancels: checkpoint, then stop
+        callbacks = [*callbacks, cancel_callback(cancelled)]
     return run_tracked(run_store, run_id, lambda: _train(
         recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
         run_store, run_id, progress, data_dir, callbacks))

@@ -47,13 +47,14 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alignment.recipe import BUNDLED, GateFields, TrainingFields
 from alignment.training import (
+    JobCancelled,
     JobResult,
     ensure_pad_token,
     find_checkpoint,
@@ -319,8 +320,10 @@ def load_checkpoint(checkpoint: Path, trainer: Any) -> dict[str, Any] | None:
 # -- the step callback --------------------------------------------------------
 
 
-def control_callback(recipe: PPORecipe, checkpoints: Path, step_offset: int):
-    """Reply stats into each step's logs, KL early stop with policy snapshots, and checkpoints."""
+def control_callback(recipe: PPORecipe, checkpoints: Path, step_offset: int,
+                     cancelled: Callable[[], bool] | None = None):
+    """Reply stats into each step's logs, KL early stop with policy snapshots, checkpoints, and a
+    cancel (``cancelled()`` true): a checkpoint of the step, then JobCancelled."""
     from transformers import TrainerCallback
 
     class PPOControl(TrainerCallback):
@@ -353,8 +356,12 @@ def control_callback(recipe: PPORecipe, checkpoints: Path, step_offset: int):
                 raise KLExceeded(self.stop)
             previous = self.snapshots[-1][1] if self.snapshots else None
             self.snapshots.append((step, trainable_state(self.policy())))
-            if recipe.save_steps > 0 and step % recipe.save_steps == 0 and self.trainer.accelerator.is_main_process:
+            saving = recipe.save_steps > 0 and step % recipe.save_steps == 0
+            stopping = cancelled is not None and cancelled()
+            if (saving or stopping) and self.trainer.accelerator.is_main_process:
                 save_checkpoint(checkpoints, self.trainer, step, previous, recipe.save_total_limit)
+            if stopping:
+                raise JobCancelled(f"cancelled at step {step}; its checkpoint is saved")
 
     return PPOControl()
 
@@ -375,6 +382,7 @@ def train_ppo(
     progress: bool = True,
     data_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
+    cancelled: Callable[[], bool] | None = None,
 ) -> JobResult:
     """Train a LoRA policy with PPO against the reward model in ``reward_dir`` and register a candidate.
 
@@ -405,20 +413,17 @@ def train_ppo(
     last_checkpoint = _find_ppo_checkpoint(checkpoints, resume)
     return run_tracked(run_store, run_id, lambda: _train(
         recipe, train_rows, Path(reward_dir), output_dir, checkpoints, last_checkpoint,
-        run_store, run_id, progress, data_dir, callbacks))
+        run_store, run_id, progress, data_dir, callbacks, cancelled))
 
 
 def _find_ppo_checkpoint(checkpoints: Path, resume: bool) -> Path | None:
-    # find_checkpoint's rules (refuse to overwrite, warn when nothing to resume);
-    # a checkpoint folder here is complete only once state.json exists.
-    found = find_checkpoint(checkpoints, resume)
-    if found is not None and not (found / "state.json").is_file():
-        raise ValueError(f"{found} is incomplete (no state.json); delete it to resume from the one before")
-    return found
+    # find_checkpoint's rules (refuse to overwrite, warn when nothing to resume, pass over a
+    # partial folder); save_checkpoint writes state.json last.
+    return find_checkpoint(checkpoints, resume, complete_marker="state.json")
 
 
 def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpoint,
-           run_store, run_id, progress, data_dir, callbacks) -> JobResult:
+           run_store, run_id, progress, data_dir, callbacks, cancelled=None) -> JobResult:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -471,7 +476,7 @@ def _train(recipe, train_rows, reward_dir, output_dir, checkpoints, last_checkpo
         num_sample_generations=0,  # evaluation is `align evaluate`, on held-out prompts
     )
     done = checkpoint_step(last_checkpoint) if last_checkpoint is not None else 0
-    control = control_callback(recipe, checkpoints, done)
+    control = control_callback(recipe, checkpoints, done, cancelled)
     reference = None  # the policy with its adapter disabled
     if world_size > 1:
         # trl 1.12 reaches the adapter-disabled reference as `self.model.policy`,

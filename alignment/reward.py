@@ -29,7 +29,7 @@ own tokenization.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from alignment.metrics import Reply, reward_report, shortcut_report
 from alignment.recipe import EpochFields
 from alignment.training import (
     JobResult,
+    cancel_callback,
     ensure_pad_token,
     find_checkpoint,
     finish_job,
@@ -194,6 +195,7 @@ def train_reward(
     progress: bool = True,
     data_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
+    cancelled: Callable[[], bool] | None = None,
 ) -> JobResult:
     """Train a reward model, report it on ``eval_rows`` and register a candidate.
 
@@ -209,6 +211,8 @@ def train_reward(
     eval_rows = validate_rows(eval_rows, "eval")
 
     last_checkpoint = find_checkpoint(checkpoints, resume)
+    if cancelled is not None:  # a worker's job that someone cancels: checkpoint, then stop
+        callbacks = [*callbacks, cancel_callback(cancelled)]
     return run_tracked(run_store, run_id, lambda: _train(
         recipe, train_rows, eval_rows, output_dir, checkpoints, last_checkpoint,
         run_store, run_id, progress, data_dir, callbacks))

@@ -204,11 +204,21 @@ def lora_config(recipe: Any, task_type: str, **extra: Any):
                       **extra)
 
 
-def find_checkpoint(checkpoints: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; ValueError if one exists and ``resume`` is false."""
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(checkpoints: Path, complete_marker: str = "trainer_state.json") -> Path | None:
+    """The highest-numbered ``checkpoint-N`` folder that was written to the end (it has
+    ``complete_marker``, which the trainer writes last). A job killed while saving leaves a newer,
+    partial folder behind; resuming from it would fail, so it is passed over."""
+    numbered = []
+    for folder in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else ():
+        step = folder.name.removeprefix("checkpoint-")
+        if step.isdigit() and (folder / complete_marker).exists():
+            numbered.append((int(step), folder))
+    return max(numbered)[1] if numbered else None
 
-    last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+def find_checkpoint(checkpoints: Path, resume: bool, complete_marker: str = "trainer_state.json") -> Path | None:
+    """The checkpoint to resume from; ValueError if one exists and ``resume`` is false."""
+    last_checkpoint = last_complete_checkpoint(checkpoints, complete_marker)
     if last_checkpoint and not resume:
         raise ValueError(f"{checkpoints} already has {Path(last_checkpoint).name}: "
                          "resume it, or use a new output directory")
@@ -232,3 +242,31 @@ def run_tracked(run_store: RunStore | None, run_id: int | None, train: Any) -> A
             run_store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
     return result
+
+
+class JobCancelled(KeyboardInterrupt):
+    """A cancelled job stopped after writing its checkpoint.
+
+    A KeyboardInterrupt, so ``run_tracked`` marks the run interrupted, as for
+    Ctrl-C: it continues from that checkpoint with ``--resume``.
+    """
+
+
+def cancel_callback(cancelled: Callable[[], bool]):
+    """A trainer callback that, once ``cancelled()`` is true, saves a checkpoint at the end of the
+    step and then raises JobCancelled (the trainer calls ``on_save`` after writing it)."""
+    from transformers import TrainerCallback
+
+    class CancelCallback(TrainerCallback):
+        requested_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested_at is None and cancelled():
+                self.requested_at = state.global_step
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.requested_at is not None:
+                raise JobCancelled(f"cancelled at step {state.global_step}; its checkpoint is saved")
+
+    return CancelCallback()

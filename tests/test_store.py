@@ -61,6 +61,9 @@ EXPECTED_COLUMNS = {
                    "ab"},
     "canaries": {"id", "persona_id", "candidate_id", "control_id", "share", "min_votes", "include_simulated",
                  "started_by", "started_at", "ended_at", "ended_by", "outcome", "result"},
+    "jobs": {"id", "kind", "persona_id", "request", "status", "progress", "run_id", "result", "error", "log_path",
+             "cancel_requested", "requested_by", "worker", "heartbeat_at", "started_at", "finished_at",
+             "created_at", "updated_at"},
 }
 
 
@@ -134,7 +137,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0008_session_epoch",)
+                ("0009_jobs",)
             ]
     finally:
         engine.dispose()

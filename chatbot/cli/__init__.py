@@ -5,6 +5,7 @@
     persona-studio personas list|validate|new|import|export ...
     persona-studio feedback export|stats ...
     persona-studio align reward|ppo|kto|dpo|runs|show|evaluate ...
+    persona-studio jobs submit|list|show|log|cancel|resume|worker ...   (the job queue and its worker)
     persona-studio models list|promote|rollback|log|canary|canary-status|canary-stop ...
     persona-studio simulate --persona ID --rule RULE --prompts FILE   (SIMULATED votes)
     persona-studio users add|passwd|list|set-role|remove|api-key ...
@@ -25,13 +26,13 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from . import align, chat, feedback, models, personas, serve, simulate, users
+from . import align, chat, feedback, jobs, models, personas, serve, simulate, users
 from .errors import FAILURES, report
 
 # In the order `persona-studio --help` lists them.
 COMMANDS: dict[str, ModuleType] = {
     "serve": serve, "chat": chat, "personas": personas, "feedback": feedback, "align": align,
-    "models": models, "simulate": simulate, "users": users,
+    "jobs": jobs, "models": models, "simulate": simulate, "users": users,
 }
 
 

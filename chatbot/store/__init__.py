@@ -2,12 +2,12 @@
 
 ``ChatStore.open(url)`` is the entry point; the schema is managed by the
 Alembic migrations shipped in ``migrations/`` and applied by ``migrate``.
-``AccountStore`` (accounts.py) and ``RunStore`` (runs.py) share its engine;
-all three derive from ``StoreBase`` (base.py), and all raise ``NotFound``
-(errors.py) for a row that does not exist.
+``AccountStore`` (accounts.py), ``RunStore`` (runs.py) and ``JobQueue``
+(jobs.py) share its engine; all derive from ``StoreBase`` (base.py), and all
+raise ``NotFound`` (errors.py) for a row that does not exist.
 
 Modules, lowest first (each imports only those before it): db, models,
-errors, base; versions; canary; promotions; runs, accounts, repository.
+errors, base; versions; canary; promotions; runs, jobs, accounts, repository.
 """
 
 from chatbot.store.accounts import AccountStore
@@ -15,6 +15,7 @@ from chatbot.store.base import DetachedRow, StoreBase
 from chatbot.store.canary import CanaryRecord, CanaryRefused, CanaryStats
 from chatbot.store.db import StoreError, make_engine, migrate
 from chatbot.store.errors import NotFound
+from chatbot.store.jobs import JobQueue, JobRecord
 from chatbot.store.models import (
     ApiKey,
     Base,
@@ -22,6 +23,7 @@ from chatbot.store.models import (
     Conversation,
     Feedback,
     FeedbackEvent,
+    Job,
     Message,
     ModelVersion,
     PersonaVersion,
@@ -47,6 +49,9 @@ __all__ = [
     "Feedback",
     "FeedbackEvent",
     "FeedbackRecord",
+    "Job",
+    "JobQueue",
+    "JobRecord",
     "Message",
     "MessageRecord",
     "ModelVersion",

@@ -41,6 +41,8 @@ MODEL_STATUSES = ("candidate", "serving", "retired")
 FINISH_REASONS = ("eos", "length", "stopped", "greeting")
 RATINGS = (1, -1)
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "interrupted")
+JOB_KINDS = ("reward", "ppo", "kto", "dpo", "evaluate", "simulate")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 PROMOTION_ACTIONS = ("promote", "rollback")
 CANARY_ARMS = ("control", "candidate")
 
@@ -344,3 +346,42 @@ class Canary(Base):
     ended_by: Mapped[str | None] = mapped_column(String(200))  # a name, or "auto"
     outcome: Mapped[str | None] = mapped_column(Text)  # why it ended, one line
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # its figures when it ended
+
+
+class Job(Base):
+    """One piece of alignment work asked for in the app or the CLI, done by the worker process.
+
+    ``request`` is what was asked (the job kind's options: recipe values,
+    persona, evaluation settings), enough to run it again. A training job
+    links its alignment run (``run_id``) once it has one; an evaluation
+    links the run it evaluates. At most one job is running at a time
+    (``uq_jobs_running``); see ``store/jobs.py``.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("kind", JOB_KINDS), name="kind"),
+        CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
+        Index("uq_jobs_running", "status", unique=True,
+              sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    persona_id: Mapped[str | None] = mapped_column(String(200))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="queued", server_default="queued", index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("alignment_runs.id"))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    log_path: Mapped[str | None] = mapped_column(String(500))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    requested_by: Mapped[str] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process running it
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
