@@ -126,6 +126,18 @@ class Job:
             raise JobError(str(exc)) from None
 
 
+def checked_split(kind: str, recipe: Any, store: Any, persona: str | None, part: str = "policy",
+                  split: str = "conversation") -> Split:
+    """The data a ``kind`` job with ``recipe`` would train on; JobError saying the counts it lacks."""
+    job = job_kind(kind)
+    try:
+        data = job.build(store, persona=persona, split=split, part=part, eval_fraction=recipe.eval_fraction,
+                         seed=recipe.seed)
+        return data.require(getattr(recipe, job.min_field), min_eval=1)
+    except (ValueError, DataTooSmall) as exc:
+        raise JobError(str(exc)) from None
+
+
 def main_process() -> bool:
     """Whether this is the process that writes to the store: ``accelerate launch`` sets RANK per process."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -145,12 +157,7 @@ def start(request: JobRequest, store: Any, runs: RunStore, data_dir: Path) -> Jo
     if request.split not in SPLITS:
         raise JobError(f"split must be one of {', '.join(SPLITS)}, not {request.split!r}")
     recipe, notes = request.recipe, []
-    try:
-        split = kind.build(store, persona=request.persona, split=request.split, part=request.part,
-                           eval_fraction=recipe.eval_fraction, seed=recipe.seed)
-        split.require(getattr(recipe, kind.min_field), min_eval=1)
-    except (ValueError, DataTooSmall) as exc:
-        raise JobError(str(exc)) from None
+    split = checked_split(request.kind, recipe, store, request.persona, request.part, request.split)
     train = kind.train
     if request.kind == "ppo":
         train = functools.partial(train, reward_dir=reward_dir(runs, request.reward_run, request.persona, notes))

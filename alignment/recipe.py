@@ -15,6 +15,8 @@ default or its help::
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,13 @@ class RecipeLoader:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        for name, value in values.items():
+            if not _fits(value, hints[name]):
+                hint = ""
+                if isinstance(value, str) and _fits(1.0, hints[name]) and _is_number(value):
+                    hint = f" (YAML reads {value} as text; write it with a dot, e.g. 1.0e-4)"
+                raise ValueError(f"{source}: {name} must be {_describe(hints[name])}, not {value!r}{hint}")
         return cls(**values)
 
     @classmethod
@@ -47,6 +56,56 @@ class RecipeLoader:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value suits a recipe field's type (int, float, bool, str, list[...], dict[...], unions).
+
+    Caught when the recipe is loaded, so ``learning_rate: fast`` is a one-line
+    error naming the key rather than a traceback from inside the trainer.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
+    return True  # a type this check does not know: the dataclass decides
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return str(hint)
 
 
 @dataclass

@@ -300,3 +300,21 @@ def test_align_dpo_command_then_evaluate(setup, tiny_model, tmp_path, capsys):
     assert evaluation["kind"] == "dpo" and evaluation["candidate"]["version"] == result["version"]
     assert evaluation["prompts"]["used"] > 0 and evaluation["metrics"]["candidate"]["kl_mean"] != 0.0
     assert setup["store"].get_version(result["version"]).metrics["evaluation"]["gate"] == evaluation["gate"]
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ("learning_rate: fast", "r.yaml: learning_rate must be a number, not 'fast'"),
+    ("learning_rate: 5e-6", "not '5e-6' (YAML reads 5e-6 as text; write it with a dot"),
+    ("lora_r: 2.5", "lora_r must be a whole number, not 2.5"),
+    ("bf16: maybe", "bf16 must be true or false, not 'maybe'"),
+    ("lora_target_modules: q_proj", "lora_target_modules must be a list of text, not 'q_proj'"),
+    ("gate: 3", "gate must be a mapping, not 3"),
+])
+def test_a_recipe_value_of_the_wrong_type_is_refused_with_its_key(tmp_path, line, error):
+    """Every recipe kind loads through RecipeLoader.from_dict: the CLI's --recipe and the Alignment tab's editor."""
+    path = tmp_path / "r.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError) as raised:
+        DPORecipe.from_yaml(path)
+    assert error in str(raised.value)
+    assert DPORecipe.from_dict({"learning_rate": 5, "lora_r": 8, "bf16": True}).learning_rate == 5  # ints are numbers

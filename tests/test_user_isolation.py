@@ -201,6 +201,47 @@ def test_only_admins_can_write_personas_through_the_api(app_with_accounts):
     assert pirate.read_text() == original + "# edited by alice\n"
 
 
+def test_only_admins_can_see_and_run_alignment_jobs_through_the_api(app_with_accounts, data_dir):
+    """Every Alignment tab action asks for the admin role on the server: a user calling the
+    Gradio API directly gets the refusal and no job is queued; an admin's start queues one."""
+    url, _ = app_with_accounts
+    refusal = r"**Only admins can run alignment jobs\.**"  # literal(): Markdown escaped
+    notice = "alignment-notice"
+    bob = ApiSession(url)
+    assert bob.login(*USER).status_code == 200
+    attempts = {
+        "open": bob.trigger("alignment-tab", "select"),
+        "data": bob.trigger("alignment-refresh", "click", alignment_persona="pirate"),
+        "recipe": bob.trigger("alignment-recipe", "change", alignment_recipe="kto_cpu.yaml"),
+        "start": bob.trigger("alignment-start", "click", alignment_persona="pirate", alignment_recipe="kto_cpu.yaml",
+                             alignment_recipe_text="min_rows: 1\n", alignment_part="policy"),
+        "watch": bob.trigger("alignment-job", "change", alignment_job=1),
+        "cancel": bob.trigger("alignment-cancel", "click", alignment_job=1, alignment_persona="pirate"),
+        "resume": bob.trigger("alignment-resume", "click", alignment_job=1, alignment_persona="pirate"),
+    }
+    for action, result in attempts.items():
+        assert result.success and result.outputs[bob.component(notice)] == refusal, action
+    assert attempts["data"].outputs[bob.component("alignment-data")] == ""  # nothing about the feedback leaks
+    assert db_rows(data_dir, "select count(*) from jobs") == [(0,)]
+
+    alice = ApiSession(url)
+    assert alice.login(*ADMIN).status_code == 200
+    opened = alice.trigger("alignment-tab", "select")
+    assert opened.outputs[alice.component(notice)] == ""
+    data = alice.trigger("alignment-refresh", "click", alignment_persona="pirate")
+    assert "Same-context pairs: **0**" in data.outputs[alice.component("alignment-data")]
+    readiness = data.outputs[alice.component("alignment-readiness")]["data"]
+    assert ["kto_cpu.yaml", "not yet"] == readiness[[r[0] for r in readiness].index("kto_cpu.yaml")][:2]
+    refused = alice.trigger("alignment-start", "click", alignment_persona="pirate", alignment_recipe="kto_cpu.yaml",
+                            alignment_recipe_text="learning_rate: fast\n", alignment_part="policy")
+    from chatbot.ui.safe_markdown import literal
+
+    # The recipe loader's own refusal, as the CLI gives it.
+    expected = literal("kto_cpu.yaml: learning_rate must be a number, not 'fast'")
+    assert refused.outputs[alice.component(notice)] == f"**{expected}**"
+    assert db_rows(data_dir, "select count(*) from jobs") == [(0,)]
+
+
 def test_one_user_cannot_read_or_vote_on_anothers_messages(app_with_accounts, data_dir):
     url, _ = app_with_accounts
     secret = "The treasure is under the old oak"

@@ -11,6 +11,7 @@ import argparse
 import errno
 import os
 import socket
+from pathlib import Path
 
 from ..settings import Settings
 from ..startup import StartupError, build_service, check_data_dir
@@ -57,7 +58,11 @@ def build_server(service, identity, settings: Settings, auth: str = "auto"):
     from ..ui import build_app
     from ..ui.web_guard import WebGuard
 
-    blocks = build_app(service, identity)
+    from alignment.board import JobBoard
+
+    board = JobBoard(service.store, settings.database_url, Path(settings.data_dir), settings.personas_dir)
+    board.resume_queue()  # a restart picks up what was queued: the worker starts if there is work
+    blocks = build_app(service, identity, board)
     server = FastAPI(title="Persona Studio", docs_url=None, redoc_url=None, openapi_url=None)
     # Before the mount: Gradio's app at "/" would otherwise answer every path.
     server.include_router(build_router(service, AccountStore(service.store.engine), settings.user, auth),

@@ -9,13 +9,17 @@ from __future__ import annotations
 import gradio as gr
 
 from ..chat import ChatService
-from . import chat_tab, feedback_tab, personas_tab
+from . import alignment_tab, chat_tab, feedback_tab, personas_tab
 from .identity import Identity
 from .safe_markdown import literal
 
 
-def build_app(service: ChatService, identity: Identity | str) -> gr.Blocks:
-    """The app; ``identity`` may be a plain name: everyone is that local user (no accounts)."""
+def build_app(service: ChatService, identity: Identity | str, board=None) -> gr.Blocks:
+    """The app; ``identity`` may be a plain name: everyone is that local user (no accounts).
+
+    ``board``: the Alignment tab's job board (alignment/board.py ``JobBoard``); without one the
+    tab says how to get it.
+    """
     if isinstance(identity, str):
         identity = Identity.local_as(service.user_id(identity), identity)
     with gr.Blocks(title="Persona Studio") as app:
@@ -28,6 +32,8 @@ def build_app(service: ChatService, identity: Identity | str) -> gr.Blocks:
             personas_tab.create(app, service, identity)
         with gr.Tab("Feedback", elem_id="feedback-tab") as feedback:
             feedback_tab.create(app, service, identity, feedback)
+        with gr.Tab("Alignment", elem_id="alignment-tab") as alignment:
+            alignment_tab.create(app, service, board, identity, alignment)
 
         def on_load(request: gr.Request) -> str:
             if not identity.accounts_enabled:

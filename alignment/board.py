@@ -1,0 +1,223 @@
+"""What the app's Alignment tab shows and does, without Gradio (chatbot/ui/alignment_tab.py draws it).
+
+For one persona: its votes (people's and SIMULATED ones apart, by day), how
+much training data they make, and for every shipped recipe whether a job
+could start now, or the counts it still lacks, in the words the command line
+uses (``alignment.jobs.checked_split``). Jobs are queued in the store and run
+by the worker process (alignment/worker.py), which is started when needed;
+nothing here trains. A job's status comes with its ETA, its curves (each
+kind's own metrics, from the run's logged steps) and the tail of its output.
+
+Every caller is an admin: the tab checks the role on each request before it
+calls in here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignment.jobs import JOB_KINDS, JobError, checked_split, job_kind, reward_dir
+from chatbot.store.jobs import JobQueue, JobRecord
+from chatbot.store.runs import RunStore
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+LOG_LINES = 40
+# Each kind's own curves, in the order they are drawn (the names TRL logs them under).
+CURVES = {
+    "reward": ("loss", "accuracy", "margin"),
+    "kto": ("loss", "rewards/margins", "kl"),
+    "dpo": ("loss", "rewards/accuracies", "rewards/margins"),
+    "ppo": ("objective/rlhf_reward", "objective/scores", "objective/kl", "reply/length_mean"),
+}
+
+
+@dataclass(frozen=True)
+class Readiness:
+    recipe: str  # file name under alignment/recipes/
+    ready: bool
+    detail: str  # "120 train / 30 eval pairs", or why not, worded as the CLI refuses
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job: JobRecord
+    eta_seconds: float | None  # None until it has made progress, or once it has finished
+    curves: list[dict[str, Any]]  # rows {step, metric, value}
+    log_tail: str
+
+
+def recipe_kind(name: str) -> str:
+    """The job kind of a recipe file: ``kto_cpu.yaml`` -> ``kto``."""
+    kind = Path(name).name.split("_", 1)[0]
+    if kind not in JOB_KINDS:
+        raise ValueError(f"recipe {name!r} is not named after a job kind ({', '.join(JOB_KINDS)})")
+    return kind
+
+
+def parse_recipe(name: str, text: str):
+    """The recipe ``text`` (YAML, as edited in the tab) loaded by the same loader as the CLI's --recipe;
+    ValueError naming what is wrong."""
+    kind = recipe_kind(name)
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{name}: not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{name}: a recipe is a mapping of keys to values")
+    try:
+        return job_kind(kind).recipe_class.from_dict(values, source=name)
+    except TypeError as exc:  # a value of the wrong type reaching the dataclass
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def eta_seconds(job: JobRecord, now) -> float | None:
+    """Seconds left at the pace so far: elapsed x (1 - progress) / progress."""
+    if job.status != "running" or job.started_at is None or job.progress <= 0:
+        return None
+    elapsed = (now - job.started_at).total_seconds()
+    return max(0.0, elapsed * (1 - job.progress) / job.progress)
+
+
+def curve_rows(kind: str, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Long-format rows {step, metric, value} of ``kind``'s curves from a run's logged steps."""
+    rows = []
+    for entry in history:
+        for metric in CURVES.get(kind, ("loss",)):
+            value = entry.get(metric)
+            if isinstance(value, (int, float)) and "step" in entry:
+                rows.append({"step": entry["step"], "metric": metric, "value": float(value)})
+    return rows
+
+
+def tail(path: str | None, lines: int = LOG_LINES) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        # Progress bars redraw with \r: the last state of each line is what a terminal shows.
+        return "".join(line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\n") else line
+                       for line in deque(handle, maxlen=lines))
+
+
+class JobBoard:
+    """The Alignment tab's data and actions over the shared store (see the module docstring)."""
+
+    def __init__(self, store, database_url: str, data_dir: Path, personas_dir: Path | None = None,
+                 start_worker: bool = True):
+        self.store = store
+        self.queue = JobQueue(store.engine)
+        self.runs = RunStore(store.engine)
+        self.database_url, self.data_dir, self.personas_dir = database_url, Path(data_dir), personas_dir
+        self.start_worker = start_worker
+
+    # -- data -------------------------------------------------------------------------
+
+    @staticmethod
+    def recipes() -> list[str]:
+        return sorted(p.name for p in RECIPES.glob("*.yaml"))
+
+    @staticmethod
+    def recipe_text(name: str) -> str:
+        path = RECIPES / Path(name).name  # a name from recipes(), never a path from the page
+        if path.suffix != ".yaml" or not path.is_file():
+            raise ValueError(f"no shipped recipe named {name!r}")
+        return path.read_text(encoding="utf-8")
+
+    def votes(self, persona: str) -> dict[str, Any]:
+        """People's and simulated votes on the persona: counts, and like rate by day for each."""
+        counts: Counter = Counter()
+        by_day: dict[tuple[str, str], list[int]] = {}
+        for vote in self.store.feedback_rows(persona_id=persona):
+            if not vote.feedback.rating:
+                continue
+            who = "SIMULATED" if vote.feedback.simulated else "people"
+            liked = vote.feedback.rating > 0
+            counts[(who, liked)] += 1
+            day = by_day.setdefault((vote.feedback.updated_at.date().isoformat(), who), [0, 0])
+            day[0 if liked else 1] += 1
+        rows = [{"day": day, "who": who, "like_rate": likes / (likes + dislikes), "votes": likes + dislikes}
+                for (day, who), (likes, dislikes) in sorted(by_day.items())]
+        return {"people": (counts[("people", True)], counts[("people", False)]),
+                "simulated": (counts[("SIMULATED", True)], counts[("SIMULATED", False)]), "by_day": rows}
+
+    def data_counts(self, persona: str) -> dict[str, int]:
+        """Same-context pairs, KTO rows and prompts the persona's feedback makes (all parts)."""
+        from alignment import data
+
+        counts = {}
+        for label, build in (("pairs", data.build_preference), ("kto_rows", data.build_kto),
+                             ("prompts", data.build_prompts)):
+            split = build(self.store, persona=persona)
+            counts[label] = len(split.train) + len(split.eval)
+        return counts
+
+    def readiness(self, persona: str) -> list[Readiness]:
+        """For every shipped recipe: could a job start on the persona's feedback now?"""
+        found = []
+        for name in self.recipes():
+            kind = recipe_kind(name)
+            try:
+                recipe = parse_recipe(name, self.recipe_text(name))
+                split = checked_split(kind, recipe, self.store, persona)
+                if kind == "ppo":
+                    reward_dir(self.runs, None, persona, [])
+            except (ValueError, JobError) as exc:
+                found.append(Readiness(name, False, str(exc)))
+                continue
+            unit = job_kind(kind).unit
+            found.append(Readiness(name, True, f"{len(split.train)} train / {len(split.eval)} eval {unit}"))
+        return found
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def submit(self, recipe_name: str, recipe_text: str, persona: str, requested_by: str,
+               part: str = "policy") -> int:
+        """Queue a training job after the checks ``start`` would make; its id. ValueError/JobError if refused."""
+        kind = recipe_kind(recipe_name)
+        recipe = parse_recipe(recipe_name, recipe_text)
+        checked_split(kind, recipe, self.store, persona, part)  # refused now, in the admin's words
+        if kind == "ppo":
+            reward_dir(self.runs, None, persona, [])
+        job_id = self.queue.enqueue(kind, {"recipe": recipe.to_dict(), "part": part, "recipe_file": recipe_name},
+                                    requested_by=requested_by, persona_id=persona)
+        self.ensure_worker()
+        return job_id
+
+    def ensure_worker(self) -> bool:
+        """Start the worker unless one runs (or this board may not start one)."""
+        from alignment.worker import ensure_worker
+
+        return self.start_worker and ensure_worker(self.database_url, self.data_dir, self.personas_dir)
+
+    def resume_queue(self) -> bool:
+        """At the server's start: orphans marked interrupted, and a worker for what is still queued."""
+        self.queue.reap_orphans()
+        if any(job.status == "queued" for job in self.queue.list_jobs(limit=1000)):
+            return self.ensure_worker()
+        return False
+
+    def jobs(self, persona: str | None = None) -> list[JobRecord]:
+        self.queue.reap_orphans()
+        return self.queue.list_jobs(persona)
+
+    def status(self, job_id: int) -> JobStatus:
+        from chatbot.store.models import utcnow
+
+        self.queue.reap_orphans()
+        job = self.queue.get(job_id)
+        history = []
+        if job.run_id is not None and job.kind in CURVES:
+            history = (self.runs.get_run(job.run_id).metrics or {}).get("history", [])
+        return JobStatus(job, eta_seconds(job, utcnow()), curve_rows(job.kind, history), tail(job.log_path))
+
+    def cancel(self, job_id: int) -> JobRecord:
+        return self.queue.cancel(job_id)
+
+    def resume(self, job_id: int, requested_by: str) -> int:
+        job_id = self.queue.resume(job_id, requested_by=requested_by)
+        self.ensure_worker()
+        return job_id

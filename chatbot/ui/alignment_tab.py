@@ -1,0 +1,188 @@
+"""The Alignment tab (admins only): a persona's feedback, training jobs started, watched and stopped.
+
+What it shows and does lives in alignment/board.py (``JobBoard``); this module
+only draws it. Every handler asks ``identity.require_admin`` first, so a
+non-admin gets a refusal whether they click in the page or call the Gradio
+API directly. Jobs run in the worker process; the page polls their status
+every few seconds (``gr.Timer``) while it is open.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+import pandas as pd
+
+from .identity import Identity, NotAllowed
+from .safe_markdown import literal
+
+POLL_SECONDS = 2.0
+ACTION = "run alignment jobs"
+
+
+def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=columns)
+
+
+def progress_html(job) -> str:
+    """A progress bar, its percentage and status; the ETA once the job has made progress."""
+    if job is None:
+        return ""
+    from alignment.board import eta_seconds
+    from chatbot.store.models import utcnow
+
+    eta = eta_seconds(job, utcnow())
+    eta_text = f" · about {int(eta // 60)} min {int(eta % 60)} s left" if eta is not None else ""
+    return (f'<div id="alignment-progress" data-status="{html.escape(job.status)}" '
+            f'data-progress="{job.progress:.4f}"><progress max="1" value="{job.progress:.4f}" '
+            f'style="width:100%"></progress><div>job {job.id} · {html.escape(job.kind)} · '
+            f"{html.escape(job.status)} · {job.progress:.0%}{eta_text}</div></div>")
+
+
+def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> None:
+    notice = gr.Markdown(elem_id="alignment-notice")
+    if board is None:
+        notice.value = "Alignment jobs need the server's store and data folder (`persona-studio serve`)."
+        return
+    with gr.Row():
+        persona = gr.Dropdown(sorted(service.personas.ids()), label="Persona", scale=3,
+                              elem_id="alignment-persona")
+        refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="alignment-refresh")
+    with gr.Accordion("Data", open=True):
+        data_summary = gr.Markdown(elem_id="alignment-data")
+        like_rate = gr.LinePlot(x="day", y="like_rate", color="who", y_lim=[0, 1], height=220,
+                                title="Like rate by day (people and SIMULATED apart)", elem_id="alignment-like-rate")
+        readiness = gr.Dataframe(headers=["recipe", "ready", "detail"], interactive=False, wrap=True,
+                                 elem_id="alignment-readiness")
+    with gr.Accordion("Start a job", open=True):
+        with gr.Row():
+            recipe = gr.Dropdown(board.recipes(), label="Recipe (alignment/recipes/)", scale=2,
+                                 elem_id="alignment-recipe")
+            part = gr.Radio(["policy", "judge", "all"], value="policy", label="Feedback part", scale=2,
+                            elem_id="alignment-part")
+            start = gr.Button("Start", variant="primary", scale=1, elem_id="alignment-start")
+        recipe_text = gr.Textbox(label="Recipe (YAML): edit any field; checked as the CLI checks --recipe",
+                                 lines=12, max_lines=40, elem_id="alignment-recipe-text")
+    with gr.Accordion("Jobs", open=True):
+        jobs_table = gr.Dataframe(headers=["job", "kind", "status", "progress", "run", "asked", "by"],
+                                  interactive=False, elem_id="alignment-jobs")
+        with gr.Row():
+            # Any id may be typed: the handlers look it up (and check the role) themselves.
+            job = gr.Dropdown([], label="Job", scale=2, allow_custom_value=True, elem_id="alignment-job")
+            cancel = gr.Button("Cancel", variant="stop", size="sm", scale=1, elem_id="alignment-cancel")
+            resume = gr.Button("Resume", size="sm", scale=1, elem_id="alignment-resume")
+        progress = gr.HTML(elem_id="alignment-job-progress")
+        curves = gr.LinePlot(x="step", y="value", color="metric", height=260, title="Curves",
+                             elem_id="alignment-curves")
+        log_tail = gr.Textbox(label="Output (last lines)", lines=10, max_lines=10, interactive=False,
+                              autoscroll=True, elem_id="alignment-log")
+    timer = gr.Timer(POLL_SECONDS, active=False)
+
+    def refused(exc: Exception) -> str:
+        return f"**{literal(str(exc))}**"
+
+    def on_open(request: gr.Request):
+        try:
+            identity.require_admin(request, ACTION)
+        except NotAllowed as exc:
+            return refused(exc), gr.update(value=None)
+        service.personas.refresh()
+        ids = sorted(service.personas.ids())
+        return "", gr.update(choices=ids, value=ids[0] if ids else None)
+
+    def load_persona(persona_id: str | None, request: gr.Request):
+        try:
+            identity.require_admin(request, ACTION)
+        except NotAllowed as exc:
+            return refused(exc), "", _frame([], ["day", "who", "like_rate"]), [], [], gr.update()
+        if not persona_id:
+            return "", "", _frame([], ["day", "who", "like_rate"]), [], [], gr.update()
+        votes = board.votes(persona_id)
+        counts = board.data_counts(persona_id)
+        (pl, pd_), (sl, sd) = votes["people"], votes["simulated"]
+        summary = (f"**People:** {pl} 👍 / {pd_} 👎 · **SIMULATED:** {sl} 👍 / {sd} 👎  \n"
+                   f"Same-context pairs: **{counts['pairs']}** · KTO rows: **{counts['kto_rows']}** · "
+                   f"prompts: **{counts['prompts']}**")
+        ready = [[r.recipe, "ready" if r.ready else "not yet", r.detail] for r in board.readiness(persona_id)]
+        table, choices = jobs_rows(persona_id)
+        return ("", summary, _frame(votes["by_day"], ["day", "who", "like_rate", "votes"]), ready, table,
+                gr.update(choices=choices, value=choices[0] if choices else None))
+
+    def jobs_rows(persona_id: str | None):
+        jobs = board.jobs(persona_id)
+        table = [[j.id, j.kind, j.status, f"{j.progress:.0%}", j.run_id or "", f"{j.created_at:%Y-%m-%d %H:%M}",
+                  j.requested_by] for j in jobs]
+        return table, [j.id for j in jobs]
+
+    def pick_recipe(name: str | None, request: gr.Request):
+        try:
+            identity.require_admin(request, ACTION)
+            return board.recipe_text(name) if name else "", ""
+        except (NotAllowed, ValueError) as exc:
+            return "", refused(exc)
+
+    def start_job(persona_id, name, text, part_name, request: gr.Request):
+        from alignment.jobs import JobError
+
+        try:
+            user = identity.require_admin(request, ACTION)
+            if not persona_id or not name:
+                raise ValueError("pick a persona and a recipe first")
+            job_id = board.submit(name, text, persona_id, user.name, part_name)
+        except (NotAllowed, ValueError, JobError) as exc:
+            return refused(exc), gr.update(), gr.update(), gr.update()
+        table, choices = jobs_rows(persona_id)
+        return (f"Job {job_id} queued: the worker runs it in its own process.", table,
+                gr.update(choices=choices, value=job_id), gr.Timer(active=True))
+
+    def watch(job_id, request: gr.Request):
+        try:
+            identity.require_admin(request, ACTION)
+        except NotAllowed as exc:
+            return refused(exc), "", _frame([], ["step", "metric", "value"]), "", gr.Timer(active=False)
+        if job_id in (None, ""):
+            return gr.update(), "", _frame([], ["step", "metric", "value"]), "", gr.Timer(active=False)
+        try:
+            status = board.status(int(job_id))
+        except LookupError as exc:
+            return refused(exc), "", _frame([], ["step", "metric", "value"]), "", gr.Timer(active=False)
+        error = f"**{status.job.status}:** {literal(status.job.error)}" if status.job.error else gr.update()
+        return (error, progress_html(status.job), _frame(status.curves, ["step", "metric", "value"]),
+                status.log_tail, gr.Timer(active=not status.job.finished))
+
+    def act(job_id, persona_id, what: str, request: gr.Request):
+        try:
+            user = identity.require_admin(request, ACTION)
+            if job_id in (None, ""):
+                raise ValueError("pick a job first")
+            if what == "cancel":
+                done = board.cancel(int(job_id))
+                message = (f"Job {done.id} cancelled." if done.status == "cancelled" else
+                           f"Job {done.id} asked to stop: it writes a checkpoint at the end of its step.")
+                target = done.id
+            else:
+                target = board.resume(int(job_id), user.name)
+                message = f"Job {target} queued: it resumes job {job_id} from its last checkpoint."
+        except (NotAllowed, ValueError, LookupError) as exc:
+            return refused(exc), gr.update(), gr.update(), gr.update()
+        table, choices = jobs_rows(persona_id)
+        return message, table, gr.update(choices=choices, value=target), gr.Timer(active=True)
+
+    tab.select(on_open, None, [notice, persona], api_visibility="private")
+    data_outputs = [notice, data_summary, like_rate, readiness, jobs_table, job]
+    persona.change(load_persona, persona, data_outputs)
+    refresh.click(load_persona, persona, data_outputs)
+    recipe.change(pick_recipe, recipe, [recipe_text, notice])
+    start.click(start_job, [persona, recipe, recipe_text, part], [notice, jobs_table, job, timer])
+    watch_outputs = [notice, progress, curves, log_tail, timer]
+    job.change(watch, job, watch_outputs)
+    timer.tick(watch, job, watch_outputs)
+    def cancel_job(job_id, persona_id, request: gr.Request):
+        return act(job_id, persona_id, "cancel", request)
+
+    def resume_job(job_id, persona_id, request: gr.Request):
+        return act(job_id, persona_id, "resume", request)
+
+    cancel.click(cancel_job, [job, persona], [notice, jobs_table, job, timer])
+    resume.click(resume_job, [job, persona], [notice, jobs_table, job, timer])
