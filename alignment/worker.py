@@ -25,6 +25,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import subprocess
@@ -133,6 +134,8 @@ def execute(queue: JobQueue, job: JobRecord, store, data_dir: Path, personas_dir
             print(f"job {job.id}: {job.kind} for persona {job.persona_id or '(all)'}, "
                   f"asked by {job.requested_by}", flush=True)
             result = RUNNERS[job.kind](job, store, data_dir, personas_dir, tracker)
+            brief = {k: v for k, v in result.items() if k != "metrics"}
+            print(f"job {job.id}: finished: {json.dumps(brief, default=str)}", flush=True)
     except KeyboardInterrupt as exc:  # a cancel (alignment.training.JobCancelled is one), or the worker stopped
         if not tracker.cancel.is_set():
             queue.finish(job.id, "interrupted", error="the worker was stopped; resume the job")

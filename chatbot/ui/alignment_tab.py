@@ -57,13 +57,15 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
                                  elem_id="alignment-readiness")
     with gr.Accordion("Start a job", open=True):
         with gr.Row():
-            recipe = gr.Dropdown(board.recipes(), label="Recipe (alignment/recipes/)", scale=2,
+            recipes = board.recipes()
+            recipe = gr.Dropdown(recipes, value=recipes[0], label="Recipe (alignment/recipes/)", scale=2,
                                  elem_id="alignment-recipe")
             part = gr.Radio(["policy", "judge", "all"], value="policy", label="Feedback part", scale=2,
                             elem_id="alignment-part")
             start = gr.Button("Start", variant="primary", scale=1, elem_id="alignment-start")
         recipe_text = gr.Textbox(label="Recipe (YAML): edit any field; checked as the CLI checks --recipe",
-                                 lines=12, max_lines=40, elem_id="alignment-recipe-text")
+                                 value=board.recipe_text(recipes[0]), lines=12, max_lines=40,
+                                 elem_id="alignment-recipe-text")
     with gr.Accordion("Jobs", open=True):
         jobs_table = gr.Dataframe(headers=["job", "kind", "status", "progress", "run", "asked", "by"],
                                   interactive=False, elem_id="alignment-jobs")
@@ -169,8 +171,10 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
         table, choices = jobs_rows(persona_id)
         return message, table, gr.update(choices=choices, value=target), gr.Timer(active=True)
 
-    tab.select(on_open, None, [notice, persona], api_visibility="private")
     data_outputs = [notice, data_summary, like_rate, readiness, jobs_table, job]
+    # Opening the tab refreshes the persona list, then shows the picked persona's data (its value may
+    # not change, so its change event cannot be relied on for that).
+    tab.select(on_open, None, [notice, persona]).then(load_persona, persona, data_outputs)
     persona.change(load_persona, persona, data_outputs)
     refresh.click(load_persona, persona, data_outputs)
     recipe.change(pick_recipe, recipe, [recipe_text, notice])
