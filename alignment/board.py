@@ -221,3 +221,101 @@ class JobBoard:
         job_id = self.queue.resume(job_id, requested_by=requested_by)
         self.ensure_worker()
         return job_id
+
+    # -- evaluate and decide ------------------------------------------------------------
+
+    def versions(self, persona: str) -> list:
+        """The persona's model versions that a policy run made, newest first."""
+        return [v for v in self.store.list_versions(persona) if v.run_id is not None and v.adapter_path]
+
+    def evaluate(self, version_id: int, requested_by: str, rule: str | None = None,
+                 baseline: str | None = None, samples: int = 2, max_new_tokens: int = 64) -> int:
+        """Queue an evaluation of a candidate version's run (``align evaluate``); the job's id."""
+        from alignment.evaluate import POLICY_KINDS
+
+        version = self.store.get_version(version_id)
+        run = self.runs.get_run(version.run_id) if version.run_id is not None else None
+        if run is None or run.kind not in POLICY_KINDS:
+            raise ValueError(f"version {version_id} was not made by a policy run ({', '.join(POLICY_KINDS)})")
+        if rule:
+            from chatbot.simulation import parse_rule
+
+            parse_rule(rule)  # refused now, not minutes later in the worker
+        request = {"run": run.id, "baseline": baseline, "rule": rule or None, "samples": samples,
+                   "max_new_tokens": max_new_tokens}
+        job_id = self.queue.enqueue("evaluate", request, requested_by=requested_by,
+                                    persona_id=version.persona_id or run.persona_id, run_id=run.id)
+        self.ensure_worker()
+        return job_id
+
+    def evaluation(self, version_id: int) -> dict[str, Any] | None:
+        """The version's latest evaluation (what ``align evaluate`` stored), with its files; None if none ran."""
+        return self.store.get_version(version_id).evaluation
+
+    def promote(self, version_id: int, by: str, force_reason: str | None = None):
+        """Through the gate; ``force_reason`` forces past it (a reason is required to force)."""
+        reason = (force_reason or "").strip() or None
+        return self.store.promote(version_id, by=by, force=reason is not None, reason=reason)
+
+    def rollback(self, persona: str, by: str):
+        return self.store.rollback(persona, by=by)
+
+    def promotion_history(self, persona: str) -> list[dict[str, Any]]:
+        """Each promote/rollback, newest first, with people's like rate on the replies of the version
+        serving before it and of the version it made serve, next to what its evaluation predicted."""
+        votes = [v for v in self.store.feedback_rows(persona_id=persona)
+                 if v.feedback.rating and not v.feedback.simulated]
+        by_version: dict[int | None, list[int]] = {}
+        for vote in votes:
+            tally = by_version.setdefault(vote.message.model_version_id, [0, 0])
+            tally[0 if vote.feedback.rating > 0 else 1] += 1
+
+        def rate(version_id: int | None) -> str:
+            likes, dislikes = by_version.get(version_id, (0, 0))
+            return f"{likes / (likes + dislikes):.0%} of {likes + dislikes}" if likes + dislikes else "no votes"
+
+        rows, serving = [], []
+        for entry in self.store.promotion_log(persona):
+            before = serving[-1] if serving else None
+            if entry.action == "promote":
+                serving.append(entry.version_id)
+            elif serving:
+                serving.pop()
+            after = serving[-1] if serving else None
+            evaluation = (entry.gate or {}) if entry.action == "promote" else {}
+            predicted = _predicted(self.store.get_version(entry.version_id).evaluation)
+            rows.append({"when": f"{entry.created_at:%Y-%m-%d %H:%M}", "action": entry.action,
+                         "version": entry.version_id, "by": entry.by,
+                         "forced": f"yes: {entry.reason}" if entry.forced else "no",
+                         "people before": rate(before), "people after": rate(after),
+                         "evaluation predicted": predicted, "gate": "passed" if evaluation.get("passed") else
+                         ("-" if entry.action != "promote" else "not passed")})
+        return rows[::-1]
+
+    def canary(self, persona: str) -> dict[str, Any] | None:
+        """The persona's running canary and its live figures; None when none runs."""
+        running = self.store.running_canary(persona)
+        if running is None:
+            return None
+        stats = self.store.canary_stats(running.id)
+        return {"canary": running, "stats": stats}
+
+    def start_canary(self, version_id: int, by: str, share: float, min_votes: int):
+        return self.store.start_canary(version_id, by=by, share=share, min_votes=min_votes)
+
+    def stop_canary(self, persona: str, by: str):
+        return self.store.stop_canary(persona, by=by)
+
+
+def _predicted(evaluation: dict[str, Any] | None) -> str:
+    """What an evaluation said of the candidate: the judge's win rate and the rule's gain, with CIs."""
+    if not evaluation:
+        return "not evaluated"
+    said = []
+    if evaluation.get("win_rate"):
+        win = evaluation["win_rate"]
+        said.append(f"win rate {win['value']:.2f} [{win['ci'][0]:.2f}, {win['ci'][1]:.2f}]")
+    if evaluation.get("rule"):
+        gain = evaluation["rule"]["gain"]
+        said.append(f"rule {gain['baseline']:.0%} -> {gain['candidate']:.0%}")
+    return "; ".join(said) or "evaluated"

@@ -241,12 +241,14 @@ def run_training(job: JobRecord, store, data_dir: Path, personas_dir, tracker: T
 def run_evaluation(job: JobRecord, store, data_dir: Path, personas_dir, tracker: Tracker) -> dict[str, Any]:
     from alignment.evaluate import EvalOptions, evaluate
     from chatbot.personas import PersonaLibrary
+    from chatbot.settings import REPO_PERSONAS
 
     request = dict(job.request)
     run_id = int(request.pop("run"))
     prompts = request.pop("prompts_file", None)
     options = EvalOptions(**request, prompts_file=Path(prompts) if prompts else None)
-    evaluation = evaluate(store, run_id, options, personas=PersonaLibrary(personas_dir), data_dir=data_dir,
+    evaluation = evaluate(store, run_id, options, personas=PersonaLibrary(personas_dir or REPO_PERSONAS),
+                          data_dir=data_dir,
                           user_name=job.requested_by)
     return {"run": run_id, "version": evaluation["candidate"]["version"], "gate_passed": evaluation["gate"]["passed"],
             "report": evaluation["files"]["report"], "evaluation": evaluation["files"]["evaluation"]}
@@ -255,7 +257,7 @@ def run_evaluation(job: JobRecord, store, data_dir: Path, personas_dir, tracker:
 def run_simulation(job: JobRecord, store, data_dir: Path, personas_dir, tracker: Tracker) -> dict[str, Any]:
     from chatbot.chat import ChatService, params_for
     from chatbot.personas import PersonaLibrary
-    from chatbot.settings import Settings
+    from chatbot.settings import REPO_PERSONAS, Settings
     from chatbot.simulation import BANNER, load_prompts, parse_rule, simulate
     from chatbot.startup import open_engine
 
@@ -263,7 +265,7 @@ def run_simulation(job: JobRecord, store, data_dir: Path, personas_dir, tracker:
     rule = parse_rule(request["rule"])
     prompts = load_prompts(Path(request["prompts_file"]))
     n, samples = int(request.get("n") or len(prompts)), int(request.get("samples", 4))
-    personas = PersonaLibrary(personas_dir)
+    personas = PersonaLibrary(personas_dir or REPO_PERSONAS)
     persona = personas.get(job.persona_id)
     settings = Settings(data_dir=data_dir, **{k: v for k, v in request.get("engine", {}).items()})
     engine = open_engine(settings)

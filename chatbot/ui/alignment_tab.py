@@ -10,12 +10,13 @@ every few seconds (``gr.Timer``) while it is open.
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from .identity import Identity, NotAllowed
-from .safe_markdown import literal
+from .safe_markdown import literal, safe_markdown
 
 POLL_SECONDS = 2.0
 ACTION = "run alignment jobs"
@@ -79,6 +80,32 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
                              elem_id="alignment-curves")
         log_tail = gr.Textbox(label="Output (last lines)", lines=10, max_lines=10, interactive=False,
                               autoscroll=True, elem_id="alignment-log")
+    with gr.Accordion("Evaluate and decide", open=True):
+        with gr.Row():
+            version = gr.Dropdown([], label="Candidate version", scale=3, allow_custom_value=True,
+                                  elem_id="alignment-version")
+            rule = gr.Textbox(label="Rule (SIMULATED feedback only)", placeholder="digits, contains:WORD, ...",
+                              scale=2, elem_id="alignment-rule")
+            evaluate = gr.Button("Evaluate", scale=1, elem_id="alignment-evaluate")
+        report = gr.Markdown(elem_id="alignment-report")
+        plots = gr.Gallery(label="Plots", columns=3, height=260, allow_preview=True, elem_id="alignment-plots")
+        with gr.Row():
+            force_reason = gr.Textbox(label="Reason to force past the gate (leave empty to respect it)",
+                                      scale=3, elem_id="alignment-force-reason")
+            promote = gr.Button("Promote", variant="primary", scale=1, elem_id="alignment-promote")
+            rollback = gr.Button("Roll back", scale=1, elem_id="alignment-rollback")
+        with gr.Row():
+            share = gr.Number(0.2, label="Canary share of new conversations", minimum=0.01, maximum=0.99,
+                              scale=1, elem_id="alignment-canary-share")
+            min_votes = gr.Number(100, label="Votes per arm before deciding", precision=0, minimum=1, scale=1,
+                                  elem_id="alignment-canary-votes")
+            canary_start = gr.Button("Start canary", scale=1, elem_id="alignment-canary-start")
+            canary_stop = gr.Button("Stop canary", scale=1, elem_id="alignment-canary-stop")
+        canary = gr.Markdown(elem_id="alignment-canary")
+        history = gr.Dataframe(headers=["when", "action", "version", "by", "forced", "people before",
+                                        "people after", "evaluation predicted", "gate"],
+                               interactive=False, wrap=True, label="Promotion log: people's like rate before "
+                               "and after, next to what the evaluation predicted", elem_id="alignment-history")
     timer = gr.Timer(POLL_SECONDS, active=False)
 
     def refused(exc: Exception) -> str:
@@ -138,20 +165,26 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
         return (f"Job {job_id} queued: the worker runs it in its own process.", table,
                 gr.update(choices=choices, value=job_id), gr.Timer(active=True))
 
-    def watch(job_id, request: gr.Request):
+    def watch(job_id, persona_id, request: gr.Request):
+        empty = _frame([], ["step", "metric", "value"])
         try:
             identity.require_admin(request, ACTION)
         except NotAllowed as exc:
-            return refused(exc), "", _frame([], ["step", "metric", "value"]), "", gr.Timer(active=False)
+            return refused(exc), "", empty, "", gr.Timer(active=False), gr.update()
         if job_id in (None, ""):
-            return gr.update(), "", _frame([], ["step", "metric", "value"]), "", gr.Timer(active=False)
+            return gr.update(), "", empty, "", gr.Timer(active=False), gr.update()
         try:
             status = board.status(int(job_id))
-        except LookupError as exc:
-            return refused(exc), "", _frame([], ["step", "metric", "value"]), "", gr.Timer(active=False)
+        except (LookupError, ValueError) as exc:
+            return refused(exc), "", empty, "", gr.Timer(active=False), gr.update()
         error = f"**{status.job.status}:** {literal(status.job.error)}" if status.job.error else gr.update()
+        # A finished job may have made a version: offer it for evaluation.
+        versions = gr.update()
+        if status.job.finished and persona_id:
+            choices = [(f"v{v.id} · run {v.run_id} · {v.status}", v.id) for v in board.versions(persona_id)]
+            versions = gr.update(choices=choices)
         return (error, progress_html(status.job), _frame(status.curves, ["step", "metric", "value"]),
-                status.log_tail, gr.Timer(active=not status.job.finished))
+                status.log_tail, gr.Timer(active=not status.job.finished), versions)
 
     def act(job_id, persona_id, what: str, request: gr.Request):
         try:
@@ -171,17 +204,125 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
         table, choices = jobs_rows(persona_id)
         return message, table, gr.update(choices=choices, value=target), gr.Timer(active=True)
 
+    def decide_view(persona_id: str | None):
+        """Versions to pick, the canary's live figures and the promotion log, for the persona."""
+        if not persona_id:
+            return gr.update(choices=[]), "", []
+        versions = board.versions(persona_id)
+        choices = [(f"v{v.id} · run {v.run_id} · {v.status}", v.id) for v in versions]
+        running = board.canary(persona_id)
+        figures = ""
+        if running is not None:
+            stats = running["stats"]
+            arms = " · ".join(f"{arm.arm}: {'-' if arm.like_rate is None else f'{arm.like_rate:.0%}'} of "
+                              f"{arm.votes} votes" for arm in (stats.control, stats.candidate))
+            ci = "" if stats.ci is None else f", difference {stats.difference:+.0%} [{stats.ci[0]:+.0%}, {stats.ci[1]:+.0%}]"
+            figures = (f"**Canary running:** version {running['canary'].candidate_id} on "
+                       f"{running['canary'].share:.0%} of new conversations. {arms}{ci}"
+                       + ("" if stats.min_votes_reached else f" (deciding from {running['canary'].min_votes} votes per arm)"))
+        history_rows = [[r[k] for k in ("when", "action", "version", "by", "forced", "people before", "people after",
+                                        "evaluation predicted", "gate")] for r in board.promotion_history(persona_id)]
+        return gr.update(choices=choices, value=choices[0][1] if choices else None), figures, history_rows
+
+    def show_version(version_id, request: gr.Request):
+        from PIL import Image
+
+        try:
+            identity.require_admin(request, ACTION)
+        except NotAllowed as exc:
+            return refused(exc), "", []
+        if version_id in (None, ""):
+            return gr.update(), "", []
+        try:
+            evaluation = board.evaluation(int(version_id))
+        except (LookupError, ValueError) as exc:
+            return refused(exc), "", []
+        if evaluation is None:
+            return gr.update(), f"_Version {int(version_id)} has not been evaluated yet: press Evaluate._", []
+        files = evaluation.get("files") or {}
+        try:
+            text = Path(files["report"]).read_text(encoding="utf-8")
+        except (KeyError, OSError):
+            text = "_The evaluation's report file is gone._"
+        images = [Image.open(p) for p in files.get("plots", []) if Path(p).is_file()]
+        return gr.update(), safe_markdown(text), images
+
+    def decide(what: str, persona_id, version_id, reason, rule_text, share_value, votes_value, request):
+        from alignment.jobs import JobError
+
+        try:
+            user = identity.require_admin(request, ACTION)
+            if not persona_id:
+                raise ValueError("pick a persona first")
+            if what in ("evaluate", "promote", "canary") and version_id in (None, ""):
+                raise ValueError("pick a candidate version first")
+            if what == "evaluate":
+                job_id = board.evaluate(int(version_id), user.name, rule=(rule_text or "").strip() or None)
+                message = f"Job {job_id} queued: evaluating version {int(version_id)}."
+            elif what == "promote":
+                change = board.promote(int(version_id), user.name, reason)
+                message = f"Version {change.version.id} now serves {literal(persona_id)}" + (
+                    " (forced past the gate)." if change.entry.forced else " (gate passed).")
+            elif what == "rollback":
+                change = board.rollback(persona_id, user.name)
+                message = f"Rolled back version {change.entry.version_id} of {literal(persona_id)}."
+            elif what == "canary":
+                started = board.start_canary(int(version_id), user.name, float(share_value), int(votes_value))
+                message = f"Canary {started.id} started: version {started.candidate_id} on {started.share:.0%}."
+            else:
+                stopped = board.stop_canary(persona_id, user.name)
+                message = f"Canary {stopped.id} stopped."
+        except (NotAllowed, ValueError, LookupError, JobError) as exc:
+            return (refused(exc),) + (gr.update(),) * 6
+        versions, figures, history_rows = decide_view(persona_id)
+        table, choices = jobs_rows(persona_id)
+        job_update = gr.update(choices=choices, value=choices[0]) if what == "evaluate" else gr.update(choices=choices)
+        return message, versions, figures, history_rows, table, job_update, gr.Timer(active=what == "evaluate")
+
     data_outputs = [notice, data_summary, like_rate, readiness, jobs_table, job]
+    def load_decide(persona_id, request: gr.Request):
+        try:
+            identity.require_admin(request, ACTION)
+        except NotAllowed:
+            return gr.update(), "", []
+        return decide_view(persona_id)
+
+    decide_outputs = [version, canary, history]
     # Opening the tab refreshes the persona list, then shows the picked persona's data (its value may
     # not change, so its change event cannot be relied on for that).
-    tab.select(on_open, None, [notice, persona]).then(load_persona, persona, data_outputs)
-    persona.change(load_persona, persona, data_outputs)
-    refresh.click(load_persona, persona, data_outputs)
+    tab.select(on_open, None, [notice, persona]).then(load_persona, persona, data_outputs).then(
+        load_decide, persona, decide_outputs)
+    persona.change(load_persona, persona, data_outputs).then(load_decide, persona, decide_outputs)
+    refresh.click(load_persona, persona, data_outputs).then(load_decide, persona, decide_outputs)
+    version.change(show_version, version, [notice, report, plots])
+    decided = [notice, version, canary, history, jobs_table, job, timer]
+    decide_inputs = [persona, version, force_reason, rule, share, min_votes]
+
+    def on_evaluate(persona_id, version_id, reason, rule_text, share_value, votes_value, request: gr.Request):
+        return decide("evaluate", persona_id, version_id, reason, rule_text, share_value, votes_value, request)
+
+    def on_promote(persona_id, version_id, reason, rule_text, share_value, votes_value, request: gr.Request):
+        return decide("promote", persona_id, version_id, reason, rule_text, share_value, votes_value, request)
+
+    def on_rollback(persona_id, version_id, reason, rule_text, share_value, votes_value, request: gr.Request):
+        return decide("rollback", persona_id, version_id, reason, rule_text, share_value, votes_value, request)
+
+    def on_canary_start(persona_id, version_id, reason, rule_text, share_value, votes_value,
+                        request: gr.Request):
+        return decide("canary", persona_id, version_id, reason, rule_text, share_value, votes_value, request)
+
+    def on_canary_stop(persona_id, version_id, reason, rule_text, share_value, votes_value,
+                       request: gr.Request):
+        return decide("canary-stop", persona_id, version_id, reason, rule_text, share_value, votes_value, request)
+
+    for button, handler in ((evaluate, on_evaluate), (promote, on_promote), (rollback, on_rollback),
+                            (canary_start, on_canary_start), (canary_stop, on_canary_stop)):
+        button.click(handler, decide_inputs, decided)
     recipe.change(pick_recipe, recipe, [recipe_text, notice])
     start.click(start_job, [persona, recipe, recipe_text, part], [notice, jobs_table, job, timer])
-    watch_outputs = [notice, progress, curves, log_tail, timer]
-    job.change(watch, job, watch_outputs)
-    timer.tick(watch, job, watch_outputs)
+    watch_outputs = [notice, progress, curves, log_tail, timer, version]
+    job.change(watch, [job, persona], watch_outputs)
+    timer.tick(watch, [job, persona], watch_outputs)
     def cancel_job(job_id, persona_id, request: gr.Request):
         return act(job_id, persona_id, "cancel", request)
 
