@@ -26,6 +26,7 @@ from chatbot.store.jobs import JobQueue, JobRecord
 from chatbot.store.runs import RunStore
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
+PROMPTS = Path(__file__).resolve().parent / "prompts"
 LOG_LINES = 40
 # Each kind's own curves, in the order they are drawn (the names TRL logs them under).
 CURVES = {
@@ -107,12 +108,15 @@ class JobBoard:
     """The Alignment tab's data and actions over the shared store (see the module docstring)."""
 
     def __init__(self, store, database_url: str, data_dir: Path, personas_dir: Path | None = None,
-                 start_worker: bool = True):
+                 start_worker: bool = True, engine_options: dict[str, Any] | None = None):
+        """``engine_options``: the server's model settings (model, engine, dtype, ...), so that a
+        simulation generates with the model the chat serves."""
         self.store = store
         self.queue = JobQueue(store.engine)
         self.runs = RunStore(store.engine)
         self.database_url, self.data_dir, self.personas_dir = database_url, Path(data_dir), personas_dir
         self.start_worker = start_worker
+        self.engine_options = dict(engine_options or {})
 
     # -- data -------------------------------------------------------------------------
 
@@ -219,6 +223,22 @@ class JobBoard:
 
     def resume(self, job_id: int, requested_by: str) -> int:
         job_id = self.queue.resume(job_id, requested_by=requested_by)
+        self.ensure_worker()
+        return job_id
+
+    def simulate(self, persona: str, rule: str, requested_by: str, n: int = 16, samples: int = 4,
+                 prompts_file: Path = PROMPTS / "everyday_train.txt") -> int:
+        """Queue a simulation: replies generated and voted on by ``rule``, every vote marked SIMULATED.
+        For demos and tests only; the job's id."""
+        from chatbot.simulation import load_prompts, parse_rule
+
+        parse_rule(rule)
+        load_prompts(prompts_file)
+        if n < 1 or samples < 1:
+            raise ValueError("a simulation needs at least 1 prompt and 1 reply per prompt")
+        request = {"rule": rule, "prompts_file": str(prompts_file), "n": n, "samples": samples,
+                   "engine": self.engine_options}
+        job_id = self.queue.enqueue("simulate", request, requested_by=requested_by, persona_id=persona)
         self.ensure_worker()
         return job_id
 

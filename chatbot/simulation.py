@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 SIMULATOR_USER = "simulator"
+BANNER = "SIMULATED feedback (a rule, not people)"  # what every simulation's output starts with
 
 
 # -- rules ---------------------------------------------------------------------

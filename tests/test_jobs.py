@@ -281,3 +281,26 @@ def test_resume_passes_over_a_checkpoint_cut_off_while_it_was_written(tmp_path):
     with pytest.raises(ValueError, match="already has checkpoint-4"):
         find_checkpoint(checkpoints, resume=False)
     assert find_checkpoint(checkpoints, resume=True, complete_marker="state.json") is None
+
+
+@pytest.mark.model
+def test_a_simulation_from_the_board_stores_votes_marked_simulated(store, tiny_model, tmp_path):
+    from alignment.board import JobBoard
+    from alignment.worker import run_worker
+
+    data = tmp_path / "data"
+    board = JobBoard(store, str(store.engine.url), data, REPO / "personas", start_worker=False,
+                     engine_options={"model": str(tiny_model)})
+    with pytest.raises(ValueError, match="unknown rule 'dots'"):
+        board.simulate("pirate", "dots", "ann")
+    job_id = board.simulate("pirate", "digits", "ann", n=2, samples=2)
+    assert run_worker(store, data, REPO / "personas", once=True) == 1
+    job = board.queue.get(job_id)
+    assert job.status == "succeeded", job.error
+    assert job.result["simulated"] is True and job.result["replies"] == 4
+    rows = store.feedback_rows(persona_id="pirate")
+    assert len(rows) == 4 and all(r.feedback.simulated for r in rows)
+    assert all(store.get_conversation(c).title.startswith("SIMULATED")
+               for c in {r.message.conversation_id for r in rows})
+    assert "SIMULATED" in Path(job.log_path).read_text()
+    assert board.votes("pirate")["simulated"] == (job.result["liked"], job.result["disliked"])

@@ -60,7 +60,10 @@ def build_server(service, identity, settings: Settings, auth: str = "auto"):
 
     from alignment.board import JobBoard
 
-    board = JobBoard(service.store, settings.database_url, Path(settings.data_dir), settings.personas_dir)
+    engine_options = {name: getattr(settings, name) for name in ("model", "engine", "engine_url", "dtype",
+                                                                  "context_tokens")}
+    board = JobBoard(service.store, settings.database_url, Path(settings.data_dir), settings.personas_dir,
+                     engine_options=engine_options)
     board.resume_queue()  # a restart picks up what was queued: the worker starts if there is work
     blocks = build_app(service, identity, board)
     server = FastAPI(title="Persona Studio", docs_url=None, redoc_url=None, openapi_url=None)

@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 from ..settings import Settings
-from ..simulation import RULE_SPECS, SIMULATOR_USER, load_prompts, parse_rule, rerate, simulate
+from ..simulation import BANNER, RULE_SPECS, SIMULATOR_USER, load_prompts, parse_rule, rerate, simulate
 from ..startup import StartupError, build_service, check_data_dir
 from .errors import EXIT_FAILED, CommandError
 from .options import add_settings, settings
 
-BANNER = "SIMULATED feedback (a rule, not people)"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -26,6 +26,10 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def kind_label(kind: str) -> str:
+    return "simulate (SIMULATED)" if kind == "simulate" else kind
+
+
 def progress_html(job) -> str:
     """A progress bar, its percentage and status; the ETA once the job has made progress."""
     if job is None:
@@ -37,7 +41,7 @@ def progress_html(job) -> str:
     eta_text = f" · about {int(eta // 60)} min {int(eta % 60)} s left" if eta is not None else ""
     return (f'<div id="alignment-progress" data-status="{html.escape(job.status)}" '
             f'data-progress="{job.progress:.4f}"><progress max="1" value="{job.progress:.4f}" '
-            f'style="width:100%"></progress><div>job {job.id} · {html.escape(job.kind)} · '
+            f'style="width:100%"></progress><div>job {job.id} · {html.escape(kind_label(job.kind))} · '
             f"{html.escape(job.status)} · {job.progress:.0%}{eta_text}</div></div>")
 
 
@@ -80,6 +84,16 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
                              elem_id="alignment-curves")
         log_tail = gr.Textbox(label="Output (last lines)", lines=10, max_lines=10, interactive=False,
                               autoscroll=True, elem_id="alignment-log")
+    with gr.Accordion("Simulate (SIMULATED feedback: demos and tests only)", open=False):
+        gr.Markdown("A declared rule votes on generated replies instead of people. Every vote is stored "
+                    "marked **SIMULATED**, and its conversations are titled so.")
+        with gr.Row():
+            sim_rule = gr.Textbox(label="Rule", placeholder="digits, contains:WORD, mark:TEXT, short:40, list",
+                                  scale=2, elem_id="alignment-sim-rule")
+            sim_n = gr.Number(16, label="Prompts", precision=0, minimum=1, scale=1, elem_id="alignment-sim-n")
+            sim_samples = gr.Number(4, label="Replies per prompt", precision=0, minimum=1, scale=1,
+                                    elem_id="alignment-sim-samples")
+            simulate = gr.Button("Simulate", scale=1, elem_id="alignment-simulate")
     with gr.Accordion("Evaluate and decide", open=True):
         with gr.Row():
             version = gr.Dropdown([], label="Candidate version", scale=3, allow_custom_value=True,
@@ -140,7 +154,7 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
 
     def jobs_rows(persona_id: str | None):
         jobs = board.jobs(persona_id)
-        table = [[j.id, j.kind, j.status, f"{j.progress:.0%}", j.run_id or "", f"{j.created_at:%Y-%m-%d %H:%M}",
+        table = [[j.id, kind_label(j.kind), j.status, f"{j.progress:.0%}", j.run_id or "", f"{j.created_at:%Y-%m-%d %H:%M}",
                   j.requested_by] for j in jobs]
         return table, [j.id for j in jobs]
 
@@ -314,6 +328,20 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
     def on_canary_stop(persona_id, version_id, reason, rule_text, share_value, votes_value,
                        request: gr.Request):
         return decide("canary-stop", persona_id, version_id, reason, rule_text, share_value, votes_value, request)
+
+    def on_simulate(persona_id, rule_text, n, samples, request: gr.Request):
+        try:
+            user = identity.require_admin(request, ACTION)
+            if not persona_id:
+                raise ValueError("pick a persona first")
+            job_id = board.simulate(persona_id, (rule_text or "").strip(), user.name, int(n or 0), int(samples or 0))
+        except (NotAllowed, ValueError) as exc:
+            return refused(exc), gr.update(), gr.update(), gr.update()
+        table, choices = jobs_rows(persona_id)
+        return (f"Job {job_id} queued: SIMULATED votes by rule {literal(rule_text)}.", table,
+                gr.update(choices=choices, value=job_id), gr.Timer(active=True))
+
+    simulate.click(on_simulate, [persona, sim_rule, sim_n, sim_samples], [notice, jobs_table, job, timer])
 
     for button, handler in ((evaluate, on_evaluate), (promote, on_promote), (rollback, on_rollback),
                             (canary_start, on_canary_start), (canary_stop, on_canary_stop)):
