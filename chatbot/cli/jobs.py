@@ -7,7 +7,7 @@
     persona-studio jobs log JOB [--lines N] the tail of its output
     persona-studio jobs cancel JOB          a queued job at once; a running one checkpoints, then stops
     persona-studio jobs resume JOB          queue an interrupted or cancelled job again (from its checkpoint)
-    persona-studio jobs worker [--once] [--idle-exit S]   run queued jobs, one at a time
+    persona-studio jobs worker [--once] [--idle-exit S] [--nice N]   run queued jobs, one at a time
 
 The app's Alignment tab queues jobs the same way; `serve` starts a worker
 when there is work and none is running. `align reward|ppo|kto|dpo` still run
@@ -56,6 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
     worker.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                         help="exit after this long with nothing queued (default: never)")
+    worker.add_argument("--nice", type=int, default=0, metavar="N",
+                        help="lower the worker's CPU priority by N, so that chats go first (serve starts "
+                             "its worker with 10; default 0)")
     return parser
 
 
@@ -126,8 +129,9 @@ def _resume(args, config, queue) -> int:
 
 
 def _worker(args, config, store) -> int:
-    from alignment.worker import WorkerBusy, run_worker
+    from alignment.worker import WorkerBusy, run_worker, yield_cpu
 
+    yield_cpu(args.nice)
     try:
         ran = run_worker(store, Path(config.data_dir), config.personas_dir, once=args.once,
                          idle_exit=args.idle_exit)
