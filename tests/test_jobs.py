@@ -304,3 +304,61 @@ def test_a_simulation_from_the_board_stores_votes_marked_simulated(store, tiny_m
                for c in {r.message.conversation_id for r in rows})
     assert "SIMULATED" in Path(job.log_path).read_text()
     assert board.votes("pirate")["simulated"] == (job.result["liked"], job.result["disliked"])
+
+
+def test_the_board_shows_peoples_like_rate_before_and_after_each_promotion(store, tmp_path):
+    """The promotion log in the tab: people's votes (never simulated ones) on the replies of the version
+    serving before and after, next to what the version's evaluation predicted."""
+    from alignment.board import JobBoard
+    from test_models_registry import FAILED_GATE, PASSED_GATE, evaluated
+
+    runs = RunStore(store.engine)
+
+    def version(win: float, gate: dict) -> int:
+        folder = tmp_path / f"adapter-{win}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+        run_id = runs.create_run("dpo", persona_id="pirate")
+        metrics = evaluated(gate)
+        metrics["evaluation"]["win_rate"] = {"value": win, "ci": [win - 0.1, win + 0.1]}
+        return runs.register_candidate(run_id, base_model="tiny", adapter_path=str(folder), metrics=metrics)
+
+    first, second = version(0.6, PASSED_GATE), version(0.7, FAILED_GATE)
+    person, simulator = store.get_or_create_user("ann"), store.get_or_create_user("simulator")
+
+    def replies(version_id: int | None, liked: int, disliked: int, simulated_likes: int = 0) -> None:
+        conv = store.create_conversation(person, "pirate", "v1")
+        asked = store.add_message(conv, "user", "Hi?")
+        for rating, count, who, simulated in ((1, liked, person, False), (-1, disliked, person, False),
+                                              (1, simulated_likes, simulator, True)):
+            for _ in range(count):
+                reply = store.add_message(conv, "assistant", "Arr", parent_id=asked, prompt=[],
+                                          model_version_id=version_id)
+                store.set_feedback(reply, who, rating, simulated=simulated)
+
+    replies(first, liked=1, disliked=3, simulated_likes=5)
+    replies(second, liked=3, disliked=1)
+    store.promote(first, by="ann")
+    store.promote(second, by="bob", force=True, reason="looks better")
+    board = JobBoard(store, str(store.engine.url), tmp_path / "data", start_worker=False)
+    latest, earlier = board.promotion_history("pirate")
+    assert (latest["version"], latest["by"], latest["forced"]) == (second, "bob", "yes: looks better")
+    assert (latest["people before"], latest["people after"]) == ("25% of 4", "75% of 4")  # simulated left out
+    assert latest["evaluation predicted"] == "win rate 0.70 [0.60, 0.80]"
+    assert (earlier["people before"], earlier["people after"]) == ("no votes", "25% of 4")
+    store.rollback("pirate", by="ann")
+    assert board.promotion_history("pirate")[0]["people after"] == "25% of 4"
+
+
+def test_a_restarted_server_starts_a_worker_for_what_is_still_queued(store, tmp_path):
+    """`serve` builds the job board at start-up; its resume_queue() starts the worker when work waits."""
+    from alignment.board import JobBoard
+
+    data = tmp_path / "data"
+    board = JobBoard(store, str(store.engine.url), data, REPO / "personas")
+    assert board.resume_queue() is False  # nothing queued: no worker
+    # A job queued before the restart (one that fails at once: no feedback), then the start-up.
+    job_id = board.queue.enqueue("kto", {"recipe": {"min_rows": 4}}, requested_by="ann", persona_id="pirate")
+    assert board.resume_queue() is True
+    job = wait_for(lambda: (j := board.queue.get(job_id)).finished and j, "the started worker to run the job")
+    assert job.status == "failed" and "labelled replies for persona pirate" in job.error
