@@ -3,6 +3,7 @@ running real jobs on a tiny random model: success, cancel with a checkpoint, a k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -360,5 +361,11 @@ def test_a_restarted_server_starts_a_worker_for_what_is_still_queued(store, tmp_
     # A job queued before the restart (one that fails at once: no feedback), then the start-up.
     job_id = board.queue.enqueue("kto", {"recipe": {"min_rows": 4}}, requested_by="ann", persona_id="pirate")
     assert board.resume_queue() is True
-    job = wait_for(lambda: (j := board.queue.get(job_id)).finished and j, "the started worker to run the job")
-    assert job.status == "failed" and "labelled replies for persona pirate" in job.error
+    try:
+        job = wait_for(lambda: (j := board.queue.get(job_id)).finished and j, "the started worker to run the job")
+        assert job.status == "failed" and "labelled replies for persona pirate" in job.error
+    finally:  # the worker waits for more work for minutes: stop it
+        pid = (data / "worker.lock").read_text().strip()
+        if pid.isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid), signal.SIGKILL)
