@@ -369,3 +369,31 @@ def test_a_restarted_server_starts_a_worker_for_what_is_still_queued(store, tmp_
         if pid.isdigit():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(pid), signal.SIGKILL)
+
+
+def test_the_board_runs_a_canary_and_shows_its_live_figures(store, tmp_path):
+    from test_models_registry import PASSED_GATE, evaluated
+
+    from alignment.board import JobBoard
+    from chatbot.ui.alignment_tab import canary_text
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    runs = RunStore(store.engine)
+    version = runs.register_candidate(runs.create_run("kto", persona_id="pirate"), base_model="tiny",
+                                      adapter_path=str(folder), metrics=evaluated(PASSED_GATE))
+    board = JobBoard(store, str(store.engine.url), tmp_path / "data", start_worker=False)
+    assert board.canary("pirate") is None and canary_text(None) == ""
+    assert [v.id for v in board.versions("pirate")] == [version]
+    started = board.start_canary(version, "ann", share=0.5, min_votes=3)
+    running = board.canary("pirate")
+    assert running["canary"].id == started.id
+    assert canary_text(running) == (f"**Canary running:** version {version} on 50% of new conversations. "
+                                    "control: - of 0 votes · candidate: - of 0 votes (deciding from 3 votes per arm)")
+    assert board.stop_canary("pirate", "ann").ended_at is not None and board.canary("pirate") is None
+    board.promote(version, "ann")
+    assert store.serving_version("pirate").id == version
+    board.rollback("pirate", "ann")
+    assert store.serving_version("pirate") is None
+    assert [r["action"] for r in board.promotion_history("pirate")] == ["rollback", "promote"]

@@ -30,6 +30,20 @@ def kind_label(kind: str) -> str:
     return "simulate (SIMULATED)" if kind == "simulate" else kind
 
 
+def canary_text(running: dict | None) -> str:
+    """A running canary's live figures: each arm's like rate and votes, the difference with its 95 % CI."""
+    if running is None:
+        return ""
+    canary, stats = running["canary"], running["stats"]
+    arms = " · ".join(f"{arm.arm}: {'-' if arm.like_rate is None else f'{arm.like_rate:.0%}'} of {arm.votes} votes"
+                      for arm in (stats.control, stats.candidate))
+    ci = "" if stats.ci is None else \
+        f", difference {stats.difference:+.0%} [{stats.ci[0]:+.0%}, {stats.ci[1]:+.0%}]"
+    waiting = "" if stats.min_votes_reached else f" (deciding from {canary.min_votes} votes per arm)"
+    return (f"**Canary running:** version {canary.candidate_id} on {canary.share:.0%} of new conversations. "
+            f"{arms}{ci}{waiting}")
+
+
 def progress_html(job) -> str:
     """A progress bar, its percentage and status; the ETA once the job has made progress."""
     if job is None:
@@ -224,16 +238,7 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
             return gr.update(choices=[]), "", []
         versions = board.versions(persona_id)
         choices = [(f"v{v.id} · run {v.run_id} · {v.status}", v.id) for v in versions]
-        running = board.canary(persona_id)
-        figures = ""
-        if running is not None:
-            stats = running["stats"]
-            arms = " · ".join(f"{arm.arm}: {'-' if arm.like_rate is None else f'{arm.like_rate:.0%}'} of "
-                              f"{arm.votes} votes" for arm in (stats.control, stats.candidate))
-            ci = "" if stats.ci is None else f", difference {stats.difference:+.0%} [{stats.ci[0]:+.0%}, {stats.ci[1]:+.0%}]"
-            figures = (f"**Canary running:** version {running['canary'].candidate_id} on "
-                       f"{running['canary'].share:.0%} of new conversations. {arms}{ci}"
-                       + ("" if stats.min_votes_reached else f" (deciding from {running['canary'].min_votes} votes per arm)"))
+        figures = canary_text(board.canary(persona_id))
         history_rows = [[r[k] for k in ("when", "action", "version", "by", "forced", "people before", "people after",
                                         "evaluation predicted", "gate")] for r in board.promotion_history(persona_id)]
         return gr.update(choices=choices, value=choices[0][1] if choices else None), figures, history_rows
