@@ -146,3 +146,37 @@ def test_the_loop_from_the_tab_train_evaluate_promote_and_chat_with_it(seeded, t
                              "and coalesce(finish_reason, '') != 'greeting'") == [(seeded_replies + 1,)]
     assert db_rows(data_dir, "select kind, status from jobs order by id") == \
         [("reward", "succeeded"), ("dpo", "succeeded"), ("evaluate", "succeeded")]
+
+
+def test_a_signed_in_user_who_is_not_an_admin_is_refused_in_the_tab(data_dir, tmp_path):
+    """The page as a person without the admin role sees it: the tab answers with the refusal and shows
+    none of the feedback. (Every action's refusal on the server: test_user_isolation, through the API.)"""
+    from playwright.sync_api import sync_playwright
+
+    from browser_helpers import CHROMIUM, CHROMIUM_ARGS
+    from cli_helpers import run_cli
+
+    store = ChatStore.open(f"sqlite:///{data_dir / 'chat.db'}")
+    fill(store, 30)
+    store.close()
+    for name, role in (("alice", "admin"), ("bob", "user")):
+        done = run_cli("users", "add", name, "--role", role, "--password-stdin", "--data-dir", str(data_dir),
+                       stdin=f"{name}-password\n")
+        assert done.returncode == 0, done.stderr
+    with running_app(data_dir, tmp_path / "server.log") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.locator("input[name=username], input[type=text]").first.fill("bob")
+            page.locator("input[type=password]").first.fill("bob-password")
+            page.locator("button[type=submit], button:has-text('Login')").first.click()
+            page.wait_for_selector("#chatbot .message.bot")
+            page.get_by_role("tab", name="Alignment").click()
+            notice = page.locator("#alignment-notice")
+            wait_until(lambda: "Only admins can run alignment jobs." in notice.inner_text(), what="the refusal")
+            assert "Same-context pairs" not in page.locator("#alignment-data").inner_text()
+            assert page.locator("#alignment-readiness").inner_text().count("yaml") == 0
+        finally:
+            browser.close()
