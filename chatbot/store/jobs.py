@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from chatbot.store.base import DetachedRow, StoreBase
 from chatbot.store.errors import NotFound
 from chatbot.store.models import JOB_KINDS, AlignmentRun, Job, utcnow
+from chatbot.store.runs import pid_alive
 
 HEARTBEAT_SECONDS = 2.0  # how often a worker says it is alive
 STALE_AFTER = timedelta(seconds=60)  # a running job not heard of for this long is orphaned
@@ -74,15 +75,7 @@ def this_worker() -> str:
 def worker_alive(worker: str | None) -> bool | None:
     """Whether the process named ``host:pid`` exists; None when this machine cannot tell (another host)."""
     host, _, pid = (worker or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    return pid_alive(host, pid)
 
 
 class JobQueue(StoreBase):

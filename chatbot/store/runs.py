@@ -68,10 +68,16 @@ def process_alive(output_dir: str | Path | None) -> bool | None:
         job = json.loads((Path(output_dir) / JOB_FILE).read_text(encoding="utf-8"))
     except (TypeError, OSError, ValueError):
         return None
-    if job.get("host") != socket.gethostname():
+    return pid_alive(job.get("host"), job.get("pid"))
+
+
+def pid_alive(host: str | None, pid) -> bool | None:
+    """Whether process ``pid`` on ``host`` exists; None when this machine cannot tell (another host,
+    no pid). A reused pid reads as alive, which errs on the side of not touching a job."""
+    if host != socket.gethostname() or not str(pid).isdigit():
         return None
     try:
-        os.kill(int(job["pid"]), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
