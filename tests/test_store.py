@@ -50,7 +50,7 @@ EXPECTED_COLUMNS = {
     "messages": {
         "id", "conversation_id", "parent_id", "role", "content", "model_version_id",
         "generation_params", "prompt", "prompt_tokens", "completion_tokens", "latency_ms",
-        "first_token_ms", "finish_reason", "persona_id", "persona_hash", "created_at",
+        "first_token_ms", "finish_reason", "persona_id", "persona_hash", "provenance", "created_at",
     },
     "feedback": {"id", "message_id", "user_id", "rating", "reason", "comment", "simulated", "created_at",
                  "updated_at"},
@@ -137,7 +137,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0009_jobs",)
+                ("0010_message_provenance",)
             ]
     finally:
         engine.dispose()

@@ -226,6 +226,10 @@ class Message(Base):
     # conversation when written; nullable only for rows older than 0002).
     persona_id: Mapped[str | None] = mapped_column(String(200))
     persona_hash: Mapped[str | None] = mapped_column(String(128))
+    # What persona knowledge added to this reply's prompt and why: lorebook
+    # entries with the key that fired them, retrieved document chunks with
+    # their scores (chatbot/knowledge). Null when nothing was added.
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = _created_at()
 
 
