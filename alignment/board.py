@@ -108,15 +108,18 @@ class JobBoard:
     """The Alignment tab's data and actions over the shared store (see the module docstring)."""
 
     def __init__(self, store, database_url: str, data_dir: Path, personas_dir: Path | None = None,
-                 start_worker: bool = True, engine_options: dict[str, Any] | None = None):
+                 start_worker: bool = True, engine_options: dict[str, Any] | None = None,
+                 worker_niceness: int | None = None):
         """``engine_options``: the server's model settings (model, engine, dtype, ...), so that a
-        simulation generates with the model the chat serves."""
+        simulation generates with the model the chat serves; ``worker_niceness``: the CPU priority
+        the worker it starts gives up (None: the worker's default)."""
         self.store = store
         self.queue = JobQueue(store.engine)
         self.runs = RunStore(store.engine)
         self.database_url, self.data_dir, self.personas_dir = database_url, Path(data_dir), personas_dir
         self.start_worker = start_worker
         self.engine_options = dict(engine_options or {})
+        self.worker_niceness = worker_niceness
 
     # -- data -------------------------------------------------------------------------
 
@@ -195,7 +198,10 @@ class JobBoard:
         """Start the worker unless one runs (or this board may not start one)."""
         from alignment.worker import ensure_worker
 
-        return self.start_worker and ensure_worker(self.database_url, self.data_dir, self.personas_dir)
+        if not self.start_worker:
+            return False
+        niceness = {} if self.worker_niceness is None else {"niceness": self.worker_niceness}
+        return ensure_worker(self.database_url, self.data_dir, self.personas_dir, **niceness)
 
     def resume_queue(self) -> bool:
         """At the server's start: orphans marked interrupted, and a worker for what is still queued."""

@@ -80,18 +80,18 @@ def worker_running(data_dir: Path) -> bool:
 
 
 def ensure_worker(database_url: str, data_dir: Path, personas_dir: Path | None = None,
-                  idle_exit: float = 300.0) -> bool:
+                  idle_exit: float = 300.0, niceness: int = WORKER_NICENESS) -> bool:
     """Start a detached worker for ``data_dir`` unless one is running; whether one was started.
 
     Detached (its own session): it outlives the server that started it, so a
     restart of the server never stops a job. It exits after ``idle_exit``
-    seconds with nothing queued.
+    seconds with nothing queued; it runs ``niceness`` below normal CPU priority (yield_cpu).
     """
     data_dir = Path(data_dir)
     if worker_running(data_dir):
         return False
     command = [sys.executable, "-m", "chatbot.cli", "jobs", "worker", "--db-url", database_url,
-               "--data-dir", str(data_dir), "--idle-exit", str(idle_exit), "--nice", str(WORKER_NICENESS)]
+               "--data-dir", str(data_dir), "--idle-exit", str(idle_exit), "--nice", str(niceness)]
     if personas_dir is not None:
         command += ["--personas-dir", str(personas_dir)]
     with open(data_dir / "worker.log", "ab") as output:

@@ -43,6 +43,9 @@ class Settings:
         "help": "your name: recorded with chats and votes, and what {{user}} in a persona becomes"})
     session_hours: int = field(default=168, metadata={
         "help": "with accounts: hours a sign-in lasts before asking again (default 168, a week)"})
+    worker_nice: int = field(default=10, metadata={
+        "help": "CPU priority the alignment job worker gives up, 0-19 (default 10: the chat goes first; "
+                "0 on a machine that only trains)"})
 
     @property
     def database_url(self) -> str:

@@ -6,26 +6,15 @@ A seeded store (same-context pairs for the pirate) and a tiny random model with 
 
 from __future__ import annotations
 
-import os
-import signal
-from contextlib import suppress
 
 import pytest
 from browser_helpers import REPO, browser_page, db_rows, pick_persona, running_app, send, wait_until
+from cli_helpers import stop_worker
 from test_align_cli import fill
 
 from chatbot.store import ChatStore
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
-
-
-def stop_worker(data_dir) -> None:
-    """The worker the server started is detached (it outlives a server restart): stop it here."""
-    lock = data_dir / "worker.lock"
-    pid = lock.read_text().strip() if lock.exists() else ""
-    if pid.isdigit():
-        with suppress(ProcessLookupError):
-            os.killpg(int(pid), signal.SIGKILL)  # its own session: the job's processes go with it
 
 
 @pytest.fixture
@@ -84,8 +73,9 @@ def test_the_loop_from_the_tab_train_evaluate_promote_and_chat_with_it(seeded, t
     and a new chat's reply is recorded as that version's."""
     data_dir = seeded
     tiny = f"base_model: {tiny_model}\nsave_steps: 1000\nper_device_train_batch_size: 4\nlearning_rate: 1.0e-3\n"
-    # The server serves the tiny model, so that a version trained on it can serve.
-    with running_app(data_dir, tmp_path / "server.log", "--model", str(tiny_model)) as url, \
+    # The server serves the tiny model, so that a version trained on it can serve. Its worker keeps
+    # normal priority: at the default 10 it waits behind whatever else keeps the CPU busy (make test-stress).
+    with running_app(data_dir, tmp_path / "server.log", "--model", str(tiny_model), "--worker-nice", "0") as url, \
             browser_page(url) as page:
         page.get_by_role("tab", name="Alignment").click()
         summary = page.locator("#alignment-data")

@@ -54,6 +54,11 @@ def test_port_in_use_is_one_line_error(data_dir):
     one_line_error(done, f"port {port} on 127.0.0.1 is already in use")
 
 
+def test_worker_priority_out_of_range_is_one_line_error(data_dir):
+    done = run("serve", "--data-dir", str(data_dir), "--port", "0", "--worker-nice", "25", timeout=60)
+    one_line_error(done, "--worker-nice 25: give 0 to 19")
+
+
 def test_unwritable_data_dir_is_one_line_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

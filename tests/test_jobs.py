@@ -3,7 +3,6 @@ running real jobs on a tiny random model: success, cancel with a checkpoint, a k
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, stop_worker
 from test_align_cli import fill
 
 from chatbot.store import ChatStore
@@ -215,6 +214,9 @@ def test_cancel_writes_a_checkpoint_and_resume_continues_from_it(store, tiny_mod
 
 @pytest.mark.model
 def test_a_killed_worker_leaves_the_job_interrupted_and_it_resumes(store, tiny_model, tmp_path):
+    """A worker crash as the Alignment tab sees it: the tab's next poll shows the job interrupted,
+    and its Resume continues the run from the last checkpoint."""
+    from alignment.board import JobBoard
     from alignment.worker import run_worker
 
     fill(store, 30)
@@ -234,10 +236,11 @@ def test_a_killed_worker_leaves_the_job_interrupted_and_it_resumes(store, tiny_m
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
     assert queue.get(job_id).status == "running"  # nothing could record the kill...
-    assert queue.reap_orphans() == [job_id]  # ...until anyone looks
-    assert queue.get(job_id).status == "interrupted" and runs.get_run(run_id).status == "interrupted"
+    board = JobBoard(store, str(store.engine.url), data, REPO / "personas", start_worker=False)
+    assert board.status(job_id).job.status == "interrupted"  # ...until the tab (anyone) looks
+    assert runs.get_run(run_id).status == "interrupted"
 
-    again = queue.resume(job_id, requested_by="ann")
+    again = board.resume(job_id, requested_by="ann")
     saved_at = max(int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*")
                    if (c / "trainer_state.json").exists())
     with store.session() as session:
@@ -307,6 +310,38 @@ def test_a_simulation_from_the_board_stores_votes_marked_simulated(store, tiny_m
     assert board.votes("pirate")["simulated"] == (job.result["liked"], job.result["disliked"])
 
 
+@pytest.mark.model
+def test_cancelling_a_job_without_checkpoints_stops_it_where_it_is_and_the_worker_goes_on(
+        store, tiny_model, tmp_path):
+    """A simulation (like an evaluation) has no checkpoint to write: the worker's heartbeat thread stops
+    it with an interrupt in the worker's main thread. The replies stored so far stay, and the worker
+    then runs the next job. A real worker process: the interrupt goes to its main thread."""
+    from alignment.board import JobBoard
+
+    data = tmp_path / "data"
+    board = JobBoard(store, str(store.engine.url), data, REPO / "personas", start_worker=False,
+                     engine_options={"model": str(tiny_model)})
+    long_one = board.simulate("pirate", "digits", "ann", n=64, samples=8)  # minutes on the tiny model
+    # Then a job that fails at once, whatever the simulation stored: it asks for far more rows.
+    next_one = board.queue.enqueue("kto", {"recipe": {"min_rows": 10**6}}, requested_by="ann", persona_id="pirate")
+    worker = subprocess.Popen([sys.executable, "-m", "chatbot.cli", "jobs", "worker", "--idle-exit", "0",
+                               "--db-url", str(store.engine.url), "--data-dir", str(data),
+                               "--personas-dir", str(REPO / "personas")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        wait_for(lambda: board.queue.get(long_one).progress > 0, "the simulation's first replies", process=worker)
+        assert run_cli("jobs", "cancel", str(long_one), "--db-url", str(store.engine.url)).returncode == 0
+        assert worker.wait(timeout=120) == 0  # both jobs done, then nothing queued: it exits
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    cancelled, after = board.queue.get(long_one), board.queue.get(next_one)
+    assert cancelled.status == "cancelled", cancelled.error
+    kept = len(store.feedback_rows(persona_id="pirate"))
+    assert 0 < kept < 64 * 8  # what was simulated before the cancel stays
+    assert after.status == "failed" and "labelled replies for persona pirate" in after.error
+
+
 def test_the_board_shows_peoples_like_rate_before_and_after_each_promotion(store, tmp_path):
     """The promotion log in the tab: people's votes (never simulated ones) on the replies of the version
     serving before and after, next to what the version's evaluation predicted."""
@@ -352,11 +387,12 @@ def test_the_board_shows_peoples_like_rate_before_and_after_each_promotion(store
 
 
 def test_a_restarted_server_starts_a_worker_for_what_is_still_queued(store, tmp_path):
-    """`serve` builds the job board at start-up; its resume_queue() starts the worker when work waits."""
+    """`serve` builds the job board at start-up; its resume_queue() starts the worker when work waits,
+    at the CPU priority the server was told to give it (--worker-nice)."""
     from alignment.board import JobBoard
 
     data = tmp_path / "data"
-    board = JobBoard(store, str(store.engine.url), data, REPO / "personas")
+    board = JobBoard(store, str(store.engine.url), data, REPO / "personas", worker_niceness=3)
     assert board.resume_queue() is False  # nothing queued: no worker
     # A job queued before the restart (one that fails at once: no feedback), then the start-up.
     job_id = board.queue.enqueue("kto", {"recipe": {"min_rows": 4}}, requested_by="ann", persona_id="pirate")
@@ -364,11 +400,10 @@ def test_a_restarted_server_starts_a_worker_for_what_is_still_queued(store, tmp_
     try:
         job = wait_for(lambda: (j := board.queue.get(job_id)).finished and j, "the started worker to run the job")
         assert job.status == "failed" and "labelled replies for persona pirate" in job.error
+        worker = int((data / "worker.lock").read_text())
+        assert os.getpriority(os.PRIO_PROCESS, worker) == min(os.nice(0) + 3, 19)
     finally:  # the worker waits for more work for minutes: stop it
-        pid = (data / "worker.lock").read_text().strip()
-        if pid.isdigit():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(int(pid), signal.SIGKILL)
+        stop_worker(data)
 
 
 def test_the_board_runs_a_canary_and_shows_its_live_figures(store, tmp_path):

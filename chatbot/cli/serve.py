@@ -63,7 +63,7 @@ def build_server(service, identity, settings: Settings, auth: str = "auto"):
     engine_options = {name: getattr(settings, name) for name in ("model", "engine", "engine_url", "dtype",
                                                                   "context_tokens")}
     board = JobBoard(service.store, settings.database_url, Path(settings.data_dir), settings.personas_dir,
-                     engine_options=engine_options)
+                     engine_options=engine_options, worker_niceness=settings.worker_nice)
     board.resume_queue()  # a restart picks up what was queued: the worker starts if there is work
     blocks = build_app(service, identity, board)
     server = FastAPI(title="Persona Studio", docs_url=None, redoc_url=None, openapi_url=None)
@@ -93,6 +93,9 @@ def serve(settings: Settings, auth: str = "auto") -> None:
 
     check_data_dir(settings.data_dir)
     check_port(settings.host, settings.port)
+    if not 0 <= settings.worker_nice <= 19:
+        raise StartupError(f"--worker-nice {settings.worker_nice}: give 0 to 19 (how much CPU priority "
+                           "the job worker gives up)")
     service = build_service(settings)
     try:
         from ..ui.identity import Identity
