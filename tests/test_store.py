@@ -64,6 +64,10 @@ EXPECTED_COLUMNS = {
     "jobs": {"id", "kind", "persona_id", "request", "status", "progress", "run_id", "result", "error", "log_path",
              "cancel_requested", "requested_by", "worker", "heartbeat_at", "started_at", "finished_at",
              "created_at", "updated_at"},
+    "knowledge_documents": {"id", "persona_id", "path", "content_hash", "embedder", "chunker", "size",
+                            "chunk_count", "indexed_at"},
+    "knowledge_chunks": {"id", "document_id", "ordinal", "embedding", "heading", "page", "line_start",
+                         "line_end", "char_start", "char_end", "text"},
 }
 
 
@@ -137,7 +141,7 @@ def test_migration_from_empty_database_creates_every_table(db_url: str) -> None:
         }
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-                ("0010_message_provenance",)
+                ("0011_knowledge_chunks",)
             ]
     finally:
         engine.dispose()

@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY, REAL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -91,6 +93,41 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+
+class Embedding(TypeDecorator[Any]):
+    """A float32 vector (a numpy array in Python) stored the way each backend's vector search reads it.
+
+    SQLite: a BLOB of little-endian float32, the format sqlite-vec's distance functions take.
+    PostgreSQL: ``real[]``, which pgvector casts to its ``vector`` type in a query
+    (``embedding::vector``). The column is not pgvector's own type, so the schema, and every
+    migration, is the same whether or not the server has pgvector (see chatbot/knowledge/search.py).
+    """
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(ARRAY(REAL()))
+        return dialect.type_descriptor(LargeBinary())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        import numpy as np  # here: the store is imported by commands that never touch vectors
+
+        vector = np.asarray(value, dtype="<f4")
+        return vector.tolist() if dialect.name == "postgresql" else vector.tobytes()
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        import numpy as np
+
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return np.frombuffer(value, dtype="<f4").astype(np.float32)
+        return np.asarray(value, dtype=np.float32)
 
 
 def _created_at() -> Mapped[datetime]:
@@ -389,3 +426,44 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+
+
+class KnowledgeDocument(Base):
+    """A file of a persona's knowledge as last indexed: the hash says whether it changed since.
+
+    ``embedder`` names the model its vectors came from and ``chunker`` the chunk settings; a
+    document indexed with others is made again by the next indexing run (chatbot/knowledge/).
+    """
+
+    __tablename__ = "knowledge_documents"
+    __table_args__ = (UniqueConstraint("persona_id", "path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    persona_id: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(String(1000))  # relative to the personas folder, with /
+    content_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the file's bytes
+    embedder: Mapped[str] = mapped_column(String(200))
+    chunker: Mapped[str] = mapped_column(String(200))
+    size: Mapped[int] = mapped_column(Integer)  # bytes
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    indexed_at: Mapped[datetime] = _created_at()
+
+
+class KnowledgeChunk(Base):
+    """A piece of a knowledge document with its vector, and where it is in the file (for a citation)."""
+
+    __tablename__ = "knowledge_chunks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("knowledge_documents.id", ondelete="CASCADE"),
+                                             index=True)
+    ordinal: Mapped[int] = mapped_column(Integer)  # its place in the document
+    # Before the text: SQLite reads a row's columns in order, and a search reads only this one.
+    embedding: Mapped[Any] = mapped_column(Embedding())
+    heading: Mapped[str | None] = mapped_column(Text)
+    page: Mapped[int | None] = mapped_column(Integer)  # 1-based, for a PDF
+    line_start: Mapped[int] = mapped_column(Integer)
+    line_end: Mapped[int] = mapped_column(Integer)
+    char_start: Mapped[int] = mapped_column(Integer)
+    char_end: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
