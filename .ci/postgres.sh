@@ -108,5 +108,30 @@ if [ "$(psql_admin -tAc "SELECT 1 FROM pg_database WHERE datname = '$DB'")" != 1
   psql_admin -c "CREATE DATABASE $DB OWNER $ROLE"
 fi
 
+# pgvector, for the knowledge index's vector search (chatbot/knowledge/search.py); the index
+# also works without it, more slowly, so a server without it is not an error. Debian packages it
+# as postgresql-N-pgvector (from trixie on; bookworm has none). It is not a trusted extension, so
+# the tests' role cannot create it: created in template1 here, every database the tests create
+# has it. Tried once per cluster (the marker), so that later runs stay fast.
+has_pgvector() { [ "$(psql_admin -tAc "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")" = 1 ]; }
+if ! has_pgvector && [ ! -e "$DATA/.pgvector-tried" ]; then
+  PGVECTOR_PKG="postgresql-$(basename "$(dirname "$BIN")")-pgvector"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-cache show "$PGVECTOR_PKG" >/dev/null 2>&1 || apt-get update -q >&2; } || true
+    if apt-cache show "$PGVECTOR_PKG" >/dev/null 2>&1; then
+      say "installing Debian's $PGVECTOR_PKG"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$PGVECTOR_PKG" >&2 || true
+    fi
+  fi
+  has_pgvector || say "no pgvector for this server ($PGVECTOR_PKG); the knowledge tests use the slower search"
+  touch "$DATA/.pgvector-tried" 2>/dev/null || true
+fi
+if has_pgvector; then
+  for db in template1 "$DB"; do
+    psql_admin -d "$db" -c "CREATE EXTENSION IF NOT EXISTS vector" >/dev/null 2>&1 \
+      || say "could not create the vector extension in $db"
+  done
+fi
+
 say "ready: $DEFAULT_URL"
 echo "export PERSONA_STUDIO_TEST_PG_URL='$DEFAULT_URL'"
