@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from . import conversation_tree as tree
 from .default_model import ModelLoadError
 from .engine import Engine, EngineUnavailable, GenerationParams, Reply
+from .knowledge.lorebook import Activation, activate
 from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, parse_persona, render
 from .prompting import Prompt, PromptTooLong, build_prompt
 from .store import ChatStore, ConversationRecord, MessageRecord, ModelVersionRecord, NotFound
@@ -53,6 +54,11 @@ def check_text(text: str | None, limit: int, what: str) -> None:
         raise ChatError(f"the {what} contains a NUL character (\\x00), which cannot be stored")
 
 
+def estimate_tokens(text: str) -> int:
+    """About a token per 4 characters: for a budget where no tokenizer is at hand."""
+    return len(text) // 4 + 1
+
+
 @dataclass
 class Turn:
     role: str
@@ -83,10 +89,18 @@ class ChatSession:
         """The persona file's LoRA adapter folder; what serves may be a promoted one (ChatService.serving)."""
         return persona_adapter(self.persona)
 
-    def prompt(self, extra: list[dict] = ()) -> Prompt:
+    def prompt(self, extra: list[dict] = (), count_tokens: Callable[[str], int] = estimate_tokens) -> Prompt:
+        """The messages for the model: the persona, what its lorebook adds for this conversation
+        (`count_tokens` counts the lorebook's budget), the turns and `extra` after them."""
         r = self.rendered
-        return build_prompt(r.system_prompt, self.history() + list(extra), r.examples,
-                            r.post_history_instructions)
+        history = self.history() + list(extra)
+        lore = activate(r.lorebook, history, count_tokens, r.expand) if r.lorebook else Activation()
+        at_depth = lore.at_depth()
+        if r.depth_prompt is not None:
+            at_depth.append((r.depth_prompt.depth, r.depth_prompt.role, r.depth_prompt.prompt))
+        provenance = {"lorebook": lore.provenance()} if lore.fired or lore.over_budget else None
+        return build_prompt(r.system(lore), history, r.examples, r.post_history_instructions, at_depth,
+                            provenance)
 
 
 def persona_adapter(persona: LoadedPersona) -> str | None:
@@ -161,7 +175,8 @@ class ChatService:
         check_text(text, MAX_MESSAGE_CHARS, "message")
         if not text.strip():
             raise ChatError("the message is empty")
-        yield from self._stream(session, session.prompt([{"role": "user", "content": text.strip()}]),
+        yield from self._stream(session, session.prompt([{"role": "user", "content": text.strip()}],
+                                                      self.engine.count_text_tokens),
                                 params, stop, *self.serving(persona))
 
     def send(self, session: ChatSession, text: str, params: GenerationParams,
@@ -183,7 +198,8 @@ class ChatService:
         turns = self._with_history(replace(session, turns=current), history)
         # Check the context before storing anything: a message that cannot fit is refused whole.
         preview = replace(session, turns=turns)
-        self.engine.fit(preview.prompt([{"role": "user", "content": text}]), params.max_new_tokens)
+        self.engine.fit(preview.prompt([{"role": "user", "content": text}], self.engine.count_text_tokens),
+                        params.max_new_tokens)
         session.turns = current
         if turns[0] is not session.turns[0]:  # the client's own opening instead of the greeting
             session.turns = [turns[0]]
@@ -253,19 +269,21 @@ class ChatService:
             raise ChatError("the message is empty")
         self._existing(session)
         current = session.turns[:-1] if self.unanswered(session) else session.turns  # as in send
-        prompt = replace(session, turns=current).prompt([{"role": "user", "content": text}])
+        prompt = replace(session, turns=current).prompt([{"role": "user", "content": text}],
+                                                           self.engine.count_text_tokens)
         self.engine.fit(prompt, params.max_new_tokens)  # refused whole before anything is stored
         session.turns = current
         self._ensure_conversation(session)
         session.turns.append(Turn("user", text, self._add_message(session, "user", text)))
         adapter, promoted = self.serving(session.persona, session.conversation_id)
         try:
-            replies = self.engine.generate_batch(session.prompt(), params, n, adapter=adapter)
+            prompt = session.prompt(count_tokens=self.engine.count_text_tokens)
+            replies = self.engine.generate_batch(prompt, params, n, adapter=adapter)
         except ModelLoadError as exc:
             raise _load_failed(exc, session, promoted) from None
         except EngineUnavailable as exc:
             raise ChatError(str(exc)) from None
-        turns = [self._store_reply(session, reply, adapter) for reply in replies]
+        turns = [self._store_reply(session, reply, adapter, prompt.provenance) for reply in replies]
         session.turns.append(turns[-1])
         return turns
 
@@ -523,13 +541,16 @@ class ChatService:
         # Looked up once per reply: the adapter that writes it is the one recorded with it.
         adapter, promoted = self.serving(session.persona, session.conversation_id)
         reply = None
-        for reply in self._stream(session, session.prompt(), params, stop, adapter, promoted):
+        prompt = session.prompt(count_tokens=self.engine.count_text_tokens)
+        for reply in self._stream(session, prompt, params, stop, adapter, promoted):
             yield reply
         assert reply is not None and reply.done
-        session.turns.append(self._store_reply(session, reply, adapter))
+        session.turns.append(self._store_reply(session, reply, adapter, prompt.provenance))
 
-    def _store_reply(self, session: ChatSession, reply: Reply, adapter: str | None) -> Turn:
-        """Store a finished reply to the session's last (user) turn; its Turn."""
+    def _store_reply(self, session: ChatSession, reply: Reply, adapter: str | None,
+                     provenance: dict | None = None) -> Turn:
+        """Store a finished reply to the session's last (user) turn, with what persona knowledge
+        added to its prompt (``provenance``); its Turn."""
         # A promoted version's row, since identity is (base model, adapter folder).
         version = self.store.get_or_create_model_version(self.engine.model_id, adapter)
         params = reply.params.to_dict()
@@ -538,7 +559,7 @@ class ChatService:
             generation_params=params, prompt=reply.prompt,
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
             latency_ms=reply.latency_ms, first_token_ms=reply.first_token_ms,
-            finish_reason=reply.finish_reason)
+            finish_reason=reply.finish_reason, provenance=provenance)
         return Turn("assistant", reply.text, message_id)
 
 

@@ -150,6 +150,10 @@ class Engine:
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.encode(messages))
 
+    def count_text_tokens(self, text: str) -> int:
+        """The tokens of plain text, no template around it: a lorebook entry against its budget."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
     def fit(self, prompt: Prompt | list[Message], max_new_tokens: int) -> list[Message]:
         """Raises PromptTooLong when the pinned parts and the newest message cannot fit."""
         if not isinstance(prompt, Prompt):

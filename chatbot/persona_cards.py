@@ -72,6 +72,7 @@ from typing import Any
 
 import yaml
 
+from .knowledge.world_info import lorebook_from_card, lorebook_to_card
 from .personas import (
     AVATAR_SUFFIXES,
     MAX_AVATAR_PIXELS,
@@ -81,6 +82,7 @@ from .personas import (
     Persona,
     PersonaError,
     check_id,
+    example_chats,
     parse_persona,
     safe_json,
     safe_yaml,
@@ -88,11 +90,12 @@ from .personas import (
 
 MAX_SOURCE_BYTES = 32 * 1024 * 1024  # card PNGs are a few MB; refuse anything absurd
 MAX_PNG_TEXT_BYTES = MAX_SOURCE_BYTES  # all text chunks of a PNG together, decompressed
-DEFAULT_SYSTEM_PROMPT = ("You are {{char}}. Stay in character and write {{char}}'s next reply "
-                         "in this chat with {{user}}.")
+ORIGINAL = "{{original}}"  # a card's "the frontend's own prompt goes here"; resolved when sent
 DESCRIPTION_CHARS = 200
 NAMESPACE = "persona_studio"  # our key in a card's data.extensions
-UNPAIRED = "mes_example_unpaired"
+UNPAIRED = "mes_example_unpaired"  # narration in example blocks: kept, never sent (as in SillyTavern)
+# Persona fields a card has no place for: exported under data.extensions.persona_studio, read back on import.
+OWN_FIELDS = ("description", "generation", "model", "adapter")
 TOP_LEVEL = "card_top_level"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -164,12 +167,13 @@ def _text(data: dict, key: str, where: str) -> str:
     return normalise_text(value)
 
 
-def _text_list(data: dict, key: str, where: str) -> list[str]:
+def _text_list(data: dict, key: str, where: str, commas: bool = False) -> list[str]:
+    """A list of texts; one text is a list of one, or with `commas` ("a, b" tags) split at its commas."""
     value = data.get(key)
     if value is None:
         return []
     if isinstance(value, str):
-        value = [value]
+        value = value.split(",") if commas else [value]
     if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
         raise PersonaError(f"{where}{key}: expected a list of texts")
     items = [normalise_text(str(v)) for v in value]
@@ -185,18 +189,20 @@ def _short_description(notes: str) -> str:
 
 
 def parse_examples(text: str, char_labels: list[str], user_labels: list[str]):
-    """`<START>` blocks of `{{user}}: ...` / `{{char}}: ...` lines -> (pairs, unpaired blocks).
+    """`<START>` blocks of `{{user}}: ...` / `{{char}}: ...` lines -> (example chats, narration).
 
+    Each block is an example chat of its own, as SillyTavern sends it: a list of
+    {"user": ...} / {"assistant": ...} messages, lone `{{char}}:` lines included.
     A turn runs until the next speaker line; consecutive turns of one speaker are
-    joined. Each user turn pairs with the character turn after it; what pairs
-    with nothing is returned as text, one string per block, so nothing is lost.
+    joined. Text before a block's first speaker (narration, which SillyTavern
+    does not send) is returned apart, one string per block, so nothing is lost.
     """
     labels = [(label, "user") for label in user_labels] + [(label, "char") for label in char_labels]
     labels.sort(key=lambda item: -len(item[0]))  # "{{char}}" before a name that is its prefix
     speaker = re.compile(r"^\s*(" + "|".join(re.escape(lbl) for lbl, _ in labels) + r")\s*:[ \t]?(.*)$",
                          re.IGNORECASE)
     role_of = {lbl.lower(): role for lbl, role in labels}
-    pairs, unpaired = [], []
+    chats, narrations = [], []
     for block in re.split(r"^\s*<START>\s*$", text, flags=re.IGNORECASE | re.MULTILINE):
         preamble, turns = [], []  # turns: [role, lines]
         for line in block.split("\n"):
@@ -211,37 +217,33 @@ def parse_examples(text: str, char_labels: list[str], user_labels: list[str]):
                 turns[-1][1].append(line)
             else:
                 preamble.append(line)
-        turns = [(role, "\n".join(lines).strip()) for role, lines in turns]
+        chat = [{"user" if role == "user" else "assistant": said}
+                for role, said in ((role, "\n".join(lines).strip()) for role, lines in turns) if said]
+        if chat:
+            chats.append(chat)
         narration = "\n".join(preamble).strip()
-        left = [narration] if narration else []
-        i = 0
-        while i < len(turns):
-            role, said = turns[i]
-            answer = turns[i + 1] if i + 1 < len(turns) else ("", "")
-            if role == "user" and said and answer[0] == "char" and answer[1]:
-                pairs.append({"user": said, "assistant": answer[1]})
-                i += 2
-                continue
-            if said:
-                left.append(f"{{{{{role}}}}}: {said}")
-            i += 1
-        if left:
-            unpaired.append("\n".join(left))
-    return pairs, unpaired
+        if narration:
+            narrations.append(narration)
+    return chats, narrations
 
 
-def render_examples(examples: list[dict], unpaired: list[str] = ()) -> str:
-    """Example pairs (and unpaired blocks) as a card's mes_example: one `<START>` block each."""
-    blocks = [f"<START>\n{{{{user}}}}: {ex['user']}\n{{{{char}}}}: {ex['assistant']}" for ex in examples]
-    blocks += [f"<START>\n{text}" for text in unpaired]
+def render_examples(chats: list[list[dict]], narrations: list[str] = ()) -> str:
+    """Example chats ({role, content} messages) and narration as a card's mes_example: `<START>` blocks."""
+    blocks = ["<START>\n" + "\n".join(f"{{{{{'user' if m['role'] == 'user' else 'char'}}}}}: {m['content']}"
+                                       for m in chat) for chat in chats]
+    blocks += [f"<START>\n{text}" for text in narrations]
     return "\n".join(blocks)
 
 
 def suggest_id(name: str, fallback: str = "") -> str:
-    """A persona id from a name: ASCII letters and digits joined by `_`, at most 64 characters."""
+    """A persona id from a name: its letters and digits joined by `_`, at most 64 characters.
+
+    Accents go where the letter has a plain Latin form ("Zoë" -> "zoe"); other
+    scripts stay as they are ("爱" -> "爱"), since an id is any script's letters.
+    """
     for candidate in (name, fallback, "character"):
-        ascii_text = unicodedata.normalize("NFKD", candidate).encode("ascii", "ignore").decode()
-        slug = re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")[:64].rstrip("_")
+        letters = "".join(c for c in unicodedata.normalize("NFKD", candidate) if not unicodedata.combining(c))
+        slug = re.sub(r"[\W_]+", "_", unicodedata.normalize("NFC", letters).lower()).strip("_")[:64].rstrip("_")
         if slug:
             return check_id(slug)
     raise AssertionError("unreachable")
@@ -382,14 +384,13 @@ def _map_card(card: dict, where: str, prefix: str) -> _Draft:
         raise PersonaError(f"{at}name: empty; a persona needs a name")
     draft.put(prefix + "name", "name", name)
 
-    own, description, personality = text("system_prompt"), text("description"), text("personality")
-    parts = [own.replace("{{original}}", DEFAULT_SYSTEM_PROMPT) if own else DEFAULT_SYSTEM_PROMPT]
-    parts += [description] if description else []
-    parts += [f"{{{{char}}}}'s personality: {personality}"] if personality else []
-    draft.fields["system_prompt"] = "\n\n".join(parts)
-    for key, value in (("system_prompt", own), ("description", description), ("personality", personality)):
-        if value:
-            draft.mapping.append((prefix + key, "system_prompt"))
+    # The card's own prompt, or `{{original}}` (the app's main prompt, as a frontend's own stands in
+    # for an empty one); the definition in its own fields, sent after it as SillyTavern sends them.
+    own = text("system_prompt")
+    draft.fields["system_prompt"] = own or ORIGINAL
+    draft.mapping.append((prefix + "system_prompt", "system_prompt" if own else "system_prompt ({{original}})"))
+    draft.put(prefix + "description", "character", text("description"))
+    draft.put(prefix + "personality", "personality", text("personality"))
 
     alternates = _text_list(card, "alternate_greetings", at)
     used.add("alternate_greetings")
@@ -403,14 +404,17 @@ def _map_card(card: dict, where: str, prefix: str) -> _Draft:
     draft.put(prefix + "alternate_greetings", "alternate_greetings", alternates)
     draft.put(prefix + "scenario", "scenario", text("scenario"))
 
-    pairs, unpaired = parse_examples(text("mes_example"), ["{{char}}", name], ["{{user}}"])
-    draft.put(prefix + "mes_example", "example_dialogue", pairs)
-    draft.keep(prefix + "mes_example", UNPAIRED, unpaired)
+    chats, narrations = parse_examples(text("mes_example"), ["{{char}}", name], ["{{user}}"])
+    draft.put(prefix + "mes_example", "example_dialogue", chats)
+    draft.keep(prefix + "mes_example", UNPAIRED, narrations)
 
-    post = text("post_history_instructions").replace("{{original}}", "").strip()
-    draft.put(prefix + "post_history_instructions", "post_history_instructions", post)
-    draft.put(prefix + "tags", "tags", _text_list(card, "tags", at))
+    draft.put(prefix + "post_history_instructions", "post_history_instructions", text("post_history_instructions"))
+    draft.put(prefix + "tags", "tags", _text_list(card, "tags", at, commas=True))
     used.add("tags")
+    if not _blank(card.get("character_book")):
+        draft.put(prefix + "character_book", "lorebook",
+                  lorebook_from_card(card["character_book"], f"{at}character_book").model_dump(exclude_defaults=True))
+    used.add("character_book")
 
     notes_key = "creator_notes" if "creator_notes" in card else "creatorcomment"
     notes = text(notes_key)
@@ -423,6 +427,10 @@ def _map_card(card: dict, where: str, prefix: str) -> _Draft:
     if isinstance(extensions, dict) and isinstance(extensions.get(NAMESPACE), dict):
         extensions = dict(extensions)
         _restore_own_fields(draft, extensions.pop(NAMESPACE), prefix + f"extensions.{NAMESPACE}.")
+    depth_prompt = _depth_prompt(extensions)
+    if depth_prompt is not None:
+        extensions = {k: v for k, v in extensions.items() if k != "depth_prompt"}
+        draft.put(prefix + "extensions.depth_prompt", "depth_prompt", depth_prompt)
     draft.keep(prefix + "extensions", "extensions", extensions)
     for key, value in card.items():  # creator, character_version, character_book, V3 fields, the rest
         if key not in used:
@@ -430,9 +438,22 @@ def _map_card(card: dict, where: str, prefix: str) -> _Draft:
     return draft
 
 
+def _depth_prompt(extensions: Any) -> dict | None:
+    """SillyTavern's character note (`extensions.depth_prompt`) as a persona's depth_prompt; None when
+    there is none, or it is not one this can read (it then stays in extensions as it was)."""
+    note = extensions.get("depth_prompt") if isinstance(extensions, dict) else None
+    if not isinstance(note, dict) or not isinstance(note.get("prompt"), str) or not note["prompt"].strip():
+        return None
+    depth, role = note.get("depth", 4), note.get("role", "system")
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= 1000 \
+            or role not in ("system", "user", "assistant"):
+        return None
+    return {"prompt": normalise_text(note["prompt"]), "depth": depth, "role": role}
+
+
 def _restore_own_fields(draft: _Draft, saved: dict, source: str) -> None:
     """Read back what export_card_v2 put under data.extensions.persona_studio."""
-    for key in ("description", "generation", "model", "adapter"):
+    for key in OWN_FIELDS:
         if key in saved:  # set even when empty: an empty description is what was exported
             draft.fields[key] = saved[key]
             draft.mapping.append((source + key, key))
@@ -459,7 +480,7 @@ def _map_webui(data: dict, where: str) -> _Draft:
         context = f"{{{{char}}}}'s Persona: {persona}" if persona else ""
     used.add(context_key)
     draft.put(context_key, "system_prompt", context)
-    draft.fields.setdefault("system_prompt", DEFAULT_SYSTEM_PROMPT)
+    draft.fields.setdefault("system_prompt", ORIGINAL)
 
     greeting_key = "greeting" if "greeting" in data or "char_greeting" not in data else "char_greeting"
     greeting = _text(data, greeting_key, at)
@@ -471,9 +492,9 @@ def _map_webui(data: dict, where: str) -> _Draft:
     used.add("world_scenario")
 
     users = ["{{user}}"] + ([user_name] if user_name else [])
-    pairs, unpaired = parse_examples(_text(data, "example_dialogue", at), ["{{char}}", name], users)
-    draft.put("example_dialogue", "example_dialogue", pairs)
-    draft.keep("example_dialogue", UNPAIRED, unpaired)
+    chats, narrations = parse_examples(_text(data, "example_dialogue", at), ["{{char}}", name], users)
+    draft.put("example_dialogue", "example_dialogue", chats)
+    draft.keep("example_dialogue", UNPAIRED, narrations)
     used.add("example_dialogue")
     for key, value in data.items():  # your_name, other name keys, turn_template, ...
         if key not in used:
@@ -598,44 +619,115 @@ def import_card(path: Path, persona_id: str | None = None,
     return ImportResult(persona_id, text, persona, draft.mapping, label, avatar, avatar_name)
 
 
-def export_card_v2(loaded: LoadedPersona) -> dict:
-    """A persona as a Card V2 dict (spec chara_card_v2, spec_version 2.0); see the module docstring."""
+# Fields a persona keeps in `extensions` only for the way back (export puts them where they were).
+_BOOKKEEPING = (UNPAIRED, TOP_LEVEL, "creator_notes", "creatorcomment", "extensions")
+V3_DEFAULTS = {"group_only_greetings": [], "assets": [{"type": "icon", "uri": "ccdefault:", "name": "main",
+                                                        "ext": "png"}]}
+
+
+def _card_data(loaded: LoadedPersona) -> tuple[dict, dict | None]:
+    """(data, the source's top-level fields) of a card for the persona; see export_card_v2."""
     p = loaded.persona
     ext = dict(p.extensions)
-    unpaired = ext.pop(UNPAIRED, None) or []
-    if isinstance(unpaired, str):
-        unpaired = [unpaired]
-    notes = ext.pop("creator_notes", None)
-    if notes is None:
-        notes = ext.pop("creatorcomment", None)  # imported from a V1 card
+    narrations = ext.get(UNPAIRED) or []
+    if isinstance(narrations, str):
+        narrations = [narrations]
+    notes = ext.get("creator_notes", ext.get("creatorcomment"))
+    own_extensions = dict(ext["extensions"]) if isinstance(ext.get("extensions"), dict) else {}
+    if p.depth_prompt is not None:
+        own_extensions["depth_prompt"] = p.depth_prompt.model_dump()
     data = {
         "name": p.name,
-        "description": "",  # the whole prompt is in system_prompt; nothing to split out
-        "personality": "",
+        "description": p.character,
+        "personality": p.personality,
         "scenario": p.scenario,
         "first_mes": p.greeting,
-        "mes_example": render_examples([ex.model_dump() for ex in p.example_dialogue], unpaired),
+        "mes_example": render_examples(example_chats(p), narrations),
         "creator_notes": notes if isinstance(notes, str) else p.description,
-        "system_prompt": p.system_prompt,
+        "system_prompt": "" if p.system_prompt.strip() == ORIGINAL else p.system_prompt,
         "post_history_instructions": p.post_history_instructions,
         "alternate_greetings": list(p.alternate_greetings),
         "tags": list(p.tags),
-        "creator": str(ext.pop("creator", "") or ""),
-        "character_version": str(ext.pop("character_version", "") or ""),
-        "extensions": dict(ext.pop("extensions")) if isinstance(ext.get("extensions"), dict) else {},
+        "creator": str(ext.get("creator", "") or ""),
+        "character_version": str(ext.get("character_version", "") or ""),
+        "extensions": own_extensions,
     }
-    if "character_book" in ext:
-        data["character_book"] = ext.pop("character_book")
-    top = ext.pop(TOP_LEVEL, None)  # the source file's top-level bookkeeping (avatar, chat, dates)
+    if p.lorebook is not None:
+        data["character_book"] = lorebook_to_card(p.lorebook)
+    # Every other field the source card had (V3's nickname, assets, source, ...) goes back where it was.
+    data.update({k: v for k, v in ext.items() if k not in data and k not in _BOOKKEEPING})
     own = {"generation": p.generation.model_dump(exclude_defaults=True)
            if p.generation != GenerationSettings() else None,
-           "model": p.model, "adapter": p.adapter, "extensions": ext}
+           "model": p.model, "adapter": p.adapter}
     own = {k: v for k, v in own.items() if not _blank(v)}
     if p.description != _short_description(normalise_text(data["creator_notes"])):
         own["description"] = p.description  # import would derive another one from creator_notes
     if own:
         data["extensions"][NAMESPACE] = own
+    top = ext.get(TOP_LEVEL)
+    return data, top if isinstance(top, dict) else None
+
+
+def export_card_v2(loaded: LoadedPersona) -> dict:
+    """A persona as a Card V2 dict (spec chara_card_v2, spec_version 2.0); see the module docstring."""
+    data, top = _card_data(loaded)
     card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": data}
-    if isinstance(top, dict):  # back where it came from; import keeps it again
+    if top is not None:  # the source file's top-level bookkeeping (avatar, chat, dates), back where it was
         card = {**{k: v for k, v in top.items() if k not in card}, **card}
     return card
+
+
+def export_card_v3(loaded: LoadedPersona) -> dict:
+    """A persona as a Card V3 dict (spec chara_card_v3, spec_version 3.0): V2's fields and V3's own,
+    whose required ones get their spec defaults when the persona has none."""
+    data, _top = _card_data(loaded)
+    for key, value in V3_DEFAULTS.items():
+        data.setdefault(key, value)
+    if "character_book" in data:
+        for entry in data["character_book"]["entries"]:
+            entry.setdefault("use_regex", False)  # required in V3; this app's keys are plain text
+    return {"spec": "chara_card_v3", "spec_version": "3.0", "data": data}
+
+
+def _text_chunk(keyword: str, text: str) -> bytes:
+    body = keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
+    return struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+
+
+def _avatar_png(loaded: LoadedPersona) -> bytes:
+    """The persona's avatar as PNG bytes (converted when it is another format); a plain square without one."""
+    import io
+
+    from PIL import Image
+
+    path = loaded.avatar_path
+    if path is not None and path.suffix.lower() == ".png":
+        png = path.read_bytes()
+        png_pixels(png, str(path))
+        return strip_card_chunks(png)
+    out = io.BytesIO()
+    if path is not None:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_AVATAR_PIXELS:
+                raise PersonaError(f"{path}: the image is {image.width}x{image.height} pixels, over the "
+                                   f"{MAX_AVATAR_PIXELS / 1e6:.1f} million pixels of an avatar")
+            image.convert("RGBA").save(out, "PNG")
+    else:
+        Image.new("RGB", (400, 600), (64, 64, 72)).save(out, "PNG")
+    return out.getvalue()
+
+
+def export_card_png(loaded: LoadedPersona) -> bytes:
+    """A PNG card: the avatar with the card in a `chara` (V2) and a `ccv3` (V3) text chunk, base64 JSON,
+    placed before the image data as readers expect."""
+    png = _avatar_png(loaded)
+    chunks = b"".join(_text_chunk(keyword, base64.b64encode(json.dumps(card, ensure_ascii=False)
+                                                            .encode("utf-8")).decode("ascii"))
+                      for keyword, card in (("chara", export_card_v2(loaded)), ("ccv3", export_card_v3(loaded))))
+    out = [PNG_SIGNATURE]
+    for kind, _body, chunk in _png_chunks(png, "avatar"):
+        if kind == b"IDAT" and chunks:
+            out.append(chunks)
+            chunks = b""
+        out.append(chunk)
+    return b"".join(out)

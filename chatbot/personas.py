@@ -16,15 +16,19 @@ import os
 import re
 import secrets
 import stat
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .knowledge.lorebook import Activation, Lorebook
 
 MAX_FILE_BYTES = 256 * 1024  # a persona is a page of text, not a novel
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# Letters and digits of any script, `_` and `-`: a file name with no folder, no `..`, no dot file.
+ID_PATTERN = re.compile(r"[^\W_][\w-]{0,63}")
 AVATAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 ARCHIVE_DIR = ".archive"
 # Limits on what users hand us (persona files, cards): each failure is one PersonaError line.
@@ -32,6 +36,15 @@ MAX_NESTING = 64  # lists and mappings inside each other; the parsers recurse on
 MAX_YAML_BYTES = 1024 * 1024  # the pure-Python YAML parser takes seconds per MB
 MAX_JSON_BYTES = 8 * 1024 * 1024  # a card is a few hundred KB; its avatar travels in the PNG
 MAX_AVATAR_PIXELS = 4096 * 4096  # decoded, 64 MB of RGBA; a 20000x20000 picture would be 1.6 GB
+# What `{{original}}` in a system prompt stands for: the app's own main prompt, as a card's
+# system_prompt means it (a frontend's main prompt, which the card wraps or extends).
+DEFAULT_SYSTEM_PROMPT = ("You are {{char}}. Stay in character and write {{char}}'s next reply "
+                         "in this chat with {{user}}.")
+# System messages around the example chats, as SillyTavern sends them: each example chat starts
+# with the first, and the real chat with the second (so an example's last answer and the greeting
+# are never two assistant messages in a row).
+EXAMPLE_CHAT_MARK = "[Example Chat]"
+NEW_CHAT_MARK = "[Start a new Chat]"
 
 
 class GenerationSettings(BaseModel):
@@ -47,11 +60,44 @@ class GenerationSettings(BaseModel):
 
 
 class ExampleExchange(BaseModel):
-    """One example exchange, sent to the model as a real user and assistant message."""
+    """One example exchange, sent to the model as a real user and assistant message.
+    Consecutive exchanges form one example chat."""
 
     model_config = ConfigDict(extra="forbid")
     user: str = Field(min_length=1)
     assistant: str = Field(min_length=1)
+
+
+class ExampleMessage(BaseModel):
+    """One message of an example chat written as a list: `user:` or `assistant:`, not both."""
+
+    model_config = ConfigDict(extra="forbid")
+    user: str | None = Field(None, min_length=1)
+    assistant: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_speaker(self):
+        if (self.user is None) == (self.assistant is None):
+            raise ValueError("give either user: or assistant:, one per list item")
+        return self
+
+    @property
+    def role(self) -> str:
+        return "user" if self.user is not None else "assistant"
+
+    @property
+    def content(self) -> str:
+        return self.user if self.user is not None else self.assistant
+
+
+class DepthPrompt(BaseModel):
+    """A note sent inside the chat, `depth` messages from its end (a card's depth_prompt,
+    SillyTavern's character note)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    depth: int = Field(4, ge=0, le=1000)
+    role: Literal["system", "user", "assistant"] = "system"
 
 
 class Persona(BaseModel):
@@ -60,10 +106,16 @@ class Persona(BaseModel):
     system_prompt: str = Field(min_length=1)
     greeting: str = Field(min_length=1)
     description: str = ""  # shown to people, not sent to the model
+    character: str = ""  # who {{char}} is (a card's description): sent after the system prompt
+    personality: str = ""  # sent as "{{char}}'s personality: ..." after the character
     alternate_greetings: list[str] = Field(default_factory=list)
     scenario: str = ""  # appended to the system prompt
-    example_dialogue: list[ExampleExchange] = Field(default_factory=list)
-    post_history_instructions: str = ""  # a system message after the conversation
+    # Example chats: consecutive {user, assistant} exchanges make one; a list of messages is one of
+    # its own (and may have lone assistant messages, as a card's `{{char}}:`-only examples do).
+    example_dialogue: list[ExampleExchange | list[ExampleMessage]] = Field(default_factory=list)
+    post_history_instructions: str = ""  # added to the newest user message
+    depth_prompt: DepthPrompt | None = None
+    lorebook: Lorebook | None = None
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     tags: list[str] = Field(default_factory=list)
     avatar: str | None = None  # an image file in the personas folder
@@ -121,12 +173,28 @@ class LoadedPersona:
 
 @dataclass(frozen=True)
 class RenderedPersona:
-    """What is sent to the model, with {{char}} and {{user}} expanded."""
+    """What is sent to the model, with {{char}} and {{user}} expanded (`{{original}}` too)."""
 
-    system_prompt: str
-    examples: list[dict]  # alternating user/assistant messages
+    main_prompt: str
+    definition: list[str]  # character, personality, scenario: what lore goes before or after
+    examples: list[dict]  # the example chats as messages, each opened by EXAMPLE_CHAT_MARK
     greetings: list[str]
     post_history_instructions: str
+    depth_prompt: DepthPrompt | None = None
+    lorebook: Lorebook | None = None
+    expand: Callable[[str], str] = lambda text: text
+
+    def system(self, lore: Activation | None = None) -> str:
+        """The system message, as SillyTavern's story string orders it: main prompt, lore placed
+        before the character, the character, personality and scenario, lore placed after."""
+        lore = lore or Activation()
+        parts = [self.main_prompt, lore.text("before_char"), *self.definition, lore.text("after_char")]
+        return "\n\n".join(part for part in parts if part)
+
+    @property
+    def system_prompt(self) -> str:
+        """The system message when no lore fires."""
+        return self.system()
 
 
 def content_hash(text: str) -> str:
@@ -135,7 +203,7 @@ def content_hash(text: str) -> str:
 
 def check_id(persona_id: str) -> str:
     """A persona id is a safe file name: letters, digits, - and _, no folders, no `..`."""
-    if not ID_PATTERN.fullmatch(persona_id or ""):
+    if not ID_PATTERN.fullmatch(persona_id or "") or unicodedata.normalize("NFC", persona_id) != persona_id:
         raise PersonaError(
             f"persona id {persona_id!r} is not a safe file name: use 1-64 letters, digits, "
             "'-' or '_', starting with a letter or digit")
@@ -150,21 +218,45 @@ def expand_macros(text: str, char: str, user: str) -> str:
     return _MACRO.sub(lambda m: char if m.group(1).lower() == "char" else user, text)
 
 
+def example_chats(persona: Persona) -> list[list[dict]]:
+    """The persona's example chats as lists of {role, content} messages (macros not expanded)."""
+    chats: list[list[dict]] = []
+    run: list[dict] | None = None  # the chat that consecutive exchanges are adding to
+    for item in persona.example_dialogue:
+        if isinstance(item, ExampleExchange):
+            if run is None:
+                run = []
+                chats.append(run)
+            run += [{"role": "user", "content": item.user}, {"role": "assistant", "content": item.assistant}]
+        else:
+            run = None
+            if item:
+                chats.append([{"role": m.role, "content": m.content} for m in item])
+    return chats
+
+
 def render(loaded: LoadedPersona, user: str) -> RenderedPersona:
     p = loaded.persona
 
     def expand(text: str) -> str:
         return expand_macros(text, p.name, user)
 
-    system = expand(p.system_prompt)
-    if p.scenario:
-        system += "\n\nScenario: " + expand(p.scenario)
+    # `{{original}}`: what the card's own prompt wraps, resolved now, at send time (an edit of the
+    # app's main prompt reaches every card); post-history instructions have no app default.
+    main = expand(p.system_prompt.replace("{{original}}", DEFAULT_SYSTEM_PROMPT))
+    definition = [expand(p.character)] if p.character else []
+    definition += [expand(f"{{{{char}}}}'s personality: {p.personality}")] if p.personality else []
+    definition += ["Scenario: " + expand(p.scenario)] if p.scenario else []
     examples = []
-    for exchange in p.example_dialogue:
-        examples += [{"role": "user", "content": expand(exchange.user)},
-                     {"role": "assistant", "content": expand(exchange.assistant)}]
-    return RenderedPersona(system, examples, [expand(g) for g in loaded.greetings],
-                           expand(p.post_history_instructions))
+    for chat in example_chats(p):
+        examples += [{"role": "system", "content": EXAMPLE_CHAT_MARK}]
+        examples += [{"role": m["role"], "content": expand(m["content"])} for m in chat]
+    if examples:
+        examples.append({"role": "system", "content": NEW_CHAT_MARK})
+    depth_prompt = p.depth_prompt and p.depth_prompt.model_copy(update={"prompt": expand(p.depth_prompt.prompt)})
+    return RenderedPersona(main.strip(), definition, examples, [expand(g) for g in loaded.greetings],
+                           expand(p.post_history_instructions.replace("{{original}}", "")).strip(),
+                           depth_prompt, p.lorebook, expand)
 
 
 # ---------------------------------------------------------------- reading what users give us

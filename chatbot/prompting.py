@@ -3,8 +3,9 @@
 The tokenizer's chat template is the only prompt format: nothing here knows
 what a model's special tokens look like. The message list is
 
-    system prompt, example dialogue (user/assistant pairs), the conversation
-    (greeting first), with post-history instructions added to the last message
+    system prompt, example chats, the conversation (greeting first), with
+    post-history instructions added to the last message and notes placed at a
+    depth (a persona's depth prompt, lorebook entries) inside the conversation
 
 When it is too long, whole turns are dropped from the oldest end of the
 conversation; the system prompt, the examples and the message being
@@ -14,7 +15,7 @@ answered never are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -26,6 +27,7 @@ class Prompt:
     messages: list[Message]
     head: int = 1
     tail: int = 1
+    provenance: dict[str, Any] | None = None  # what persona knowledge added, and why (stored with the reply)
 
 
 class PromptTooLong(Exception):
@@ -33,18 +35,27 @@ class PromptTooLong(Exception):
 
 
 def build_prompt(system_prompt: str, history: Sequence[Message], examples: Sequence[Message] = (),
-                 post_history: str = "") -> Prompt:
+                 post_history: str = "", at_depth: Sequence[tuple[int, str, str]] = (),
+                 provenance: dict[str, Any] | None = None) -> Prompt:
     """`history` ends with the message being answered; `post_history` is added to it.
 
     Post-history instructions ride on the last user message rather than
     being a trailing system message: small chat models (SmolLM2 measured)
     answer a trailing system message instead of the user.
+    `at_depth`: (depth, role, text) messages placed `depth` messages before the
+    end of the conversation (0: after the newest; deeper than the conversation:
+    at its start). They and everything after them are never dropped.
     """
-    messages = [{"role": "system", "content": system_prompt}]
-    messages += [{"role": m["role"], "content": m["content"]} for m in [*examples, *history]]
-    if post_history and messages[-1]["role"] == "user":
-        messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n\n({post_history})"}
-    return Prompt(messages, head=1 + len(examples))
+    chat = [{"role": m["role"], "content": m["content"]} for m in history]
+    if post_history and chat and chat[-1]["role"] == "user":
+        chat[-1] = {"role": "user", "content": f"{chat[-1]['content']}\n\n({post_history})"}
+    places = [(len(chat) - min(depth, len(chat)), n, role, text)
+              for n, (depth, role, text) in enumerate(at_depth) if text]
+    for place, _, role, text in sorted(places, key=lambda p: (-p[0], -p[1])):
+        chat.insert(place, {"role": role, "content": text})
+    first = min((place for place, *_ in places), default=len(chat) - 1)  # the first message placed
+    messages = [{"role": "system", "content": system_prompt}, *examples, *chat]
+    return Prompt(messages, head=1 + len(examples), tail=max(1, len(chat) - first), provenance=provenance)
 
 
 def fit_to_context(

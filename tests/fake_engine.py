@@ -87,6 +87,9 @@ class WordTokenizer:
         """The token ids of plain text: joined back, the pieces are the text exactly."""
         return [self._id(piece) for piece in re.findall(r"\S+\s*|\s+", text)]
 
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.encode_text(text)
+
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
                             tokenize: bool = True, **_options):
         ids = []

@@ -318,6 +318,9 @@ def test_written_persona_files_get_the_usual_permissions(folder, tmp_path, umask
     out = tmp_path / "out.json"
     assert cli_main(["personas", "export", "nova", "--out", str(out), "--personas-dir", str(folder)]) == 0
     assert mode(out) == umask_022
+    out = tmp_path / "out.png"  # a PNG card
+    assert cli_main(["personas", "export", "nova", "--out", str(out), "--personas-dir", str(folder)]) == 0
+    assert mode(out) == umask_022 and out.read_bytes().startswith(b"\x89PNG")
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -16,13 +16,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from chatbot.persona_cards import (
-    DEFAULT_SYSTEM_PROMPT,
     export_card_v2,
     import_card,
+    normalise_text,
     parse_examples,
     png_text_chunks,
 )
-from chatbot.personas import PersonaError, PersonaLibrary, load_persona, parse_persona
+from chatbot.personas import PersonaError, PersonaLibrary, example_chats, load_persona, parse_persona
 
 V2_DATA = {
     "name": "Seraphina",
@@ -118,46 +118,62 @@ def install(result, folder):
     return load_persona(path)
 
 
+def chats(persona) -> list[list[tuple[str, str]]]:
+    """The persona's example chats as (role, text) pairs."""
+    return [[(m["role"], m["content"]) for m in chat] for chat in example_chats(persona)]
+
+
+def contains(big, small) -> bool:
+    """Everything in `small` is in `big` with the same value (mappings may have more keys)."""
+    if isinstance(small, dict):
+        return isinstance(big, dict) and all(k in big and contains(big[k], v) for k, v in small.items())
+    if isinstance(small, list):
+        return isinstance(big, list) and len(big) == len(small) and all(map(contains, big, small))
+    return big == small
+
+
 def assert_seraphina(result, tmp_path):
     p = result.persona
     assert result.persona_id == "seraphina"
     assert p.name == "Seraphina"
-    assert p.system_prompt == (
-        f"{DEFAULT_SYSTEM_PROMPT} Never speak for {{{{user}}}}.\n\n"
-        "{{char}} is the guardian elf of the Eldoria forest.\nShe has long pink hair.\n\n"
-        "{{char}}'s personality: caring, protective, gentle")
+    # The card's own prompt, `{{original}}` kept for send time; the definition in its own fields.
+    assert p.system_prompt == "{{original}} Never speak for {{user}}."
+    assert p.character == "{{char}} is the guardian elf of the Eldoria forest.\nShe has long pink hair."
+    assert p.personality == "caring, protective, gentle"
     assert p.greeting == "*Seraphina kneels beside you.*\nYou're awake, {{user}}!"
     assert p.alternate_greetings == ["*The glade is quiet.* Oh, {{user}}, you came back."]
     assert p.scenario == "{{user}} wakes up in {{char}}'s glade."
-    assert [e.model_dump() for e in p.example_dialogue] == [
-        {"user": "Who are you?", "assistant": "I am Seraphina, guardian of this forest."},
-        {"user": "Where am I?", "assistant": "In my glade.\nYou are safe here."}]
-    assert p.post_history_instructions == "Stay in character as {{char}}."
+    # Each <START> block is an example chat of its own; a {{char}}-only one too.
+    assert chats(p) == [
+        [("user", "Who are you?"), ("assistant", "I am Seraphina, guardian of this forest."),
+         ("user", "Where am I?"), ("assistant", "In my glade.\nYou are safe here.")],
+        [("assistant", "*hums a quiet tune while tending the fire*")]]
+    assert p.post_history_instructions == "{{original}}Stay in character as {{char}}."
     assert p.tags == ["fantasy", "elf"]
     assert p.description == "A gentle forest guardian."
+    assert p.depth_prompt.model_dump() == {"prompt": "Be kind.", "depth": 4, "role": "system"}
+    entry = p.lorebook.entries[0]
+    assert p.lorebook.name == "Eldoria" and entry.keys == ["glade"] and entry.content == "A hidden glade."
+    assert entry.insertion_order == 0 and entry.position == "after_char"  # a card's default place
     ext = p.extensions
     assert ext["creator_notes"] == V2_DATA["creator_notes"]
-    assert ext["mes_example_unpaired"] == ["{{char}}: *hums a quiet tune while tending the fire*"]
-    assert ext["character_book"] == V2_DATA["character_book"]
     assert ext["creator"] == "someone" and ext["character_version"] == "1.2"
-    assert ext["extensions"] == V2_DATA["extensions"]
+    assert ext["extensions"] == {"talkativeness": "0.5"}
     assert ext["card_top_level"] == {"avatar": "none", "create_date": "2024-1-1 @12h"}
-    assert set(ext) == {"creator_notes", "mes_example_unpaired", "character_book", "creator",
-                        "character_version", "extensions", "card_top_level"}
+    assert set(ext) == {"creator_notes", "creator", "character_version", "extensions", "card_top_level"}
     for pair in [("data.name", "name"), ("data.system_prompt", "system_prompt"),
-                 ("data.description", "system_prompt"), ("data.personality", "system_prompt"),
+                 ("data.description", "character"), ("data.personality", "personality"),
                  ("data.first_mes", "greeting"), ("data.alternate_greetings", "alternate_greetings"),
                  ("data.scenario", "scenario"), ("data.mes_example", "example_dialogue"),
-                 ("data.mes_example", "extensions.mes_example_unpaired"),
                  ("data.post_history_instructions", "post_history_instructions"),
                  ("data.tags", "tags"), ("data.creator_notes", "description"),
-                 ("data.character_book", "extensions.character_book"),
+                 ("data.character_book", "lorebook"), ("data.extensions.depth_prompt", "depth_prompt"),
                  ("data.extensions", "extensions.extensions"), ("data.creator", "extensions.creator")]:
         assert pair in result.mapping
     # The text on disk is a persona file: it validates, loads, and says where it came from.
     assert parse_persona(result.yaml_text, "x") == p
     assert result.yaml_text.startswith("# Imported by `persona-studio personas import` on 2025-05-17\n")
-    assert "system_prompt: |" in result.yaml_text  # multi-line text as a block, not "...\n..."
+    assert "character: |" in result.yaml_text  # multi-line text as a block, not "...\n..."
     loaded = install(result, tmp_path)
     assert PersonaLibrary(tmp_path).get("seraphina").persona == p
     return loaded
@@ -194,7 +210,7 @@ def test_v3_png_prefers_ccv3_and_keeps_v3_fields(tmp_path):
     p = result.persona
     assert result.source_format == "Character Card V3 (PNG)"
     assert result.persona_id == "aria" and p.name == "Aria"
-    assert p.system_prompt == DEFAULT_SYSTEM_PROMPT + "\n\n{{char}} is a starship AI."
+    assert p.system_prompt == "{{original}}" and p.character == "{{char}} is a starship AI."
     assert p.greeting == "Systems online. Hello, {{user}}." and p.description == "Sci-fi companion."
     assert p.example_dialogue == [] and p.alternate_greetings == [] and p.tags == ["sci-fi"]
     for key in ("nickname", "group_only_greetings", "assets", "source", "creation_date",
@@ -215,11 +231,10 @@ def test_v1_json_with_legacy_placeholders(tmp_path):
     result = import_card(write_json(tmp_path / "bob.json", card))
     p = result.persona
     assert result.source_format == "Character Card V1 (JSON)"
-    assert p.system_prompt == (DEFAULT_SYSTEM_PROMPT
-                               + "\n\n{{char}} fixes bikes.\n\n{{char}}'s personality: grumpy")
+    assert p.system_prompt == "{{original}}"
+    assert p.character == "{{char}} fixes bikes." and p.personality == "grumpy"
     assert p.greeting == "What do you want, {{user}}?" and p.description == "A mechanic."
-    assert [e.model_dump() for e in p.example_dialogue] == [
-        {"user": "Can you fix it?", "assistant": "Maybe."}]
+    assert chats(p) == [[("user", "Can you fix it?"), ("assistant", "Maybe.")]]
     assert p.extensions == {"talkativeness": "0.5"}
     assert ("first_mes", "greeting") in result.mapping
 
@@ -237,8 +252,7 @@ def test_webui_yaml_old_keys_with_avatar(tmp_path):
     assert p.greeting == "*Chiharu looks up from her desk.* Oh, hi!"
     assert p.scenario == "A cluttered university lab."
     # Speakers named by the literal names count as {{user}} and {{char}}.
-    assert [e.model_dump() for e in p.example_dialogue] == [
-        {"user": "What are you building?", "assistant": "A retro console, of course!"}]
+    assert chats(p) == [[("user", "What are you building?"), ("assistant", "A retro console, of course!")]]
     assert p.extensions == {"your_name": "You"}
     assert ("char_persona", "system_prompt") in result.mapping
     assert ("char_greeting", "greeting") in result.mapping
@@ -268,14 +282,19 @@ def test_export_then_import_round_trips(tmp_path):
                          "creator_notes", "system_prompt", "post_history_instructions",
                          "alternate_greetings", "character_book", "tags", "creator",
                          "character_version", "extensions"}
+    # The definition goes back to its own fields, with nothing of this app's added.
+    for key in ("name", "description", "personality", "scenario", "system_prompt", "post_history_instructions",
+                "creator_notes", "creator", "character_version"):
+        assert data[key] == normalise_text(V2_DATA[key]), key  # `<USER>` read as `{{user}}`, and so on
+    assert data["tags"] == ["fantasy", "elf"]
     assert data["first_mes"] == original.persona.greeting
-    assert data["creator_notes"] == V2_DATA["creator_notes"] and data["creator"] == "someone"
-    assert data["character_book"] == V2_DATA["character_book"]
-    assert data["extensions"]["depth_prompt"] == V2_DATA["extensions"]["depth_prompt"]
+    assert contains(data["character_book"], V2_DATA["character_book"])  # all of the book, SillyTavern's fields added
+    assert data["extensions"] == {"talkativeness": "0.5", "depth_prompt": {"prompt": "Be kind.", "depth": 4,
+                                                                         "role": "system"}}
     assert card["avatar"] == "none"  # the source's top-level bookkeeping goes back where it was
-    pairs, unpaired = parse_examples(data["mes_example"], ["{{char}}"], ["{{user}}"])
-    assert pairs == [e.model_dump() for e in original.persona.example_dialogue]
-    assert unpaired == original.persona.extensions["mes_example_unpaired"]
+    blocks, narration = parse_examples(data["mes_example"], ["{{char}}"], ["{{user}}"])
+    assert len(blocks) == 2 and blocks[1] == [{"assistant": "*hums a quiet tune while tending the fire*"}]
+    assert narration == []
     again = import_card(write_json(tmp_path / "out.json", card)).persona
     assert again == original.persona.model_copy(update={"avatar": None})
 
@@ -283,21 +302,29 @@ def test_export_then_import_round_trips(tmp_path):
 def test_shipped_persona_round_trips_with_its_settings(personas, tmp_path):
     for loaded in personas.personas.values():
         path = write_json(tmp_path / f"{loaded.id}.json", export_card_v2(loaded))
-        assert import_card(path).persona == loaded.persona.model_copy(update={"avatar": None}), loaded.id
+        again = import_card(path).persona
+        # Examples come back as the same chats, written as lists (each <START> block is one).
+        assert chats(again) == chats(loaded.persona), loaded.id
+        same = {"avatar": None, "example_dialogue": again.example_dialogue}
+        assert again == loaded.persona.model_copy(update=same), loaded.id
 
 
-def test_parse_examples_keeps_what_does_not_pair():
+def test_each_example_block_is_a_chat_of_its_own_and_narration_is_kept_apart():
     text = ("Narration first.\n{{char}}: Hi.\n{{char}}: Still me.\n{{user}}: Hello\n{{char}}: Welcome\n"
             "<START>\n{{user}}: Anyone?\n")
-    pairs, unpaired = parse_examples(text, ["{{char}}"], ["{{user}}"])
-    assert pairs == [{"user": "Hello", "assistant": "Welcome"}]
-    assert unpaired == ["Narration first.\n{{char}}: Hi.\nStill me.", "{{user}}: Anyone?"]
+    blocks, narration = parse_examples(text, ["{{char}}"], ["{{user}}"])
+    assert blocks == [[{"assistant": "Hi.\nStill me."}, {"user": "Hello"}, {"assistant": "Welcome"}],
+                      [{"user": "Anyone?"}]]
+    assert narration == ["Narration first."]
 
 
 @pytest.mark.parametrize("change, expected", [
     ({"first_mes": "", "alternate_greetings": []}, "data.first_mes: empty"),
     ({"name": "  "}, "data.name: empty"),
     ({"tags": "x", "first_mes": 3.5, "description": ["a"]}, "data.description: expected text"),
+    ({"character_book": "x"}, "data.character_book: expected an object with a list of entries"),
+    ({"character_book": {"entries": [{"keys": ["k"], "content": "c", "extensions": {"role": 1, "depth": -2}}]}},
+     r"data.character_book.entries\[0\]: depth: Input should be greater than or equal to 0"),
 ])
 def test_bad_cards_name_file_and_field(tmp_path, change, expected):
     path = write_json(tmp_path / "bad.json", {**V2_CARD, "data": {**V2_DATA, **change}})
@@ -337,7 +364,11 @@ def test_unicode_name_gets_a_safe_id_and_explicit_id_wins(tmp_path):
     path = write_json(tmp_path / "ゆき.json", {**V2_CARD, "data": {**V2_DATA, "name": "Élodie ✨ Dubois"}})
     assert import_card(path).persona_id == "elodie_dubois"
     path = write_json(tmp_path / "yuki.json", {**V2_CARD, "data": {**V2_DATA, "name": "ゆき"}})
-    assert import_card(path).persona_id == "yuki"  # nothing ASCII in the name: the file's stem
+    assert import_card(path).persona_id == "ゆき"  # any script's letters make an id
+    path = write_json(tmp_path / "love.json", {**V2_CARD, "data": {**V2_DATA, "name": "爱"}})
+    assert import_card(path).persona_id == "爱"
+    path = write_json(tmp_path / "stars.json", {**V2_CARD, "data": {**V2_DATA, "name": "✨✨"}})
+    assert import_card(path).persona_id == "stars"  # no letters at all: the file's stem
     result = import_card(make_png(tmp_path / "c.png", {"chara": b64json(V2_CARD)}), persona_id="sera-2")
     assert result.persona_id == "sera-2" and result.persona.avatar == "sera-2.png"
     with pytest.raises(PersonaError, match="not a safe file name"):
@@ -350,3 +381,71 @@ def test_unicode_text_is_written_as_is(tmp_path):
     result = import_card(path)
     assert "greeting: こんにちは、{{user}}！\n" in result.yaml_text  # allow_unicode: no \u escapes
     assert result.persona.greeting == "こんにちは、{{user}}！"
+
+
+def test_a_png_card_export_carries_both_versions_and_the_avatar_and_imports_back(tmp_path):
+    from chatbot.persona_cards import export_card_png
+
+    folder = tmp_path / "personas"
+    folder.mkdir()
+    original = install(import_card(make_png(tmp_path / "card.png", {"chara": b64json(V2_CARD)})), folder)
+    png = export_card_png(original)
+    chunks = png_text_chunks(png, "exported")
+    v2, v3 = (json.loads(base64.b64decode(chunks[k])) for k in ("chara", "ccv3"))
+    assert v2["spec"] == "chara_card_v2" and v3["spec"] == "chara_card_v3" and v3["spec_version"] == "3.0"
+    assert v2["data"]["description"] == v3["data"]["description"] == original.persona.character
+    assert v3["data"]["group_only_greetings"] == [] and v3["data"]["character_book"]["entries"][0]["use_regex"] is False
+    exported = tmp_path / "out.png"
+    exported.write_bytes(png)
+    result = import_card(exported, persona_id="again")
+    assert result.source_format == "Character Card V3 (PNG)"  # ccv3 is preferred, as readers do
+    v3_fields = ("name", "system_prompt", "character", "personality", "scenario", "greeting", "example_dialogue",
+                 "depth_prompt", "post_history_instructions", "description", "tags")
+    assert all(getattr(result.persona, f) == getattr(original.persona, f) for f in v3_fields)
+    assert result.persona.lorebook.entries[0].content == original.persona.lorebook.entries[0].content
+    # The V2 chunk alone (a V2-only reader): exactly the persona again.
+    v2_only = import_card(make_png(tmp_path / "v2.png", {"chara": chunks["chara"]}), persona_id="again").persona
+    assert v2_only.model_copy(update={"avatar": None}) == original.persona.model_copy(update={"avatar": None})
+    (folder / "again.png").write_bytes(result.avatar)
+    with Image.open(folder / "again.png") as image:
+        assert image.size == (4, 4) and image.getpixel((0, 0)) == (200, 80, 120)
+
+
+def test_a_persona_without_an_avatar_exports_a_png_card_too(personas):
+    from chatbot.persona_cards import export_card_png
+
+    png = export_card_png(personas.get("pirate"))
+    assert set(png_text_chunks(png, "x")) == {"chara", "ccv3"}
+
+
+def test_v3_export_puts_v3_fields_back_where_they_were_and_adds_nothing_of_its_own(tmp_path):
+    from chatbot.persona_cards import export_card_v3
+
+    original = install(import_card(write_json(tmp_path / "aria.json", V3_CARD)), tmp_path)
+    data = export_card_v3(original)["data"]
+    for key in ("nickname", "group_only_greetings", "assets", "source", "creation_date", "modification_date",
+                "creator_notes_multilingual"):
+        assert data[key] == V3_DATA[key], key
+    assert data["system_prompt"] == "" and data["description"] == V3_DATA["description"]
+    assert data["extensions"] == {}  # nothing under persona_studio: the card had nothing the app added
+
+
+def test_import_faults_tags_text_and_a_png_cut_short(tmp_path):
+    card = {**V2_CARD, "data": {**V2_DATA, "tags": "fantasy, elf ,, forest"}}
+    assert import_card(write_json(tmp_path / "t.json", card)).persona.tags == ["fantasy", "elf", "forest"]
+    whole = make_png(tmp_path / "whole.png", {"chara": b64json(V2_CARD)}).read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole[:-12])  # everything but the IEND chunk
+    with pytest.raises(PersonaError, match="PNG is truncated"):
+        import_card(cut)
+
+
+def test_original_is_kept_in_the_file_and_resolved_when_sent(tmp_path):
+    from chatbot.personas import DEFAULT_SYSTEM_PROMPT, render
+
+    loaded = install(import_card(write_json(tmp_path / "s.json", V2_CARD)), tmp_path)
+    rendered = render(loaded, "Ann")
+    assert rendered.system_prompt.startswith(DEFAULT_SYSTEM_PROMPT.replace("{{char}}", "Seraphina")
+                                             .replace("{{user}}", "Ann") + " Never speak for Ann.\n\n"
+                                             "Seraphina is the guardian elf")
+    assert rendered.post_history_instructions == "Stay in character as Seraphina."

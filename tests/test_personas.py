@@ -59,10 +59,12 @@ def test_unknown_persona_and_missing_folder(tmp_path):
 def test_unsafe_ids_are_refused(tmp_path):
     from chatbot.personas import check_id
 
-    for bad in ("../x", "a/b", "..", ".hidden", "with space", "", "x" * 65):
+    for bad in ("../x", "a/b", "..", ".hidden", "with space", "", "x" * 65, "_x", "-x", "a\\b",
+                "zoe\u0308"):  # the last: "zoë" with a combining mark, where its one-letter form is the id
         with pytest.raises(PersonaError, match="not a safe file name"):
             check_id(bad)
-    assert check_id("code_reviewer-2") == "code_reviewer-2"
+    for good in ("code_reviewer-2", "爱", "zoë", "Ольга"):  # letters of any script
+        assert check_id(good) == good
     write(tmp_path, "good", GOOD)
     write(tmp_path, "bad name", GOOD)
     library = PersonaLibrary(tmp_path)
@@ -93,12 +95,23 @@ def test_avatar_must_be_an_image_next_to_the_file(tmp_path):
 def test_full_schema_round_trip(tmp_path):
     import yaml
 
+    from chatbot.knowledge.lorebook import LoreEntry
     from chatbot.personas import Persona
 
+    entry = LoreEntry(keys=["k"], secondary_keys=["s"], selective_logic="not_any", content="lore", constant=True,
+                      case_sensitive=True, whole_words=True, enabled=False, insertion_order=3, priority=7,
+                      position="at_depth", depth=2, role="user", scan_depth=5, id=4, name="n", comment="c",
+                      extensions={"probability": 50}).model_dump()
     data = {
         "name": "Full", "system_prompt": "sys", "greeting": "hi", "description": "d",
+        "character": "who", "personality": "bold",
         "alternate_greetings": ["hey"], "scenario": "s",
-        "example_dialogue": [{"user": "q", "assistant": "a"}], "post_history_instructions": "p",
+        "example_dialogue": [{"user": "q", "assistant": "a"},
+                             [{"user": None, "assistant": "alone"}, {"user": "then", "assistant": None}]],
+        "post_history_instructions": "p",
+        "depth_prompt": {"prompt": "note", "depth": 1, "role": "assistant"},
+        "lorebook": {"name": "book", "description": "bd", "scan_depth": 3, "token_budget": 100,
+                     "recursive_scanning": True, "entries": [entry], "extensions": {"z": 1}},
         "generation": {"temperature": 0.2, "top_p": 0.8, "top_k": 5, "repetition_penalty": 1.3,
                        "max_new_tokens": 50, "seed": 9},
         "tags": ["t"], "avatar": None, "model": "m", "adapter": "lora", "extensions": {"x": {"y": 1}},

@@ -5,7 +5,13 @@
     persona-studio personas new ID                    a commented template to edit
     persona-studio personas import FILE [--id ID] [--force]
                                                       Card V1/V2/V3 (JSON or PNG), text-generation-webui YAML
-    persona-studio personas export ID [--out FILE]    Card V2 JSON, to stdout by default
+    persona-studio personas export ID [--out FILE] [--format v2|v3|png]
+                                                      a card: V2 JSON to stdout by default; a PNG card
+                                                      (the avatar with `chara` and `ccv3` chunks) to --out
+    persona-studio personas lorebook ID FILE [--replace]
+                                                      attach a SillyTavern world info JSON (or a card's
+                                                      character_book) to a persona's lorebook
+    persona-studio personas lore ID "MESSAGE"         which lorebook entries would fire for a message
 
 Every subcommand takes --personas-dir (or PERSONA_STUDIO_PERSONAS_DIR). Nothing here
 loads the model or opens the database. Failures print one `persona-studio: error: ...`
@@ -19,9 +25,21 @@ import json
 import sys
 from pathlib import Path
 
-from ..persona_cards import export_card_v2, import_card
-from ..persona_files import create_persona
-from ..personas import PersonaError, PersonaLibrary, atomic_write, atomic_write_text, check_id, load_persona
+from ..knowledge.lorebook import Lorebook, activate
+from ..knowledge.world_info import lorebook_from_world_info
+from ..persona_cards import export_card_png, export_card_v2, export_card_v3, import_card
+from ..persona_files import create_persona, save_persona, update_persona_text
+from ..personas import (
+    PersonaError,
+    PersonaLibrary,
+    atomic_write,
+    atomic_write_text,
+    check_id,
+    expand_macros,
+    load_persona,
+    read_plain_text,
+    safe_json,
+)
 from .errors import EXIT_FAILED, CommandError
 from .options import print_table, setting_options, settings
 
@@ -45,16 +63,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     imp.add_argument("--id", default=None, help="persona id (default: from the character's name)")
     imp.add_argument("--force", action="store_true", help="overwrite an existing persona of that id")
-    export = commands.add_parser("export", parents=[common], help="write a persona as Card V2 JSON")
+    export = commands.add_parser("export", parents=[common], help="write a persona as a character card")
     export.add_argument("id")
     export.add_argument("--out", type=Path, default=None, help="file to write (default: stdout)")
+    export.add_argument("--format", choices=("v2", "v3", "png"), default=None,
+                        help="v2 or v3 JSON, or a PNG card (default: png when --out ends in .png, else v2)")
+    book = commands.add_parser("lorebook", parents=[common],
+                               help="attach a world info JSON (SillyTavern) or character_book to a persona")
+    book.add_argument("id")
+    book.add_argument("file", type=Path)
+    book.add_argument("--replace", action="store_true",
+                      help="replace the persona's lorebook (default: add the entries to it)")
+    lore = commands.add_parser("lore", parents=[common], help="which lorebook entries would fire for a message")
+    lore.add_argument("id")
+    lore.add_argument("message")
+    lore.add_argument("--user", default="User", help="the name {{user}} stands for (default: User)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Run one `personas` subcommand; returns the exit status."""
     handler = {"list": _list, "validate": _validate, "new": _new, "import": _import,
-               "export": _export}[args.personas_command]
+               "export": _export, "lorebook": _attach_lorebook, "lore": _lore}[args.personas_command]
     folder = Path(settings(args).personas_dir)
     try:
         return handler(args, folder)
@@ -130,15 +160,63 @@ def _import(args, folder: Path) -> int:
     return 0
 
 
-def _export(args, folder: Path) -> int:
-    path = folder / f"{check_id(args.id)}.yaml"
+def _load(folder: Path, persona_id: str):
+    path = folder / f"{check_id(persona_id)}.yaml"
     if not path.is_file():
-        raise PersonaError(f"no persona {args.id!r} in {folder} (no file {path.name})")
-    loaded = load_persona(path)
-    text = json.dumps(export_card_v2(loaded), ensure_ascii=False, indent=2) + "\n"
+        raise PersonaError(f"no persona {persona_id!r} in {folder} (no file {path.name})")
+    return load_persona(path)
+
+
+def _export(args, folder: Path) -> int:
+    loaded = _load(folder, args.id)
+    kind = args.format or ("png" if args.out is not None and args.out.suffix.lower() == ".png" else "v2")
+    if kind == "png":
+        if args.out is None:
+            raise PersonaError("a PNG card is written to a file: give --out FILE.png")
+        atomic_write(args.out, export_card_png(loaded))
+        print(f"wrote {args.out}", file=sys.stderr)
+        return 0
+    card = export_card_v3(loaded) if kind == "v3" else export_card_v2(loaded)
+    text = json.dumps(card, ensure_ascii=False, indent=2) + "\n"
     if args.out is None:
         sys.stdout.write(text)
     else:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _attach_lorebook(args, folder: Path) -> int:
+    library = PersonaLibrary(folder)
+    loaded = library.get(check_id(args.id))
+    where = str(args.file)
+    book = lorebook_from_world_info(safe_json(read_plain_text(args.file, 8 * 1024 * 1024), where), where)
+    current = loaded.persona.lorebook
+    if current is not None and not args.replace:
+        book = current.model_copy(update={"entries": [*current.entries, *book.entries]})
+    text = update_persona_text(loaded.text, {"lorebook": book.model_dump(exclude_defaults=True)})
+    saved = save_persona(library, loaded.id, text)
+    print(f"{loaded.id}: lorebook has {len(saved.persona.lorebook.entries)} entries "
+          f"({len(book.entries) - (0 if current is None or args.replace else len(current.entries))} from {where})")
+    return 0
+
+
+def _lore(args, folder: Path) -> int:
+    loaded = _load(folder, args.id)
+    book = loaded.persona.lorebook or Lorebook()
+    conversation = [{"role": "assistant", "content": loaded.persona.greeting},
+                    {"role": "user", "content": args.message}]
+
+    def expand(text: str) -> str:
+        return expand_macros(text, loaded.persona.name, args.user)
+
+    result = activate(book, conversation, lambda text: len(text) // 4 + 1, expand)
+    rows = [("ENTRY", "NAME", "FIRED ON", "PLACE")]
+    rows += [(str(f.index), f.label, f.key if f.key is not None else "(constant)",
+              f.position + (f" {f.depth} ({f.role})" if f.position == "at_depth" else "")) for f in result.fired]
+    rows += [(str(f.index), f.label, "left out: over the token budget", f.position) for f in result.over_budget]
+    if len(rows) == 1:
+        print(f"no entry of {loaded.id}'s lorebook fires for that message ({len(book.entries)} entries)")
+        return 0
+    print_table(rows)
     return 0

@@ -105,6 +105,7 @@ class MessageRecord(DetachedRow):
     finish_reason: str | None
     persona_id: str | None
     persona_hash: str | None
+    provenance: dict[str, Any] | None
     created_at: datetime
 
 
@@ -313,6 +314,7 @@ class ChatStore(StoreBase):
         latency_ms: float | None = None,
         first_token_ms: float | None = None,
         finish_reason: str | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> int:
         """Append a message; returns its id.
 
@@ -350,6 +352,7 @@ class ChatStore(StoreBase):
                 latency_ms=latency_ms,
                 first_token_ms=first_token_ms,
                 finish_reason=finish_reason,
+                provenance=provenance,
             )
             session.add(message)
             conversation.updated_at = utcnow()
