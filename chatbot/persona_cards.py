@@ -3,32 +3,36 @@
 `import_card(path)` reads a card (JSON, or PNG with a `ccv3`/`chara` text chunk)
 or a text-generation-webui character (YAML or JSON) and returns the text of a
 persona file, the suggested id, the avatar (a PNG card is its own avatar) and a
-report of which source field went where. `export_card_v2(loaded)` turns a
-persona back into a Card V2 dict. Specs: github.com/malfoyslastname/character-card-spec-v2,
-github.com/kwaroran/character-card-spec-v3, text-generation-webui `modules/chat.py`.
+report of which source field went where. `export_card_v2`/`export_card_v3` turn
+a persona back into a card dict, `export_card_png` into a PNG card. Specs:
+github.com/malfoyslastname/character-card-spec-v2, github.com/kwaroran/character-card-spec-v3,
+text-generation-webui `modules/chat.py`. The persona is sent as SillyTavern
+sends a card (chatbot/personas.py `render`).
 
 How a card maps (`data.*` for V2/V3; the same names at the top level for V1):
 
 | card field                  | persona field                                                   |
 |-----------------------------|-----------------------------------------------------------------|
 | name                        | name                                                            |
-| system_prompt               | system_prompt, first; `{{original}}` -> DEFAULT_SYSTEM_PROMPT;  |
-|                             | when empty, DEFAULT_SYSTEM_PROMPT stands in (as a frontend's    |
-|                             | own main prompt would)                                          |
-| description                 | system_prompt, after it (cards send it to the model)            |
-| personality                 | system_prompt, last, as "{{char}}'s personality: ..."           |
-| scenario                    | scenario (rendered as "Scenario: ..." after the system prompt)  |
+| system_prompt               | system_prompt, as written (`{{original}}` is resolved when sent |
+|                             | to the app's main prompt); empty -> `{{original}}`              |
+| description                 | character (sent after the system prompt)                        |
+| personality                 | personality (sent as "{{char}}'s personality: ...")             |
+| scenario                    | scenario (sent as "Scenario: ...")                              |
 | first_mes                   | greeting (empty: the first alternate greeting, else an error)   |
 | alternate_greetings         | alternate_greetings                                             |
-| mes_example                 | example_dialogue: each `{{user}}:` turn with the `{{char}}:`    |
-|                             | turn after it; turns that pair with nothing (a block opening    |
-|                             | with {{char}}, narration) -> extensions.mes_example_unpaired    |
-| post_history_instructions   | post_history_instructions (`{{original}}` -> "", ours is empty) |
+| mes_example                 | example_dialogue: each `<START>` block one example chat, a list |
+|                             | of user/assistant messages (lone `{{char}}:` lines included);   |
+|                             | narration before a block's first speaker (never sent) ->        |
+|                             | extensions.mes_example_unpaired                                 |
+| post_history_instructions   | post_history_instructions (`{{original}}` -> "" when sent)      |
+| character_book              | lorebook (chatbot/knowledge/world_info.py)                      |
+| extensions.depth_prompt     | depth_prompt (the character's note, sent at its depth)          |
 | creator_notes (V1: creatorcomment) | description: its first paragraph, at most 200 characters |
 |                             | (it is the card's text for people); the full text also goes to  |
 |                             | extensions.creator_notes when that is not the same              |
-| tags                        | tags                                                            |
-| creator, character_version, character_book, extensions, and V3's nickname, assets,   |
+| tags                        | tags (a text "a, b" is split at its commas)                     |
+| creator, character_version, extensions, and V3's nickname, assets,                    |
 | group_only_greetings, source, creator_notes_multilingual, creation_date,              |
 | modification_date, and any other key -> extensions.<same key>                         |
 | V2/V3 top-level keys that are not copies of `data` (SillyTavern's avatar, chat,       |
@@ -44,16 +48,14 @@ Text is normalised: legacy `<BOT>`/`<USER>` and `{{Char}}`-style spellings
 become `{{char}}`/`{{user}}` (the app expands them at send time), line endings
 become `\\n`, trailing spaces go. Values kept in `extensions` are stored as read.
 
-Export (Card V2): system_prompt -> data.system_prompt (it is the whole system
-prompt, so it replaces the frontend's; description and personality stay
-empty), description -> data.creator_notes unless the full notes are in
-extensions, example_dialogue (and extensions.mes_example_unpaired) ->
-mes_example as `<START>` blocks, extensions.<V2 field> -> that field,
-extensions.extensions -> data.extensions, extensions.card_top_level -> the top
-level again, and what Card V2 has no field for (generation, model, adapter,
-other extensions, a description edited away from the notes) ->
-data.extensions.persona_studio, which import reads back: export then import
-gives the same persona, but for the avatar (a JSON card carries no image).
+Export is the table read backwards: every card field from its persona field
+(system_prompt `{{original}}` alone -> ""), each kept extension back to the
+field it came from, extensions.card_top_level back to the top level (V2).
+Only what a card has no field for (generation settings, model, adapter, a
+description edited away from the notes) goes under data.extensions.persona_studio,
+which import reads back: export then import gives the same persona, but for the
+avatar (a JSON card carries no image). V3 adds its required fields
+(group_only_greetings, assets, use_regex) with the spec's defaults when absent.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .knowledge.lorebook import Activation, Lorebook
+from .knowledge.lorebook import Activation, Lorebook, activate
 
 MAX_FILE_BYTES = 256 * 1024  # a persona is a page of text, not a novel
 # Letters and digits of any script, `_` and `-`: a file name with no folder, no `..`, no dot file.
@@ -40,11 +40,11 @@ MAX_AVATAR_PIXELS = 4096 * 4096  # decoded, 64 MB of RGBA; a 20000x20000 picture
 # system_prompt means it (a frontend's main prompt, which the card wraps or extends).
 DEFAULT_SYSTEM_PROMPT = ("You are {{char}}. Stay in character and write {{char}}'s next reply "
                          "in this chat with {{user}}.")
-# System messages around the example chats, as SillyTavern sends them: each example chat starts
-# with the first, and the real chat with the second (so an example's last answer and the greeting
-# are never two assistant messages in a row).
+# The system message between two example chats (SillyTavern's words), so each is a chat of its own.
+# None before the first or after the last: SillyTavern also sends "[Start a new Chat]" before the
+# real chat, but with it the bundled SmolLM2 stopped following its examples (the code reviewer's
+# bullet points, 9 of 9 replies without it, 0 of 9 with it), so the greeting follows the examples.
 EXAMPLE_CHAT_MARK = "[Example Chat]"
-NEW_CHAT_MARK = "[Start a new Chat]"
 
 
 class GenerationSettings(BaseModel):
@@ -177,7 +177,7 @@ class RenderedPersona:
 
     main_prompt: str
     definition: list[str]  # character, personality, scenario: what lore goes before or after
-    examples: list[dict]  # the example chats as messages, each opened by EXAMPLE_CHAT_MARK
+    examples: list[dict]  # the example chats as messages, EXAMPLE_CHAT_MARK between two
     greetings: list[str]
     post_history_instructions: str
     depth_prompt: DepthPrompt | None = None
@@ -249,14 +249,22 @@ def render(loaded: LoadedPersona, user: str) -> RenderedPersona:
     definition += ["Scenario: " + expand(p.scenario)] if p.scenario else []
     examples = []
     for chat in example_chats(p):
-        examples += [{"role": "system", "content": EXAMPLE_CHAT_MARK}]
+        examples += [{"role": "system", "content": EXAMPLE_CHAT_MARK}] if examples else []
         examples += [{"role": m["role"], "content": expand(m["content"])} for m in chat]
-    if examples:
-        examples.append({"role": "system", "content": NEW_CHAT_MARK})
     depth_prompt = p.depth_prompt and p.depth_prompt.model_copy(update={"prompt": expand(p.depth_prompt.prompt)})
     return RenderedPersona(main.strip(), definition, examples, [expand(g) for g in loaded.greetings],
                            expand(p.post_history_instructions.replace("{{original}}", "")).strip(),
                            depth_prompt, p.lorebook, expand)
+
+
+def lore_for_message(loaded: LoadedPersona, message: str, user: str = "User") -> Activation:
+    """Which lorebook entries fire for `message` sent right after the greeting: the Personas tab's and
+    `personas lore`'s try-out (a chat counts the budget with the model's tokenizer, this about right)."""
+    rendered = render(loaded, user)
+    conversation = [{"role": "assistant", "content": rendered.greetings[0]}, {"role": "user", "content": message}]
+    if rendered.lorebook is None:
+        return Activation()
+    return activate(rendered.lorebook, conversation, lambda text: len(text) // 4 + 1, rendered.expand)
 
 
 # ---------------------------------------------------------------- reading what users give us

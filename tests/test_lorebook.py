@@ -8,7 +8,7 @@ from fake_engine import FakeEngine
 
 from chatbot.chat import ChatService, params_for
 from chatbot.knowledge.lorebook import Lorebook, LoreEntry, activate
-from chatbot.personas import NEW_CHAT_MARK, PersonaLibrary, parse_persona
+from chatbot.personas import EXAMPLE_CHAT_MARK, PersonaLibrary, parse_persona
 from chatbot.store import ChatStore
 
 
@@ -123,12 +123,11 @@ def test_fired_entries_are_placed_around_the_character_and_at_their_depth(servic
     assert messages[0] == {"role": "system", "content": (
         "You are Seraphina.\n\nMagic has a price.\nThe glade of Seraphina heals wounds.\n\n"
         "Seraphina is a guardian of the forest.\n\nThe forest is Eldoria.")}
-    # Two example chats, each opened by its mark, a lone {{char}} line kept; then the real chat.
-    assert [m["content"] for m in messages[1:9]] == [
-        "[Example Chat]", "*Seraphina hums.*", "Hello", "Hello, traveller.",
-        "[Example Chat]", "Who are you?", "I keep the glade.", NEW_CHAT_MARK]
+    # Two example chats, the mark between them, a lone {{char}} line kept; then the real chat.
+    assert [m["content"] for m in messages[1:7]] == [
+        "*Seraphina hums.*", "Hello", "Hello, traveller.", EXAMPLE_CHAT_MARK, "Who are you?", "I keep the glade."]
     # The character's note one message from the end; the depth-0 entry after the newest message.
-    assert messages[9:] == [{"role": "assistant", "content": "Welcome, Ann."},
+    assert messages[7:] == [{"role": "assistant", "content": "Welcome, Ann."},
                             {"role": "system", "content": "Stay gentle."},
                             {"role": "user", "content": "Tell me of the glade, the forest and wolves."},
                             {"role": "system", "content": "Wolves roam at night."}]

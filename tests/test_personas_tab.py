@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from chatbot.persona_files import update_persona_text
-from chatbot.personas import PersonaError, PersonaLibrary, parse_persona
+from chatbot.personas import PersonaError, PersonaLibrary, example_chats, parse_persona
 from chatbot.persona_form import FormSave, broken_files, draft, form_changes, form_values, open_for_editing, save_form
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,14 +34,16 @@ def test_form_values_become_schema_values():
     persona = LIBRARY.get("pirate").persona
     values = form_values(persona)
     values[4] = "Ahoy!\n\n  Avast!  \n"  # alternate greetings, one per line
-    values[6] = [["Hi", "Arr."], ["", ""], ["Bye", "Fair winds."]]  # a blank row is dropped
+    values[6] = [["1", "Hi", "Arr."], ["", "", ""], ["", "Bye", "Fair winds."],  # a blank row is dropped
+                 ["2", "", "*spits*"]]  # a chat of its own, a lone assistant line
     values[8] = " sea, , tales "  # tags
     values[11] = 20.0  # top_k from a number box
     values[14] = -1  # seed: random
     changes = form_changes(persona, values)
     assert changes == {
         "alternate_greetings": ["Ahoy!", "Avast!"],
-        "example_dialogue": [{"user": "Hi", "assistant": "Arr."}, {"user": "Bye", "assistant": "Fair winds."}],
+        "example_dialogue": [{"user": "Hi", "assistant": "Arr."}, {"user": "Bye", "assistant": "Fair winds."},
+                             [{"assistant": "*spits*"}]],
         "tags": ["sea", "tales"],
         "generation": {"top_k": 20},
     }
@@ -52,13 +54,32 @@ def test_form_values_become_schema_values():
     assert form_changes(persona, values)["generation"] == {"top_k": 20, "seed": 7}
 
 
-def test_an_emptied_example_row_is_reported_by_the_validator():
+def test_a_row_with_one_side_is_a_lone_message_of_its_chat():
     loaded = LIBRARY.get("pirate")
     values = form_values(loaded.persona)
-    values[6] = [["Hi", ""]]
+    values[6] = [["1", "Hi", ""], ["1", "", "Arr."], ["3", "", "*waves*"]]
     text = update_persona_text(loaded.text, form_changes(loaded.persona, values))
-    with pytest.raises(PersonaError, match="example_dialogue.0.assistant"):
-        parse_persona(text, "pirate.yaml")
+    chats = [[(m["role"], m["content"]) for m in chat] for chat in example_chats(parse_persona(text, "p.yaml"))]
+    assert chats == [[("user", "Hi"), ("assistant", "Arr.")], [("assistant", "*waves*")]]
+    assert form_values(parse_persona(text, "p.yaml"))[6] == [["1", "Hi", "Arr."], ["2", "", "*waves*"]]
+
+
+def test_the_lorebook_table_edits_entries_and_keeps_their_other_fields(tmp_path):
+    text = (LIBRARY.get("pirate").text + "lorebook:\n  scan_depth: 3\n  entries:\n"
+            "    - {name: Isle, keys: [isle], content: An isle., priority: 7, secondary_keys: [gold]}\n")
+    persona = parse_persona(text, "p.yaml")
+    values = form_values(persona)
+    assert values[17] == [["Isle", "isle", "An isle.", "before_char", "false", "true"]]
+    values[17] = [["Isle", "isle, island", "An isle of gold.", "after_char", "false", "true"],
+                  ["Ship", "ship", "The Black Pearl.", "at_depth", "true", "true"]]
+    changed = parse_persona(update_persona_text(text, form_changes(persona, values)), "p.yaml").lorebook
+    isle, ship = changed.entries
+    assert (isle.keys, isle.content, isle.position, isle.priority, isle.secondary_keys) == \
+        (["isle", "island"], "An isle of gold.", "after_char", 7, ["gold"])  # priority, secondary keys kept
+    assert ship.constant and ship.position == "at_depth" and changed.scan_depth == 3
+    values[17] = [["Bad", "x", "y", "middle", "false", "true"]]
+    with pytest.raises(PersonaError, match="lorebook row 1: position 'middle'"):
+        form_changes(persona, values)
 
 
 # -- saving the form and trying a draft (chatbot/persona_form.py) ---------------------------------------

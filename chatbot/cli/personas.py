@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..knowledge.lorebook import Lorebook, activate
+from ..knowledge.lorebook import Lorebook
 from ..knowledge.world_info import lorebook_from_world_info
 from ..persona_cards import export_card_png, export_card_v2, export_card_v3, import_card
 from ..persona_files import create_persona, save_persona, update_persona_text
@@ -35,8 +35,8 @@ from ..personas import (
     atomic_write,
     atomic_write_text,
     check_id,
-    expand_macros,
     load_persona,
+    lore_for_message,
     read_plain_text,
     safe_json,
 )
@@ -204,13 +204,7 @@ def _attach_lorebook(args, folder: Path) -> int:
 def _lore(args, folder: Path) -> int:
     loaded = _load(folder, args.id)
     book = loaded.persona.lorebook or Lorebook()
-    conversation = [{"role": "assistant", "content": loaded.persona.greeting},
-                    {"role": "user", "content": args.message}]
-
-    def expand(text: str) -> str:
-        return expand_macros(text, loaded.persona.name, args.user)
-
-    result = activate(book, conversation, lambda text: len(text) // 4 + 1, expand)
+    result = lore_for_message(loaded, args.message, args.user)
     rows = [("ENTRY", "NAME", "FIRED ON", "PLACE")]
     rows += [(str(f.index), f.label, f.key if f.key is not None else "(constant)",
               f.position + (f" {f.depth} ({f.role})" if f.position == "at_depth" else "")) for f in result.fired]

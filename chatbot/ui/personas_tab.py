@@ -22,8 +22,8 @@ import gradio as gr
 
 from ..chat import ChatError, ChatService, params_for
 from ..persona_files import archive_persona, create_persona, duplicate_persona, save_persona
-from ..persona_form import Editing, broken_files, draft, form_values, open_for_editing, save_form
-from ..personas import PersonaError, PersonaLibrary, render
+from ..persona_form import LORE_COLUMNS, Editing, broken_files, draft, form_values, open_for_editing, save_form
+from ..personas import LoadedPersona, PersonaError, PersonaLibrary, lore_for_message, render
 from ..prompting import PromptTooLong
 from .identity import CurrentUser, Identity, NotAllowed
 from .persona_thumbnails import caption, thumbnail
@@ -40,6 +40,22 @@ EDIT_ACTION = "edit personas"  # "Only admins can edit personas."
 
 WARNING_SECONDS = 20  # validator messages can be long
 
+
+
+def lore_report(loaded: LoadedPersona, message: str, user: str) -> str:
+    """Markdown: the entries that fire for `message`, each with the key that fired it and its place."""
+    if not message.strip():
+        return "Type a message to see which lorebook entries it would fire."
+    result = lore_for_message(loaded, message, user)
+    if not (result.fired or result.over_budget):
+        entries = len(loaded.persona.lorebook.entries) if loaded.persona.lorebook else 0
+        return f"No entry fires for that message ({entries} entries)."
+    rows = ["| entry | fired on | placed |", "|---|---|---|"]
+    for f in result.fired:
+        place = f"{f.position} {f.depth} ({f.role})" if f.position == "at_depth" else f.position
+        rows.append(f"| {literal(f.label)} | {literal(f.key) if f.key is not None else '(constant)'} | {place} |")
+    rows += [f"| {literal(f.label)} | left out: over the token budget | |" for f in result.over_budget]
+    return "\n".join(rows)
 
 def refusing(outputs: int):
     """Show a refusal as a warning and leave every output as it is.
@@ -118,15 +134,32 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
                 greeting = gr.Textbox(label="Greeting", lines=2, max_lines=10, elem_id="persona-greeting")
                 alternate_greetings = gr.Textbox(label="Alternate greetings", info="one per line", lines=2,
                                                  max_lines=10, elem_id="persona-alternate-greetings")
-                scenario = gr.Textbox(label="Scenario", info="appended to the system prompt", lines=2,
+                character = gr.Textbox(label="Character", info="who {{char}} is; sent after the system prompt",
+                                       lines=3, max_lines=20, elem_id="persona-character")
+                personality = gr.Textbox(label="Personality", info="sent as \"{{char}}'s personality: ...\"",
+                                         elem_id="persona-personality")
+                scenario = gr.Textbox(label="Scenario", info="sent after the character", lines=2,
                                       max_lines=10, elem_id="persona-scenario")
                 example_dialogue = gr.Dataframe(
-                    headers=["user", "assistant"], datatype=["str", "str"], type="array", interactive=True,
-                    column_count=(2, "fixed"),  # the tuple form still fixes the columns; column_limits is a no-op
-                    wrap=True, label="Example dialogue", elem_id="persona-examples")
+                    headers=["chat", "user", "assistant"], datatype=["str", "str", "str"], type="array",
+                    interactive=True,
+                    column_count=(3, "fixed"),  # the tuple form still fixes the columns; column_limits is a no-op
+                    wrap=True, label="Example dialogue (rows of one chat number make one example chat)",
+                    elem_id="persona-examples")
                 post_history = gr.Textbox(label="Post-history instructions",
                                           info="added to the newest user message", lines=2,
                                           max_lines=10, elem_id="persona-post-history")
+                with gr.Accordion("Lorebook", open=False, elem_id="persona-lorebook-section"):
+                    lorebook = gr.Dataframe(
+                        headers=LORE_COLUMNS, datatype=["str"] * len(LORE_COLUMNS), type="array",
+                        interactive=True, column_count=(len(LORE_COLUMNS), "fixed"), wrap=True,
+                        label="Entries (keys comma separated; position before_char, after_char or at_depth; "
+                              "other fields in Raw YAML)", elem_id="persona-lorebook")
+                    with gr.Row():
+                        lore_message = gr.Textbox(placeholder="A message: which entries would fire?",
+                                                  show_label=False, scale=4, elem_id="persona-lore-message")
+                        lore_test = gr.Button("Which fire?", scale=1, min_width=60, elem_id="persona-lore-test")
+                    lore_result = gr.Markdown(elem_id="persona-lore-result")
                 with gr.Accordion("Generation defaults", open=False):
                     with gr.Row():
                         temperature = gr.Slider(0.0, 2.0, step=0.01, label="temperature (0 = greedy)",
@@ -157,7 +190,8 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
                 try_stop = gr.Button("Stop", variant="stop", scale=1, min_width=60, elem_id="persona-try-stop")
 
     form = [name, description, system_prompt, greeting, alternate_greetings, scenario, example_dialogue,
-            post_history, tags, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed]
+            post_history, tags, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+            character, personality, lorebook]
     view = [editing_state, gallery, problems, picker, status, *form, raw, try_chat]
 
     def show(persona_id: str | None, who: CurrentUser) -> list:
@@ -275,6 +309,15 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     def on_stop(signal):
         signal.event.set()
 
+    def on_lore_test(request: gr.Request, message, editing, *values):
+        """Which entries of the lorebook as it is in the form fire for a message after the greeting."""
+        try:
+            loaded = draft(require(editing, loadable=True), values)
+            return safe_markdown(lore_report(loaded, message or "", identity.current(request).name))
+        except REFUSALS as exc:
+            gr.Warning(str(exc), duration=WARNING_SECONDS)
+            return gr.skip()
+
     write_buttons = [save, save_raw, new, duplicate, delete]
     app.load(on_load, None, view)
     app.load(on_rights, None, [rights, *write_buttons])
@@ -294,4 +337,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
     try_message.submit(on_try, try_inputs, [try_message, try_chat])
     try_send.click(on_try, try_inputs, [try_message, try_chat])
     try_stop.click(on_stop, stop_state, None, concurrency_limit=None)
+    lore_inputs = [lore_message, editing_state, *form]
+    lore_test.click(on_lore_test, lore_inputs, lore_result)
+    lore_message.submit(on_lore_test, lore_inputs, lore_result)
 
