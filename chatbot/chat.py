@@ -64,6 +64,7 @@ class Turn:
     role: str
     content: str
     message_id: int | None = None  # None until stored
+    provenance: dict | None = None  # a reply's: what persona knowledge added to its prompt
 
 
 @dataclass
@@ -513,7 +514,7 @@ class ChatService:
         }
 
     def _show_branch(self, session: ChatSession, branch: list[MessageRecord]) -> None:
-        session.turns = [Turn(m.role, m.content, m.id) for m in branch]
+        session.turns = [Turn(m.role, m.content, m.id, m.provenance) for m in branch]
 
     def _stream(self, session: ChatSession, prompt: Prompt, params: GenerationParams,
                 stop: threading.Event | None, adapter: str | None,
@@ -560,7 +561,7 @@ class ChatService:
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
             latency_ms=reply.latency_ms, first_token_ms=reply.first_token_ms,
             finish_reason=reply.finish_reason, provenance=provenance)
-        return Turn("assistant", reply.text, message_id)
+        return Turn("assistant", reply.text, message_id, provenance)
 
 
 def _check_feedback(reason, comment) -> None:

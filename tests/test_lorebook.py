@@ -211,3 +211,16 @@ def test_attaching_something_that_is_not_world_info_is_one_line_error(tmp_path):
     done = run_cli("personas", "lorebook", "seraphina", str(bad), "--personas-dir", str(folder))
     assert done.returncode == 1 and "not a world info file" in done.stderr
     assert (folder / "seraphina.yaml").read_text() == PERSONA  # nothing written
+
+
+def test_the_chat_shows_under_a_reply_which_entries_reached_its_prompt(service):
+    from chatbot.ui.chat_tab import history_of
+
+    session = service.new_session(service.user_id("ann"), "seraphina", "Ann")
+    service.engine.queue("Rest here.")
+    list(service.send(session, "Take me to the [glade](x)", params_for(session.persona)))
+    shown = history_of(session)[-1]["content"]
+    assert shown.startswith("Rest here.") and shown.endswith("*📖 Lore: Rule, Glade (glade)*")
+    resumed = service.resume(session.user_id, session.conversation_id, "Ann")  # read back from the store
+    assert history_of(resumed)[-1]["content"] == shown
+    assert "📖" not in history_of(resumed)[-2]["content"]  # the user's own message has no note

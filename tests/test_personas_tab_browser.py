@@ -48,6 +48,9 @@ def personas_dir(tmp_path):
     text = text.rstrip("\n") + "\n# The end of the file.\n"
     assert "# shown in the picker" in text
     path.write_text(text)
+    from test_lorebook import PERSONA as WITH_LOREBOOK
+
+    (folder / "seraphina.yaml").write_text(WITH_LOREBOOK)
     return folder
 
 
@@ -170,3 +173,16 @@ def test_new_duplicate_and_delete(page, personas_dir):
     page.locator("#persona-picker input").click()
     wait_until(lambda: page.locator("[role=option]", has_text="Night Owl").count() == 1,
                what="the new persona in the chat's picker")
+
+
+def test_the_lorebook_tester_says_which_entries_fire_and_on_which_key(page):
+    open_personas_tab(page, "Seraphina (seraphina)", "Seraphina")
+    page.get_by_text("Lorebook", exact=True).click()
+    assert page.locator("#persona-lorebook").get_by_text("The glade of {{char}} heals wounds.").count() == 1
+    page.locator("#persona-lore-message textarea").fill("Are there WOLVES in the glade?")
+    page.locator("#persona-lore-test").click()
+    result = page.locator("#persona-lore-result")
+    wait_until(lambda: "Glade" in result.inner_text(), what="the tester's answer")
+    text = result.inner_text()
+    assert "Wolves" in text and "wolves" in text and "at_depth 0 (system)" in text
+    assert "Rule" in text and "(constant)" in text and "Forest" not in text

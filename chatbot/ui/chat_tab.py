@@ -25,11 +25,21 @@ DISLIKE_REASONS = ["wrong", "out of character", "too long", "repetitive", "rude 
 
 
 def history_of(session: ChatSession, partial: str | None = None) -> list[dict]:
-    """The Chatbot's value: every message made safe to render (safe_markdown.py)."""
-    messages = session.history()
+    """The Chatbot's value: every message made safe to render (safe_markdown.py), a reply's
+    lorebook entries under it."""
+    messages = [{"role": t.role, "content": t.content + knowledge_note(t.provenance)} for t in session.turns]
     if partial is not None:
         messages.append({"role": "assistant", "content": partial})
     return safe_messages(messages)
+
+
+def knowledge_note(provenance: dict | None) -> str:
+    """A line under a reply naming the lorebook entries that reached its prompt and the key of each."""
+    lore = [e for e in (provenance or {}).get("lorebook", []) if not e.get("left_out")]
+    if not lore:
+        return ""
+    named = [literal(e["name"]) + (f" ({literal(e['key'])})" if e.get("key") else "") for e in lore]
+    return "\n\n*📖 Lore: " + ", ".join(named) + "*"
 
 
 def _params(session: ChatSession, values) -> GenerationParams:
