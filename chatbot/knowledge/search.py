@@ -32,6 +32,8 @@ from sqlalchemy import Engine, create_engine, event, text
 
 log = logging.getLogger(__name__)
 
+SQLITE_MMAP_BYTES = 1 << 30  # address space, not memory: the OS keeps what it reads in its page cache
+
 # The chunks of one persona whose vectors came from this embedder; `:persona`, `:embedder`.
 _PERSONA_CHUNKS = """
     FROM knowledge_chunks c JOIN knowledge_documents d ON d.id = c.document_id
@@ -66,6 +68,11 @@ class SqliteVecSearch:
             sqlite_vec.load(dbapi_connection)
             dbapi_connection.enable_load_extension(False)  # no SQL may load another one
             dbapi_connection.execute("PRAGMA query_only = ON")
+            # A search reads every chunk row of the persona (10,000 chunks: 40 MB of pages). With
+            # SQLite's default 2 MB page cache each search copies them all again from the OS; mapped,
+            # they are read in place: 22 ms -> 10 ms for 10,000 chunks (bench/README.md). Reads only:
+            # this connection never writes.
+            dbapi_connection.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
 
     def nearest(self, persona_id: str, embedder: str, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         query = text(f"SELECT c.id, vec_distance_cosine(c.embedding, :vector) AS distance {_PERSONA_CHUNKS}"
