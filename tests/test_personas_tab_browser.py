@@ -178,7 +178,8 @@ def test_new_duplicate_and_delete(page, personas_dir):
 def test_the_lorebook_tester_says_which_entries_fire_and_on_which_key(page):
     open_personas_tab(page, "Seraphina (seraphina)", "Seraphina")
     page.get_by_text("Lorebook", exact=True).click()
-    assert page.locator("#persona-lorebook").get_by_text("The glade of {{char}} heals wounds.").count() == 1
+    wait_until(lambda: page.locator("#persona-lorebook").get_by_text("The glade of {{char}} heals wounds.").count() > 0,
+               what="the entries in the lorebook table")
     page.locator("#persona-lore-message textarea").fill("Are there WOLVES in the glade?")
     page.locator("#persona-lore-test").click()
     result = page.locator("#persona-lore-result")
