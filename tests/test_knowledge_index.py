@@ -372,3 +372,21 @@ def test_search_arguments_are_checked(index) -> None:
         index.search_vector("shopkeeper", np.zeros(384, np.float32), k=0)
     with pytest.raises(ValueError, match="min_score"):
         index.search_vector("shopkeeper", np.zeros(384, np.float32), min_score=2)
+
+
+@pytest.mark.parametrize("backend", ["sqlite-vec", "numpy"])
+def test_a_search_does_not_wait_for_a_writer(tmp_path, counting, folder, backend) -> None:
+    """Another connection holds SQLite's write lock (a chat saving a message): searches read on, in WAL."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'chat.db'}"
+    with KnowledgeIndex(url, counting) as knowledge:
+        knowledge.index_persona("shopkeeper", folder, ["shop"])
+    with KnowledgeIndex(url + "?timeout=0.2", counting, search=backend) as knowledge:
+        writer = sqlite3.connect(tmp_path / "chat.db", isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            assert REFUND in knowledge.search("shopkeeper", QUERY)[0].text
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()

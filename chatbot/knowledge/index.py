@@ -33,7 +33,7 @@ from chatbot.store.db import make_engine, migrate
 from . import search as vector_search
 from .chunking import ChunkSettings, chunk_sections
 from .embedding import Embedder
-from .files import KnowledgeLimits, find_files, read_bytes
+from .files import KnowledgeFile, KnowledgeLimits, find_files, read_bytes
 from .readers import read_sections
 from .storage import DocumentRecord, KnowledgeStore
 
@@ -109,7 +109,12 @@ class KnowledgeIndex:
 
     def index_persona(self, persona_id: str, folder: Path, paths: Sequence[str],
                       progress: Progress | None = None) -> IndexReport:
-        """Bring the persona's indexed documents in line with the files `paths` name under `folder`."""
+        """Bring the persona's indexed documents in line with the files `paths` name under `folder`.
+
+        One run per persona at a time: a run removes what its own `paths` do not name.
+        """
+        if isinstance(paths, str):  # one entry, not its characters
+            paths = [paths]
         files, errors = find_files(Path(folder), list(paths), self.limits)
         report = IndexReport(errors=errors)
         known = {document.path: document for document in self.store.documents(persona_id)}
@@ -134,7 +139,7 @@ class KnowledgeIndex:
         self.store.delete_documents(persona_id, report.removed)
         return report
 
-    def _index_file(self, persona_id: str, file, known: DocumentRecord | None, chunk_total: int
+    def _index_file(self, persona_id: str, file: KnowledgeFile, known: DocumentRecord | None, chunk_total: int
                     ) -> tuple[str, int]:
         """("added" | "updated" | "skipped", its chunk count); PersonaError for a file that cannot be indexed."""
         data = read_bytes(file, self.limits)

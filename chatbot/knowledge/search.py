@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class SqliteVecSearch:
             # this connection never writes.
             dbapi_connection.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
 
+        # Load the extension now, so that a platform where it cannot load is found out here.
+        with self.engine.connect():
+            pass
+
     def nearest(self, persona_id: str, embedder: str, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         query = text(f"SELECT c.id, vec_distance_cosine(c.embedding, :vector) AS distance {_PERSONA_CHUNKS}"
                      " ORDER BY distance LIMIT :k")
@@ -109,7 +114,9 @@ class NumpySearch:
     name = "numpy"
 
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+        # Deferred: the app's SQLite engine begins every transaction IMMEDIATE (store/db.py), which
+        # would take the write lock for the length of this read.
+        self.engine = engine.execution_options(sqlite_begin="DEFERRED")
         # PostgreSQL sends a real[] as text unless asked: 384 numbers to parse per row, seconds for
         # 10,000 rows. array_send gives its binary form instead (parsed in _pg_arrays).
         column = "array_send(c.embedding)" if engine.dialect.name == "postgresql" else "c.embedding"
@@ -176,10 +183,17 @@ def choose(engine: Engine, prefer: str = "auto") -> VectorSearch:
     if prefer == "numpy":
         return NumpySearch(engine)
     if backend == "sqlite" and prefer in ("auto", "sqlite-vec"):
-        if engine.url.database not in (None, "", ":memory:"):
-            return SqliteVecSearch(engine)
-        if prefer == "sqlite-vec":
-            raise ValueError("sqlite-vec needs a SQLite file: an in-memory database is one connection's own")
+        if engine.url.database in (None, "", ":memory:"):
+            if prefer == "sqlite-vec":
+                raise ValueError("sqlite-vec needs a SQLite file: an in-memory database is one connection's own")
+        else:
+            try:
+                return SqliteVecSearch(engine)
+            except (ImportError, AttributeError, OSError, SQLAlchemyError) as exc:
+                # No wheel of sqlean.py or sqlite-vec for this platform, or a build that cannot load it.
+                if prefer == "sqlite-vec":
+                    raise
+                log.warning("sqlite-vec cannot be loaded (%s); knowledge search scans in Python", exc)
     if backend == "postgresql" and prefer in ("auto", "pgvector"):
         if _has_pgvector(engine):
             return PgVectorSearch(engine)
