@@ -81,6 +81,9 @@ class TransformerEmbedder:
     def __init__(self, tokenizer, model, *, name: str, max_tokens: int,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         self.tokenizer = tokenizer
+        # count_tokens measures whole paragraphs, longer than the model reads; with the BERT's 512
+        # as the tokenizer's limit every such call would warn. embed() passes its own max_length.
+        tokenizer.model_max_length = 1 << 30
         self.model = model
         self.name = name
         self.dimension = int(model.config.hidden_size)
