@@ -111,7 +111,10 @@ def test_a_file_that_grew_past_its_limit_after_listing_is_refused_on_reading(fol
 def test_file_count_and_depth_limits(folder: Path) -> None:
     files, errors = find_files(folder, ["kb"], KnowledgeLimits(max_files=2))
     assert rels(files) == ["kb/a.md", "kb/b.txt"]
-    assert errors == ["knowledge kb/deep/c.md: over the limit of 2 knowledge files per persona; not indexed"]
+    assert errors == ["knowledge kb/deep/c.md: over the limit of 2 knowledge files per persona; "
+                      "it and the files after it are not indexed"]
+    files, errors = find_files(folder, ["kb", "notes.md"], KnowledgeLimits(max_files=1))
+    assert rels(files) == ["kb/a.md"] and len(errors) == 1  # one line, not one per file left out
     files, errors = find_files(folder, ["kb"], KnowledgeLimits(max_depth=0))
     assert rels(files) == ["kb/a.md", "kb/b.txt"]
     assert errors == ["knowledge kb/deep: nested more than 0 folders deep; not searched"]

@@ -106,6 +106,7 @@ def find_files(folder: Path, entries: list[str], limits: KnowledgeLimits = Knowl
     found: dict[str, KnowledgeFile] = {}
     errors: list[str] = []
     total = 0
+    over: list[str] = []  # the first file past max_files
 
     def add(path: Path, rel: str, info: os.stat_result, listed: bool) -> None:
         nonlocal total
@@ -117,8 +118,10 @@ def find_files(folder: Path, entries: list[str], limits: KnowledgeLimits = Knowl
         if rel in found:
             return
         if len(found) >= limits.max_files:
-            errors.append(str(_error(rel, f"over the limit of {limits.max_files} knowledge files "
-                                          "per persona; not indexed")))
+            if not over:  # said once, not for each of a big folder's files
+                errors.append(str(_error(rel, f"over the limit of {limits.max_files} knowledge files "
+                                              "per persona; it and the files after it are not indexed")))
+                over.append(rel)
             return
         if info.st_size > limits.max_bytes(kind):
             errors.append(str(_error(rel, f"file is larger than {_size(limits.max_bytes(kind))}")))

@@ -76,8 +76,12 @@ class SqliteVecSearch:
             dbapi_connection.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
 
         # Load the extension now, so that a platform where it cannot load is found out here.
-        with self.engine.connect():
-            pass
+        try:
+            with self.engine.connect():
+                pass
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def nearest(self, persona_id: str, embedder: str, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         query = text(f"SELECT c.id, vec_distance_cosine(c.embedding, :vector) AS distance {_PERSONA_CHUNKS}"
