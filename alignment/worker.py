@@ -22,12 +22,12 @@ when none is running: ``serve`` calls it when a job is queued and at start-up
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -198,7 +198,9 @@ class Tracker:
                 and not self.cancel.is_set():
             self.cancel.set()
             if not self.checkpoints and not self._done.is_set():
-                _thread.interrupt_main()
+                # A real SIGINT, not _thread.interrupt_main(): that one waits until the main thread
+                # runs Python again, and a main thread blocked on a lock (a batch of replies) never does.
+                os.kill(os.getpid(), signal.SIGINT)
 
     def _beat(self) -> None:
         while not self._done.wait(HEARTBEAT_SECONDS):
@@ -273,6 +275,7 @@ def run_evaluation(job: JobRecord, store, data_dir: Path, personas_dir, tracker:
 
 def run_simulation(job: JobRecord, store, data_dir: Path, personas_dir, tracker: Tracker) -> dict[str, Any]:
     from chatbot.chat import ChatService, params_for
+    from chatbot.knowledge.retrieval import PersonaKnowledge
     from chatbot.personas import PersonaLibrary
     from chatbot.settings import REPO_PERSONAS, Settings
     from chatbot.simulation import BANNER, load_prompts, parse_rule, simulate
@@ -294,7 +297,7 @@ def run_simulation(job: JobRecord, store, data_dir: Path, personas_dir, tracker:
 
     tracker.progress = lambda: done[0] / n
     try:
-        service = ChatService(engine, personas, store)
+        service = ChatService(engine, personas, store, PersonaKnowledge(store.engine, personas.folder))
         params = params_for(persona, max_new_tokens=request.get("max_new_tokens"), seed=request.get("seed"))
         print(f"{BANNER}: persona {job.persona_id}, rule {request['rule']!r} ({rule.describe()}), "
               f"{n} prompts x {samples} replies", flush=True)

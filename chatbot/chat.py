@@ -17,6 +17,7 @@ from . import conversation_tree as tree
 from .default_model import ModelLoadError
 from .engine import Engine, EngineUnavailable, GenerationParams, Reply
 from .knowledge.lorebook import Activation, activate
+from .knowledge.retrieval import Passages, PersonaKnowledge
 from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, parse_persona, render
 from .prompting import Prompt, PromptTooLong, build_prompt
 from .store import ChatStore, ConversationRecord, MessageRecord, ModelVersionRecord, NotFound
@@ -90,18 +91,22 @@ class ChatSession:
         """The persona file's LoRA adapter folder; what serves may be a promoted one (ChatService.serving)."""
         return persona_adapter(self.persona)
 
-    def prompt(self, extra: list[dict] = (), count_tokens: Callable[[str], int] = estimate_tokens) -> Prompt:
+    def prompt(self, extra: list[dict] = (), count_tokens: Callable[[str], int] = estimate_tokens,
+               passages: Passages | None = None) -> Prompt:
         """The messages for the model: the persona, what its lorebook adds for this conversation
-        (`count_tokens` counts the lorebook's budget), the turns and `extra` after them."""
+        (`count_tokens` counts the lorebook's budget), the `passages` found in its documents, the
+        turns and `extra` after them."""
         r = self.rendered
         history = self.history() + list(extra)
         lore = activate(r.lorebook, history, count_tokens, r.expand) if r.lorebook else Activation()
+        passages = passages or Passages()
         at_depth = lore.at_depth()
         if r.depth_prompt is not None:
             at_depth.append((r.depth_prompt.depth, r.depth_prompt.role, r.depth_prompt.prompt))
-        provenance = {"lorebook": lore.provenance()} if lore.fired or lore.over_budget else None
-        return build_prompt(r.system(lore), history, r.examples, r.post_history_instructions, at_depth,
-                            provenance)
+        provenance = {key: rows for key, rows in (("lorebook", lore.provenance()),
+                                                   ("documents", passages.provenance())) if rows}
+        return build_prompt(r.system(lore, passages.text()), history, r.examples, r.post_history_instructions,
+                            at_depth, provenance or None)
 
 
 def persona_adapter(persona: LoadedPersona) -> str | None:
@@ -118,10 +123,13 @@ def params_for(persona: LoadedPersona, **overrides) -> GenerationParams:
 
 
 class ChatService:
-    def __init__(self, engine: Engine, personas: PersonaLibrary, store: ChatStore):
+    def __init__(self, engine: Engine, personas: PersonaLibrary, store: ChatStore,
+                 knowledge: PersonaKnowledge | None = None):
+        """``knowledge``: the persona documents' index; None leaves documents out of every prompt."""
         self.engine = engine
         self.personas = personas
         self.store = store
+        self.knowledge = knowledge
         self._base_mismatch_warned: set[int] = set()  # promoted versions made for another base model
 
     def serving(self, persona: LoadedPersona,
@@ -149,6 +157,8 @@ class ChatService:
     def close(self) -> None:
         """Release the engine and the store's connections (a command that is done with them)."""
         self.engine.close()
+        if self.knowledge is not None:
+            self.knowledge.close()
         self.store.close()
 
     def user_id(self, name: str) -> int:
@@ -176,8 +186,7 @@ class ChatService:
         check_text(text, MAX_MESSAGE_CHARS, "message")
         if not text.strip():
             raise ChatError("the message is empty")
-        yield from self._stream(session, session.prompt([{"role": "user", "content": text.strip()}],
-                                                      self.engine.count_text_tokens),
+        yield from self._stream(session, self._prompt(session, [{"role": "user", "content": text.strip()}]),
                                 params, stop, *self.serving(persona))
 
     def send(self, session: ChatSession, text: str, params: GenerationParams,
@@ -199,8 +208,7 @@ class ChatService:
         turns = self._with_history(replace(session, turns=current), history)
         # Check the context before storing anything: a message that cannot fit is refused whole.
         preview = replace(session, turns=turns)
-        self.engine.fit(preview.prompt([{"role": "user", "content": text}], self.engine.count_text_tokens),
-                        params.max_new_tokens)
+        self.engine.fit(self._prompt(preview, [{"role": "user", "content": text}]), params.max_new_tokens)
         session.turns = current
         if turns[0] is not session.turns[0]:  # the client's own opening instead of the greeting
             session.turns = [turns[0]]
@@ -270,15 +278,14 @@ class ChatService:
             raise ChatError("the message is empty")
         self._existing(session)
         current = session.turns[:-1] if self.unanswered(session) else session.turns  # as in send
-        prompt = replace(session, turns=current).prompt([{"role": "user", "content": text}],
-                                                           self.engine.count_text_tokens)
+        prompt = self._prompt(replace(session, turns=current), [{"role": "user", "content": text}])
         self.engine.fit(prompt, params.max_new_tokens)  # refused whole before anything is stored
         session.turns = current
         self._ensure_conversation(session)
         session.turns.append(Turn("user", text, self._add_message(session, "user", text)))
         adapter, promoted = self.serving(session.persona, session.conversation_id)
         try:
-            prompt = session.prompt(count_tokens=self.engine.count_text_tokens)
+            prompt = self._prompt(session)
             replies = self.engine.generate_batch(prompt, params, n, adapter=adapter)
         except ModelLoadError as exc:
             raise _load_failed(exc, session, promoted) from None
@@ -516,6 +523,17 @@ class ChatService:
     def _show_branch(self, session: ChatSession, branch: list[MessageRecord]) -> None:
         session.turns = [Turn(m.role, m.content, m.id, m.provenance) for m in branch]
 
+    def _prompt(self, session: ChatSession, extra: Sequence[dict] = ()) -> Prompt:
+        """The session's prompt (with `extra` after its turns), with the passages the persona's
+        documents hold for the newest user message."""
+        passages = None
+        settings = session.persona.persona.knowledge
+        if self.knowledge is not None and settings is not None:
+            history = session.history() + list(extra)
+            query = next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
+            passages = self.knowledge.retrieve(session.persona.id, settings, query, self.engine.count_text_tokens)
+        return session.prompt(extra, self.engine.count_text_tokens, passages)
+
     def _stream(self, session: ChatSession, prompt: Prompt, params: GenerationParams,
                 stop: threading.Event | None, adapter: str | None,
                 promoted: ModelVersionRecord | None = None) -> Iterator[Reply]:
@@ -542,7 +560,7 @@ class ChatService:
         # Looked up once per reply: the adapter that writes it is the one recorded with it.
         adapter, promoted = self.serving(session.persona, session.conversation_id)
         reply = None
-        prompt = session.prompt(count_tokens=self.engine.count_text_tokens)
+        prompt = self._prompt(session)
         for reply in self._stream(session, prompt, params, stop, adapter, promoted):
             yield reply
         assert reply is not None and reply.done

@@ -97,7 +97,7 @@ DESCRIPTION_CHARS = 200
 NAMESPACE = "persona_studio"  # our key in a card's data.extensions
 UNPAIRED = "mes_example_unpaired"  # narration in example blocks: kept, never sent (as in SillyTavern)
 # Persona fields a card has no place for: exported under data.extensions.persona_studio, read back on import.
-OWN_FIELDS = ("description", "generation", "model", "adapter")
+OWN_FIELDS = ("description", "generation", "model", "adapter", "knowledge")
 TOP_LEVEL = "card_top_level"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -660,7 +660,8 @@ def _card_data(loaded: LoadedPersona) -> tuple[dict, dict | None]:
     data.update({k: v for k, v in ext.items() if k not in data and k not in _BOOKKEEPING})
     own = {"generation": p.generation.model_dump(exclude_defaults=True)
            if p.generation != GenerationSettings() else None,
-           "model": p.model, "adapter": p.adapter}
+           "model": p.model, "adapter": p.adapter,
+           "knowledge": p.knowledge.model_dump(exclude_defaults=True) if p.knowledge else None}
     own = {k: v for k, v in own.items() if not _blank(v)}
     if p.description != _short_description(normalise_text(data["creator_notes"])):
         own["description"] = p.description  # import would derive another one from creator_notes

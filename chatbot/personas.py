@@ -100,6 +100,23 @@ class DepthPrompt(BaseModel):
     role: Literal["system", "user", "assistant"] = "system"
 
 
+class KnowledgeSettings(BaseModel):
+    """Documents a persona answers from: found by meaning for each message (chatbot/knowledge/)."""
+
+    model_config = ConfigDict(extra="forbid")
+    files: list[str] = Field(min_length=1)  # files or folders, relative to the personas folder
+    top_k: int = Field(3, ge=1, le=20)  # at most this many passages per message
+    min_score: float = Field(0.35, ge=-1.0, le=1.0)  # cosine similarity a passage needs
+    token_budget: int = Field(400, ge=1, le=8000)  # all passages of one message together
+
+    @field_validator("files")
+    @classmethod
+    def _no_empty_files(cls, value):
+        if any(not item.strip() for item in value):
+            raise ValueError("entries must not be empty")
+        return value
+
+
 class Persona(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=100)
@@ -116,6 +133,7 @@ class Persona(BaseModel):
     post_history_instructions: str = ""  # added to the newest user message
     depth_prompt: DepthPrompt | None = None
     lorebook: Lorebook | None = None
+    knowledge: KnowledgeSettings | None = None
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     tags: list[str] = Field(default_factory=list)
     avatar: str | None = None  # an image file in the personas folder
@@ -184,11 +202,13 @@ class RenderedPersona:
     lorebook: Lorebook | None = None
     expand: Callable[[str], str] = lambda text: text
 
-    def system(self, lore: Activation | None = None) -> str:
+    def system(self, lore: Activation | None = None, passages: str = "") -> str:
         """The system message, as SillyTavern's story string orders it: main prompt, lore placed
-        before the character, the character, personality and scenario, lore placed after."""
+        before the character, the character, personality and scenario, lore placed after; then
+        the passages found in the persona's documents for this message."""
         lore = lore or Activation()
-        parts = [self.main_prompt, lore.text("before_char"), *self.definition, lore.text("after_char")]
+        parts = [self.main_prompt, lore.text("before_char"), *self.definition, lore.text("after_char"),
+                 self.expand(passages)]
         return "\n\n".join(part for part in parts if part)
 
     @property

@@ -59,7 +59,10 @@ def build_service(settings: Settings):
     except (StoreError, PersonaError, ModelLoadError, EngineUnavailable, ValueError) as exc:
         # ValueError: a setting no engine accepts (`--engine tgi`)
         raise StartupError(str(exc)) from None
-    return ChatService(engine, personas, store)
+    from .knowledge.retrieval import PersonaKnowledge
+
+    # Documents are indexed and searched in the store's own database; the embedding model loads on first use.
+    return ChatService(engine, personas, store, PersonaKnowledge(store.engine, settings.personas_dir))
 
 
 ENGINES = ("transformers", "vllm")

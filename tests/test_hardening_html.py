@@ -183,7 +183,7 @@ def planted(tmp_path, store):
 def test_the_chatbot_value_is_sanitized(planted):
     service, session = planted
     assert "<form" in session.turns[0].content  # stored as written: only what is shown is made safe
-    session.turns.append(SimpleNamespace(role="user", content=ATTACKS["img onerror"]))
+    session.turns.append(SimpleNamespace(role="user", content=ATTACKS["img onerror"], provenance=None))
     value = history_of(session, partial=ATTACKS["markdown image"])
     shown = gr.Chatbot().postprocess(value).model_dump()  # what Gradio sends to the browser
     texts = [part["text"] for m in shown for part in m["content"] if part.get("type") == "text"]

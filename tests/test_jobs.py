@@ -331,7 +331,7 @@ def test_cancelling_a_job_without_checkpoints_stops_it_where_it_is_and_the_worke
     try:
         wait_for(lambda: board.queue.get(long_one).progress > 0, "the simulation's first replies", process=worker)
         assert run_cli("jobs", "cancel", str(long_one), "--db-url", str(store.engine.url)).returncode == 0
-        assert worker.wait(timeout=120) == 0  # both jobs done, then nothing queued: it exits
+        assert worker.wait(timeout=300) == 0  # both jobs done, then nothing queued: it exits
     finally:
         if worker.poll() is None:
             worker.kill()

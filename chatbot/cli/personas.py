@@ -12,9 +12,12 @@
                                                       attach a SillyTavern world info JSON (or a card's
                                                       character_book) to a persona's lorebook
     persona-studio personas lore ID "MESSAGE"         which lorebook entries would fire for a message
+    persona-studio personas index ID [--force]        chunk and embed the persona's knowledge documents
+    persona-studio personas search ID "QUERY" [-k N]  the passages its documents hold for a message
 
-Every subcommand takes --personas-dir (or PERSONA_STUDIO_PERSONAS_DIR). Nothing here
-loads the model or opens the database. Failures print one `persona-studio: error: ...`
+Every subcommand takes --personas-dir (or PERSONA_STUDIO_PERSONAS_DIR). Only `index`
+and `search` open the database (--db-url, --data-dir: the documents' index lives
+there) and load a model (the small embedding model); nothing here loads the chat model. Failures print one `persona-studio: error: ...`
 line and exit with status 1.
 """
 
@@ -41,7 +44,7 @@ from ..personas import (
     safe_json,
 )
 from .errors import EXIT_FAILED, CommandError
-from .options import print_table, setting_options, settings
+from .options import STORE, print_table, setting_options, settings
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -78,13 +81,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     lore.add_argument("id")
     lore.add_argument("message")
     lore.add_argument("--user", default="User", help="the name {{user}} stands for (default: User)")
+    store = setting_options(STORE)
+    index = commands.add_parser("index", parents=[common, store],
+                                help="chunk and embed a persona's knowledge documents (only what changed)")
+    index.add_argument("id")
+    index.add_argument("--force", action="store_true", help="look at every file again, even if unchanged")
+    search = commands.add_parser("search", parents=[common, store],
+                                 help="the passages a persona's documents hold for a message, by meaning")
+    search.add_argument("id")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=None, metavar="N",
+                        help="how many passages (default: the persona's knowledge top_k)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Run one `personas` subcommand; returns the exit status."""
     handler = {"list": _list, "validate": _validate, "new": _new, "import": _import,
-               "export": _export, "lorebook": _attach_lorebook, "lore": _lore}[args.personas_command]
+               "export": _export, "lorebook": _attach_lorebook, "lore": _lore, "index": _index,
+               "search": _search}[args.personas_command]
     folder = Path(settings(args).personas_dir)
     try:
         return handler(args, folder)
@@ -213,4 +228,59 @@ def _lore(args, folder: Path) -> int:
         print(f"no entry of {loaded.id}'s lorebook fires for that message ({len(book.entries)} entries)")
         return 0
     print_table(rows)
+    return 0
+
+
+def _knowledge(args, folder: Path):
+    """(persona, its knowledge settings, the index service over the store's database)."""
+    from ..knowledge.retrieval import PersonaKnowledge
+    from ..startup import check_data_dir
+
+    loaded = _load(folder, args.id)
+    if loaded.persona.knowledge is None:
+        raise PersonaError(f"persona {args.id!r} has no knowledge: documents (add `knowledge: {{files: [...]}}`)")
+    config = settings(args)
+    if not config.db_url:
+        check_data_dir(config.data_dir)
+    return loaded, PersonaKnowledge(config.database_url, folder)  # a URL: the index brings the schema up to date
+
+
+def _index(args, folder: Path) -> int:
+    loaded, knowledge = _knowledge(args, folder)
+
+    def progress(done: int, total: int, path: str) -> None:
+        if path:
+            print(f"[{done + 1}/{total}] {path}", file=sys.stderr, flush=True)
+
+    try:
+        report = knowledge.ensure_indexed(loaded.id, loaded.persona.knowledge.files, progress, force=True)
+    finally:
+        knowledge.close()
+    for problem in report.errors:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(f"{loaded.id}: {len(report.added)} added, {len(report.updated)} updated, {len(report.removed)} removed, "
+          f"{len(report.skipped)} unchanged; {report.chunks_embedded} chunks embedded"
+          + (f"; {len(report.errors)} file(s) refused" if report.errors else ""))
+    return EXIT_FAILED if report.errors else 0
+
+
+def _search(args, folder: Path) -> int:
+    loaded, knowledge = _knowledge(args, folder)
+    config = loaded.persona.knowledge
+    if args.k is not None:
+        if not 1 <= args.k <= 50:
+            raise PersonaError(f"-k {args.k}: give 1 to 50")
+        config = config.model_copy(update={"top_k": args.k, "token_budget": 10**6})
+    try:
+        found = knowledge.retrieve(loaded.id, config, args.query, lambda text: len(text) // 4 + 1)
+    finally:
+        knowledge.close()
+    if found.error:
+        raise PersonaError(f"cannot search {loaded.id}'s documents: {found.error}")
+    if not found.used:
+        print(f"no passage of {loaded.id}'s documents scores {config.min_score} or more for that message")
+        return 0
+    for hit in found.used:
+        print(f"{hit.score:.3f}  {hit.citation}")
+        print("       " + " ".join(hit.text.split())[:300])
     return 0

@@ -34,12 +34,19 @@ def history_of(session: ChatSession, partial: str | None = None) -> list[dict]:
 
 
 def knowledge_note(provenance: dict | None) -> str:
-    """A line under a reply naming the lorebook entries that reached its prompt and the key of each."""
+    """Lines under a reply naming what persona knowledge reached its prompt: the lorebook entries
+    (with the key of each) and the documents' passages (file, place, heading), its sources."""
     lore = [e for e in (provenance or {}).get("lorebook", []) if not e.get("left_out")]
-    if not lore:
-        return ""
-    named = [literal(e["name"]) + (f" ({literal(e['key'])})" if e.get("key") else "") for e in lore]
-    return "\n\n*📖 Lore: " + ", ".join(named) + "*"
+    documents = [d for d in (provenance or {}).get("documents", []) if not d.get("left_out")]
+    lines = []
+    if lore:
+        named = [literal(e["name"]) + (f" ({literal(e['key'])})" if e.get("key") else "") for e in lore]
+        lines.append("*📖 Lore: " + ", ".join(named) + "*")
+    if documents:
+        cited = [literal(f"{d['path']}, {d['location']}" + (f" ({d['heading']})" if d.get("heading") else ""))
+                 for d in documents]
+        lines.append("*📄 Sources: " + "; ".join(cited) + "*")
+    return "".join("\n\n" + line for line in lines)
 
 
 def _params(session: ChatSession, values) -> GenerationParams:
