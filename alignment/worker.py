@@ -123,29 +123,50 @@ def run_worker(store, data_dir: Path, personas_dir: Path | None = None, *, once:
     data_dir = Path(data_dir)
     queue = JobQueue(store.engine)
     stop = stop or threading.Event()
-    ran, idle_since = 0, time.monotonic()
-    with worker_lock(data_dir):
-        while not stop.is_set():
-            queue.reap_orphans()
-            job = queue.claim_next()
-            if job is None:
-                if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
-                    break
-                stop.wait(poll)
-                continue
-            execute(queue, job, store, data_dir, personas_dir)
-            ran += 1
-            idle_since = time.monotonic()
-            if once:
-                break
+    # A job with no checkpoint is cancelled by interrupting the main thread with SIGUSR1 (its own
+    # signal: SIGINT may be ignored, as in a process started from a background shell job). Signal
+    # handlers belong to the main thread; a worker run in another thread cannot be interrupted.
+    interruptible = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGUSR1, _cancel_now) if interruptible else None
+    try:
+        with worker_lock(data_dir):
+            ran = _run_jobs(queue, store, data_dir, personas_dir, once, idle_exit, poll, stop, interruptible)
+    finally:
+        if interruptible:
+            signal.signal(signal.SIGUSR1, previous)
     return ran
 
 
-def execute(queue: JobQueue, job: JobRecord, store, data_dir: Path, personas_dir: Path | None) -> None:
+def _cancel_now(signum, frame) -> None:
+    raise KeyboardInterrupt("cancelled")
+
+
+def _run_jobs(queue: JobQueue, store, data_dir: Path, personas_dir: Path | None, once: bool,
+              idle_exit: float | None, poll: float, stop: threading.Event, interruptible: bool) -> int:
+    ran, idle_since = 0, time.monotonic()
+    while not stop.is_set():
+        queue.reap_orphans()
+        job = queue.claim_next()
+        if job is None:
+            if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                break
+            stop.wait(poll)
+            continue
+        execute(queue, job, store, data_dir, personas_dir, interruptible)
+        ran += 1
+        idle_since = time.monotonic()
+        if once:
+            break
+    return ran
+
+
+def execute(queue: JobQueue, job: JobRecord, store, data_dir: Path, personas_dir: Path | None,
+            interruptible: bool = False) -> None:
     """Run one claimed job to its end and record how it ended; never raises for the job's own failure."""
     log_path = data_dir / LOG_DIR / f"{job.id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(queue, job.id, str(log_path), checkpoints=job.kind in TRAINING_KINDS)
+    tracker = Tracker(queue, job.id, str(log_path), checkpoints=job.kind in TRAINING_KINDS,
+                      interruptible=interruptible)
     try:
         with tracker, output_to(log_path):
             print(f"job {job.id}: {job.kind} for persona {job.persona_id or '(all)'}, "
@@ -176,8 +197,9 @@ class Tracker:
     interrupts it where it is (KeyboardInterrupt in the main thread).
     """
 
-    def __init__(self, queue: JobQueue, job_id: int, log_path: str, checkpoints: bool):
+    def __init__(self, queue: JobQueue, job_id: int, log_path: str, checkpoints: bool, interruptible: bool = False):
         self.queue, self.job_id, self.log_path, self.checkpoints = queue, job_id, log_path, checkpoints
+        self.interruptible = interruptible  # the worker's main thread takes SIGUSR1 as a cancel
         self.cancel = threading.Event()
         self.progress: Callable[[], float | None] = lambda: None
         self.run_id: int | None = None
@@ -197,10 +219,10 @@ class Tracker:
         if self.queue.heartbeat(self.job_id, self.progress(), run_id=self.run_id, log_path=self.log_path) \
                 and not self.cancel.is_set():
             self.cancel.set()
-            if not self.checkpoints and not self._done.is_set():
-                # A real SIGINT, not _thread.interrupt_main(): that one waits until the main thread
+            if not self.checkpoints and self.interruptible and not self._done.is_set():
+                # A real signal, not _thread.interrupt_main(): that one waits until the main thread
                 # runs Python again, and a main thread blocked on a lock (a batch of replies) never does.
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGUSR1)
 
     def _beat(self) -> None:
         while not self._done.wait(HEARTBEAT_SECONDS):

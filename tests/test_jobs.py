@@ -315,7 +315,8 @@ def test_cancelling_a_job_without_checkpoints_stops_it_where_it_is_and_the_worke
         store, tiny_model, tmp_path):
     """A simulation (like an evaluation) has no checkpoint to write: the worker's heartbeat thread stops
     it with an interrupt in the worker's main thread. The replies stored so far stay, and the worker
-    then runs the next job. A real worker process: the interrupt goes to its main thread."""
+    then runs the next job. A real worker process, started with SIGINT ignored as a background shell
+    job (or pytest-xdist) starts it: the cancel must not depend on SIGINT."""
     from alignment.board import JobBoard
 
     data = tmp_path / "data"
@@ -327,7 +328,8 @@ def test_cancelling_a_job_without_checkpoints_stops_it_where_it_is_and_the_worke
     worker = subprocess.Popen([sys.executable, "-m", "chatbot.cli", "jobs", "worker", "--idle-exit", "0",
                                "--db-url", str(store.engine.url), "--data-dir", str(data),
                                "--personas-dir", str(REPO / "personas")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         wait_for(lambda: board.queue.get(long_one).progress > 0, "the simulation's first replies", process=worker)
         assert run_cli("jobs", "cancel", str(long_one), "--db-url", str(store.engine.url)).returncode == 0

@@ -112,6 +112,7 @@ def test_full_schema_round_trip(tmp_path):
         "depth_prompt": {"prompt": "note", "depth": 1, "role": "assistant"},
         "lorebook": {"name": "book", "description": "bd", "scan_depth": 3, "token_budget": 100,
                      "recursive_scanning": True, "entries": [entry], "extensions": {"z": 1}},
+        "knowledge": {"files": ["docs/", "faq.md"], "top_k": 2, "min_score": 0.5, "token_budget": 99},
         "generation": {"temperature": 0.2, "top_p": 0.8, "top_k": 5, "repetition_penalty": 1.3,
                        "max_new_tokens": 50, "seed": 9},
         "tags": ["t"], "avatar": None, "model": "m", "adapter": "lora", "extensions": {"x": {"y": 1}},
