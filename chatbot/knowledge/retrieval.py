@@ -1,8 +1,8 @@
 """What a persona's documents add to one reply: the passages found for the message, within a budget.
 
     knowledge = PersonaKnowledge(store.engine, personas_folder)    # one per process, shared by every chat
-    found = knowledge.retrieve(loaded_persona, "can I return a lamp?", count_tokens)
-    found.text(), found.provenance()
+    found = knowledge.retrieve("support_agent", persona.knowledge, "can I return a lamp?", count_tokens)
+    found.text(), found.provenance()        # for the system message; for the reply's record
 
 The index is kept up to date on the way: before a search, the persona's files
 are looked at (names, sizes, times; no reading), and when they changed since
@@ -63,7 +63,7 @@ class PersonaKnowledge:
         self._load_embedder = load_embedder or _bundled_embedder
         self._index: KnowledgeIndex | None = None
         self._stamps: dict[str, tuple] = {}  # persona id -> its files as last indexed by this process
-        self._lock = threading.Lock()  # one indexing run at a time; the embedder takes one call at a time
+        self._lock = threading.Lock()  # one indexing run at a time (the embedder serialises its own calls)
 
     def index(self) -> KnowledgeIndex:
         with self._lock:
