@@ -6,6 +6,8 @@ Uses Debian's chromium (`make test` installs it) through Playwright's
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from browser_helpers import (
     bot_texts,
@@ -102,3 +104,18 @@ def test_stop_keeps_the_partial_reply_retry_makes_a_sibling_undo_gives_the_messa
 
     first_user, second_user = wait_until(branched, what="the new message")
     assert first_user == second_user, "the new message branches from the greeting"
+
+
+def test_a_reply_from_a_persona_with_documents_shows_its_sources(page, data_dir):
+    """support_agent's policy document is indexed on the first message (the embedding model loads then);
+    the passages found go into the prompt and are named under the reply, as stored with it."""
+    pick_persona(page, "Support Agent", "Hi, thanks for contacting")
+    send(page, "How long does delivery take?")
+    rows = wait_until(lambda: db_rows(data_dir, "select provenance from messages where role='assistant' "
+                                                 "and parent_id is not null"), timeout=180,
+                      what="the reply to be stored", progress=lambda: bot_texts(page))
+    sources = json.loads(rows[0][0])["documents"]
+    assert any(s["heading"].endswith("Shipping") for s in sources)
+    wait_until(lambda: "📄 Sources: knowledge/acme_policies.md" in bot_texts(page)[-1],
+               what="the sources under the reply", progress=lambda: bot_texts(page))
+    assert "Shipping" in bot_texts(page)[-1]
