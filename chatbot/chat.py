@@ -19,7 +19,7 @@ from .engine import Engine, EngineUnavailable, GenerationParams, Reply
 from .knowledge.lorebook import Activation, activate
 from .knowledge.retrieval import Passages, PersonaKnowledge
 from .personas import LoadedPersona, PersonaLibrary, RenderedPersona, parse_persona, render
-from .prompting import Prompt, PromptTooLong, build_prompt
+from .prompting import Prompt, PromptTooLong, build_prompt, estimate_tokens
 from .store import ChatStore, ConversationRecord, MessageRecord, ModelVersionRecord, NotFound
 from .store.repository import SEARCH_LENGTH, UNCHANGED, VoteRow
 
@@ -53,11 +53,6 @@ def check_text(text: str | None, limit: int, what: str) -> None:
         raise ChatError(f"the {what} is too long: {len(text):,} characters, at most {limit:,}")
     if "\x00" in text:
         raise ChatError(f"the {what} contains a NUL character (\\x00), which cannot be stored")
-
-
-def estimate_tokens(text: str) -> int:
-    """About a token per 4 characters: for a budget where no tokenizer is at hand."""
-    return len(text) // 4 + 1
 
 
 @dataclass

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .knowledge.lorebook import Activation, Lorebook, activate
+from .prompting import estimate_tokens
 
 MAX_FILE_BYTES = 256 * 1024  # a persona is a page of text, not a novel
 # Letters and digits of any script, `_` and `-`: a file name with no folder, no `..`, no dot file.
@@ -284,7 +285,7 @@ def lore_for_message(loaded: LoadedPersona, message: str, user: str = "User") ->
     conversation = [{"role": "assistant", "content": rendered.greetings[0]}, {"role": "user", "content": message}]
     if rendered.lorebook is None:
         return Activation()
-    return activate(rendered.lorebook, conversation, lambda text: len(text) // 4 + 1, rendered.expand)
+    return activate(rendered.lorebook, conversation, estimate_tokens, rendered.expand)
 
 
 # ---------------------------------------------------------------- reading what users give us

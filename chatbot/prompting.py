@@ -30,6 +30,11 @@ class Prompt:
     provenance: dict[str, Any] | None = None  # what persona knowledge added, and why (stored with the reply)
 
 
+def estimate_tokens(text: str) -> int:
+    """About a token per 4 characters: for a budget where no tokenizer is at hand."""
+    return len(text) // 4 + 1
+
+
 class PromptTooLong(Exception):
     """Even the fixed parts and the newest message alone do not fit."""
 

@@ -32,6 +32,7 @@ from ..knowledge.lorebook import Lorebook
 from ..knowledge.world_info import lorebook_from_world_info
 from ..persona_cards import export_card_png, export_card_v2, export_card_v3, import_card
 from ..persona_files import create_persona, save_persona, update_persona_text
+from ..prompting import estimate_tokens
 from ..personas import (
     PersonaError,
     PersonaLibrary,
@@ -221,8 +222,7 @@ def _lore(args, folder: Path) -> int:
     book = loaded.persona.lorebook or Lorebook()
     result = lore_for_message(loaded, args.message, args.user)
     rows = [("ENTRY", "NAME", "FIRED ON", "PLACE")]
-    rows += [(str(f.index), f.label, f.key if f.key is not None else "(constant)",
-              f.position + (f" {f.depth} ({f.role})" if f.position == "at_depth" else "")) for f in result.fired]
+    rows += [(str(f.index), f.label, f.key if f.key is not None else "(constant)", f.place) for f in result.fired]
     rows += [(str(f.index), f.label, "left out: over the token budget", f.position) for f in result.over_budget]
     if len(rows) == 1:
         print(f"no entry of {loaded.id}'s lorebook fires for that message ({len(book.entries)} entries)")
@@ -272,7 +272,7 @@ def _search(args, folder: Path) -> int:
             raise PersonaError(f"-k {args.k}: give 1 to 50")
         config = config.model_copy(update={"top_k": args.k, "token_budget": 10**6})
     try:
-        found = knowledge.retrieve(loaded.id, config, args.query, lambda text: len(text) // 4 + 1)
+        found = knowledge.retrieve(loaded.id, config, args.query, estimate_tokens)
     finally:
         knowledge.close()
     if found.error:

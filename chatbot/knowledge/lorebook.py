@@ -104,6 +104,11 @@ class Fired:
     depth: int
     role: Role
 
+    @property
+    def place(self) -> str:
+        """Where the entry goes: its position, and for at_depth the depth and role (`at_depth 2 (user)`)."""
+        return f"{self.position} {self.depth} ({self.role})" if self.position == "at_depth" else self.position
+
     def provenance(self) -> dict[str, Any]:
         return {"entry": self.index, "name": self.label, "key": self.key, "position": self.position,
                 **({"depth": self.depth, "role": self.role} if self.position == "at_depth" else {}),

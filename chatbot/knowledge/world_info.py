@@ -100,7 +100,8 @@ def _entry_from_card(entry: Any, where: str) -> LoreEntry:
     case = entry.get("case_sensitive") if isinstance(entry.get("case_sensitive"), bool) else ext.get("case_sensitive")
     if isinstance(case, bool):
         values["case_sensitive"] = case
-    ext.pop("case_sensitive", None) if isinstance(ext.get("case_sensitive"), bool) else None
+    if isinstance(ext.get("case_sensitive"), bool):
+        ext.pop("case_sensitive")
     if _number(ext.get("scan_depth")) is not None:
         values["scan_depth"] = ext.pop("scan_depth")
     other = {k: v for k, v in entry.items() if k not in ENTRY_FIELDS}

@@ -52,8 +52,7 @@ def lore_report(loaded: LoadedPersona, message: str, user: str) -> str:
         return f"No entry fires for that message ({entries} entries)."
     rows = ["| entry | fired on | placed |", "|---|---|---|"]
     for f in result.fired:
-        place = f"{f.position} {f.depth} ({f.role})" if f.position == "at_depth" else f.position
-        rows.append(f"| {literal(f.label)} | {literal(f.key) if f.key is not None else '(constant)'} | {place} |")
+        rows.append(f"| {literal(f.label)} | {literal(f.key) if f.key is not None else '(constant)'} | {f.place} |")
     rows += [f"| {literal(f.label)} | left out: over the token budget | |" for f in result.over_budget]
     return "\n".join(rows)
 
