@@ -202,8 +202,10 @@ class ChatService:
         current = session.turns[:-1] if self.unanswered(session) else session.turns
         turns = self._with_history(replace(session, turns=current), history)
         # Check the context before storing anything: a message that cannot fit is refused whole.
-        preview = replace(session, turns=turns)
-        self.engine.fit(self._prompt(preview, [{"role": "user", "content": text}]), params.max_new_tokens)
+        # The prompt built here is the reply's: the turns stored below are these, with this message last
+        # (so the documents are searched once per message).
+        prompt = self._prompt(replace(session, turns=turns), [{"role": "user", "content": text}])
+        self.engine.fit(prompt, params.max_new_tokens)
         session.turns = current
         if turns[0] is not session.turns[0]:  # the client's own opening instead of the greeting
             session.turns = [turns[0]]
@@ -212,7 +214,7 @@ class ChatService:
             turn.message_id = self._add_message(session, turn.role, turn.content)
             session.turns.append(turn)
         session.turns.append(Turn("user", text, self._add_message(session, "user", text)))
-        yield from self._reply(session, params, stop)
+        yield from self._reply(session, params, stop, prompt)
 
     @staticmethod
     def _with_history(session: ChatSession, history: Sequence[dict]) -> list[Turn]:
@@ -279,8 +281,7 @@ class ChatService:
         self._ensure_conversation(session)
         session.turns.append(Turn("user", text, self._add_message(session, "user", text)))
         adapter, promoted = self.serving(session.persona, session.conversation_id)
-        try:
-            prompt = self._prompt(session)
+        try:  # `prompt` is still the reply's: the turns are `current` and this message, as it was built from
             replies = self.engine.generate_batch(prompt, params, n, adapter=adapter)
         except ModelLoadError as exc:
             raise _load_failed(exc, session, promoted) from None
@@ -550,12 +551,13 @@ class ChatService:
         greeting.message_id = self.store.add_message(
             session.conversation_id, "assistant", greeting.content, finish_reason="greeting")
 
-    def _reply(self, session: ChatSession, params: GenerationParams,
-               stop: threading.Event | None) -> Iterator[Reply]:
+    def _reply(self, session: ChatSession, params: GenerationParams, stop: threading.Event | None,
+               prompt: Prompt | None = None) -> Iterator[Reply]:
+        """Stream and store the reply to the session's last turn; `prompt`: its prompt, if already built."""
         # Looked up once per reply: the adapter that writes it is the one recorded with it.
         adapter, promoted = self.serving(session.persona, session.conversation_id)
         reply = None
-        prompt = self._prompt(session)
+        prompt = prompt or self._prompt(session)
         for reply in self._stream(session, prompt, params, stop, adapter, promoted):
             yield reply
         assert reply is not None and reply.done

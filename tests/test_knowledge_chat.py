@@ -101,3 +101,14 @@ def test_a_persona_without_documents_and_a_file_outside_the_folder_are_one_line_
                                                             "[knowledge/acme_policies.md, ../secrets.md]"))
     done = run_cli("personas", "index", "support_agent", "--personas-dir", str(folder), "--db-url", db)
     assert done.returncode == 1 and "../secrets.md" in done.stderr and "1 added" in done.stdout
+
+
+def test_the_documents_are_searched_once_per_message(service, monkeypatch):
+    searches = []
+    search = service.knowledge.retrieve
+    monkeypatch.setattr(service.knowledge, "retrieve", lambda *args: searches.append(args[2]) or search(*args))
+    session = service.new_session(service.user_id("sam"), "support_agent", "Sam")
+    ask(service, session, "Do you ship to Canada?")
+    service.engine.queue("One.", "Two.")
+    service.send_samples(session, "Is a gift card refundable?", params_for(session.persona), 2)
+    assert searches == ["Do you ship to Canada?", "Is a gift card refundable?"]
