@@ -19,9 +19,11 @@ What is compared:
   serves the persona now (``ChatStore.serving_version``; with nothing
   promoted, the persona file's adapter or the base model);
 - prompts: the eval side of the run's own prompt split (``build_prompts``
-  with the run's eval_fraction, seed and split), or ``--prompts FILE``
-  rendered as the chat renders a first message; minus every prompt the judge
-  or the candidate was trained on (their ``train_prompts.json``);
+  with the run's eval_fraction, seed and split; each as it was sent, lore and
+  document passages included), or ``--prompts FILE`` rendered as the chat
+  renders a first message (the lore it fires, the passages the persona's
+  documents hold for it); minus every prompt the judge or the candidate was
+  trained on (their ``train_prompts.json``);
 - judges: never a model the candidate was trained against. A reward run
   scores ``chat_template(prompt) + reply + EOS`` exactly as it was trained
   (``alignment.reward.encode_pair_side``); it counts as a judge only when it
@@ -54,7 +56,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,6 +65,7 @@ from typing import Any
 from alignment import eval_metrics as em
 from alignment.gate import GateBounds
 from chatbot.engine import encode_chat
+from chatbot.prompting import estimate_tokens
 from chatbot.store.errors import NotFound
 from chatbot.store.runs import RunRecord, RunStore
 
@@ -371,18 +374,54 @@ def held_out_prompts(store, run: RunRecord) -> Prompts:
                     "available": len(split.eval)})
 
 
-def file_prompts(path: Path, persona, user_name: str = "User") -> Prompts:
-    """One user message per line, each rendered as the first message of a new chat with ``persona``."""
+def file_prompts(path: Path, persona, user_name: str = "User", knowledge=None,
+                 count_tokens: Callable[[str], int] = estimate_tokens) -> Prompts:
+    """One user message per line, each rendered as the first message of a new chat with ``persona``.
+
+    As ChatService.new_session + send build the prompt: system prompt (with the lore the message
+    fires and, given ``knowledge``, the passages the persona's documents hold for it), examples,
+    the greeting, the message. ``count_tokens`` counts against the lorebook's and documents' budgets.
+    """
     from chatbot.chat import ChatSession, Turn
     from chatbot.personas import render
     from chatbot.simulation import load_prompts
 
     texts = load_prompts(path)
-    # As ChatService.new_session + send build the prompt: system prompt, examples, the greeting, the message.
     session = ChatSession(user_id=0, persona=persona, rendered=render(persona, user_name))
     session.turns = [Turn("assistant", session.rendered.greetings[0])]
-    rows = [session.prompt([{"role": "user", "content": text}]).messages for text in texts]
-    return Prompts(rows, {"source": "file", "file": str(path), "available": len(rows)})
+    settings = persona.persona.knowledge
+    rows, with_passages = [], 0
+    for text in texts:
+        passages = None
+        if knowledge is not None and settings is not None:
+            passages = knowledge.retrieve(persona.id, settings, text, count_tokens)
+            with_passages += bool(passages.used)
+        rows.append(session.prompt([{"role": "user", "content": text}], count_tokens, passages).messages)
+    stats = {"source": "file", "file": str(path), "available": len(rows)}
+    if settings is not None:
+        stats["with_passages"] = with_passages if knowledge is not None else None
+    return Prompts(rows, stats)
+
+
+def _rendered_file_prompts(store, path: Path, persona, personas, user_name: str, base_path: Path) -> Prompts:
+    """file_prompts as the chat renders them for this persona: its documents searched on the
+    store's index, budgets counted with the base model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from chatbot.knowledge.retrieval import PersonaKnowledge
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    if persona.persona.knowledge is None:
+        return file_prompts(path, persona, user_name, count_tokens=count)
+    knowledge = PersonaKnowledge(store.engine, personas.folder)
+    try:
+        return file_prompts(path, persona, user_name, knowledge, count)
+    finally:
+        knowledge.close()
 
 
 def drop_trained(prompts: Prompts, judge_keys: set[str], candidate_keys: set[str] | None) -> Prompts:
@@ -714,7 +753,8 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
         if persona is None:
             raise EvaluationError(f"--prompts needs the run's persona to render them, and persona "
                                   f"{run.persona_id or '(none)'} is not in the persona library")
-        prompts = file_prompts(options.prompts_file, persona, user_name)
+        prompts = _rendered_file_prompts(store, options.prompts_file, persona, personas, user_name,
+                                         _base_path(report, run, data_dir))
     else:
         prompts = held_out_prompts(store, run)
     candidate_keys = train_keys(Path(run.output_dir), f"run {run.id}")

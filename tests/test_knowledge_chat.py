@@ -112,3 +112,25 @@ def test_the_documents_are_searched_once_per_message(service, monkeypatch):
     service.engine.queue("One.", "Two.")
     service.send_samples(session, "Is a gift card refundable?", params_for(session.persona), 2)
     assert searches == ["Do you ship to Canada?", "Is a gift card refundable?"]
+
+
+def test_evaluation_prompts_from_a_file_carry_the_passages_the_chat_would_send(tmp_path, folder, embedder):
+    from alignment.evaluate import file_prompts
+
+    store = ChatStore.open(f"sqlite:///{tmp_path / 'chat.db'}")
+    knowledge = PersonaKnowledge(store.engine, folder, load_embedder=lambda: embedder)
+    persona = PersonaLibrary(folder).get("support_agent")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("How many business days until my parcel gets here?\nWho painted the Mona Lisa?\n")
+    try:
+        prompts = file_prompts(questions, persona, "Sam", knowledge)
+        parcel, painting = (row[0]["content"] for row in prompts.rows)
+        assert "3 to 5 business days" in parcel and "3 to 5 business days" not in painting
+        assert prompts.stats["with_passages"] == 1
+        # Without the index the same file renders without passages, and says it could not look.
+        bare = file_prompts(questions, persona, "Sam")
+        assert "3 to 5 business days" not in bare.rows[0][0]["content"]
+        assert bare.stats["with_passages"] is None
+    finally:
+        knowledge.close()
+        store.close()
