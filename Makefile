@@ -57,10 +57,11 @@ browser:
 	    apt-get update -q && apt-get install -y -q chromium nodejs; \
 	  else echo "The tests need Chromium and node: sudo apt-get install chromium nodejs"; exit 1; fi; }
 
-# The store's tests also run on PostgreSQL: a throwaway server on 127.0.0.1:55432
-# (data in /tmp), installed from Debian's package when missing and we are root.
-# A server of your own: PERSONA_STUDIO_TEST_PG_URL=postgresql+psycopg://... make test
-postgres:
+# The store's and the knowledge index's tests also run on PostgreSQL: a throwaway server on
+# 127.0.0.1:55432 (data in /tmp), PostgreSQL 16 with pgvector from the PyPI package pgserver,
+# which .ci/postgres.sh installs into .venv. A server of your own:
+# PERSONA_STUDIO_TEST_PG_URL=postgresql+psycopg://... make test
+postgres: install
 	@.ci/postgres.sh >/dev/null
 
 # Two workers (pytest-xdist), each test file on one of them so that its module fixtures (a model, a

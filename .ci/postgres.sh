@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL server for the store's tests and benchmark.
 #
-#   .ci/postgres.sh            install if missing (root only), start, print `export ...=URL`
+#   .ci/postgres.sh            install if missing (into .venv), start, print `export ...=URL`
 #   eval "$(.ci/postgres.sh)"  ... and put PERSONA_STUDIO_TEST_PG_URL in this shell
 #   .ci/postgres.sh --url      print only the URL (starts nothing)
 #   .ci/postgres.sh --stop     stop the server (its data directory stays)
@@ -43,9 +43,26 @@ if [ -n "${PERSONA_STUDIO_TEST_PG_URL:-}" ] && [ "${1:-}" != --stop ]; then
   exit 0
 fi
 
-# The server binaries: Debian keeps them out of PATH, under /usr/lib/postgresql/N/bin.
+# The server binaries: PostgreSQL 16 with pgvector as the PyPI package `pgserver` ships them (only
+# its binaries are used, so --no-deps), installed into the project's venv when missing: no root, no
+# apt, and the knowledge index's vector search (chatbot/knowledge/search.py) is tested on pgvector.
+# A PostgreSQL of the system's (Debian keeps it under /usr/lib/postgresql/N/bin) is the fallback.
+PY="${PERSONA_STUDIO_PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}"
+pgserver_bindir() {
+  "$PY" -c 'import importlib.util as u; s = u.find_spec("pgserver"); print(s.submodule_search_locations[0] if s else "")' \
+    2>/dev/null | sed -n 's|.\+|&/pginstall/bin|p'
+}
 find_bindir() {
   local dir
+  if [ -x "$PY" ]; then
+    dir="$(pgserver_bindir)"
+    if [ -z "$dir" ]; then
+      say "installing pgserver (PostgreSQL 16 with pgvector) into $(dirname "$(dirname "$PY")")"
+      "$PY" -m pip install -q --no-deps pgserver >&2 || true
+      dir="$(pgserver_bindir)"
+    fi
+    if [ -n "$dir" ] && [ -x "$dir/initdb" ]; then echo "$dir"; return; fi
+  fi
   dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
   if [ -n "$dir" ] && [ -x "$dir/initdb" ]; then echo "$dir"; return; fi
   if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
@@ -54,22 +71,27 @@ find_bindir() {
 }
 
 BIN="$(find_bindir)"
-if [ -z "$BIN" ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing Debian's postgresql package"
-    apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >&2
-    # The package starts a cluster on 5432; ours is separate, so leave it.
-    BIN="$(find_bindir)"
-  fi
-  [ -n "$BIN" ] || die "the store tests need a PostgreSQL server: sudo apt-get install postgresql
-  (then run this script or 'make test' again), or set PERSONA_STUDIO_TEST_PG_URL to
-  postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB where USER may create databases."
-fi
+[ -n "$BIN" ] || die "the store tests need a PostgreSQL server: run 'make install' first (its venv gets the
+  pgserver package), or set PERSONA_STUDIO_TEST_PG_URL to postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB
+  where USER may create databases."
 
 # initdb and postgres refuse to run as root: root runs them as `postgres`.
 if [ "$(id -u)" = 0 ]; then
   id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
   as_owner() { runuser -u postgres -- "$@"; }
+  # A checkout under a private home: `postgres` cannot reach the binaries there, so it gets a copy
+  # of the installation with its libraries beside it, where its RPATH finds them.
+  if ! as_owner test -x "$BIN/initdb"; then
+    PACKAGES="$(dirname "$(dirname "$(dirname "$BIN")")")"  # .../pgserver/pginstall/bin -> site-packages
+    COPY=/tmp/persona-studio-pg-install
+    if [ ! -x "$COPY/pgserver/pginstall/bin/initdb" ]; then
+      rm -rf "$COPY" && mkdir -p "$COPY/pgserver"
+      cp -r "$PACKAGES/pgserver/pginstall" "$COPY/pgserver/"
+      [ ! -d "$PACKAGES/pgserver.libs" ] || cp -r "$PACKAGES/pgserver.libs" "$COPY/"
+      chmod -R a+rX "$COPY"
+    fi
+    BIN="$COPY/pgserver/pginstall/bin"
+  fi
 else
   as_owner() { "$@"; }
 fi
@@ -77,6 +99,13 @@ fi
 if [ "${1:-}" = --stop ]; then
   if [ -f "$DATA/PG_VERSION" ]; then as_owner "$BIN/pg_ctl" -D "$DATA" -m fast stop >&2 || true; fi
   exit 0
+fi
+
+MAJOR="$("$BIN/postgres" --version | sed -n 's/.* \([0-9]\+\)\..*/\1/p')"
+if [ -f "$DATA/PG_VERSION" ] && [ "$(cat "$DATA/PG_VERSION")" != "$MAJOR" ]; then
+  say "$DATA holds a PostgreSQL $(cat "$DATA/PG_VERSION") cluster and the server is $MAJOR: making it again"
+  if [ -f "$DATA/postmaster.pid" ]; then kill -INT "$(head -n 1 "$DATA/postmaster.pid")" 2>/dev/null || true; sleep 2; fi
+  rm -rf "$DATA"
 fi
 
 if [ ! -f "$DATA/PG_VERSION" ]; then
@@ -108,29 +137,16 @@ if [ "$(psql_admin -tAc "SELECT 1 FROM pg_database WHERE datname = '$DB'")" != 1
   psql_admin -c "CREATE DATABASE $DB OWNER $ROLE"
 fi
 
-# pgvector, for the knowledge index's vector search (chatbot/knowledge/search.py); the index
-# also works without it, more slowly, so a server without it is not an error. Debian packages it
-# as postgresql-N-pgvector (from trixie on; bookworm has none). It is not a trusted extension, so
-# the tests' role cannot create it: created in template1 here, every database the tests create
-# has it. Tried once per cluster (the marker), so that later runs stay fast.
-has_pgvector() { [ "$(psql_admin -tAc "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")" = 1 ]; }
-if ! has_pgvector && [ ! -e "$DATA/.pgvector-tried" ]; then
-  PGVECTOR_PKG="postgresql-$(basename "$(dirname "$BIN")")-pgvector"
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    { apt-cache show "$PGVECTOR_PKG" >/dev/null 2>&1 || apt-get update -q >&2; } || true
-    if apt-cache show "$PGVECTOR_PKG" >/dev/null 2>&1; then
-      say "installing Debian's $PGVECTOR_PKG"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$PGVECTOR_PKG" >&2 || true
-    fi
-  fi
-  has_pgvector || say "no pgvector for this server ($PGVECTOR_PKG); the knowledge tests use the slower search"
-  touch "$DATA/.pgvector-tried" 2>/dev/null || true
-fi
-if has_pgvector; then
+# pgvector, for the knowledge index's vector search; the index also works without it (a numpy
+# scan), so a server without it is not an error. It is not a trusted extension, so the tests' role
+# cannot create it: created in template1 here, every database the tests create has it.
+if [ "$(psql_admin -tAc "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")" = 1 ]; then
   for db in template1 "$DB"; do
     psql_admin -d "$db" -c "CREATE EXTENSION IF NOT EXISTS vector" >/dev/null 2>&1 \
       || say "could not create the vector extension in $db"
   done
+else
+  say "this server ($BIN) has no pgvector; the knowledge tests use the slower search"
 fi
 
 say "ready: $DEFAULT_URL"

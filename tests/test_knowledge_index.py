@@ -230,7 +230,7 @@ def test_postgresql_uses_pgvector_where_the_server_has_it(postgres_url, counting
     with KnowledgeIndex(postgres_url, counting) as knowledge:
         assert knowledge.backend == ("pgvector" if installed else "numpy")
         if not installed:
-            pytest.skip("the test server has no pgvector (.ci/postgres.sh installs it where Debian packages it)")
+            pytest.skip("the test server has no pgvector (the one .ci/postgres.sh starts has it)")
         knowledge.index_persona("shopkeeper", folder, ["shop"])
         assert REFUND in knowledge.search("shopkeeper", QUERY)[0].text
 
