@@ -65,11 +65,13 @@ postgres: install
 	@.ci/postgres.sh >/dev/null
 
 # Two workers (pytest-xdist), each test file on one of them so that its module fixtures (a model, a
-# trained tiny run) load once: much of the suite waits on servers, browsers and subprocesses.
-# TEST_WORKERS=0 runs everything in one process.
+# trained tiny run) load once: much of the suite waits on servers, browsers and subprocesses. The
+# files go out dearest first, as tests/conftest.py orders them (--no-loadscope-reorder keeps that
+# order). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: install vllm browser postgres
-	PERSONA_STUDIO_TEST_PG_URL="$$(.ci/postgres.sh --url)" $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	PERSONA_STUDIO_TEST_PG_URL="$$(.ci/postgres.sh --url)" $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile \
+	  --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The browser tests next to one busy process per core (tests/with_cpu_load.py): they wait on
 # what the page shows, never on time, and must pass on a loaded machine too.

@@ -109,10 +109,11 @@ class JobBoard:
 
     def __init__(self, store, database_url: str, data_dir: Path, personas_dir: Path | None = None,
                  start_worker: bool = True, engine_options: dict[str, Any] | None = None,
-                 worker_niceness: int | None = None):
+                 worker_niceness: int | None = None, poll_seconds: float = 2.0):
         """``engine_options``: the server's model settings (model, engine, dtype, ...), so that a
         simulation generates with the model the chat serves; ``worker_niceness``: the CPU priority
-        the worker it starts gives up (None: the worker's default)."""
+        the worker it starts gives up (None: the worker's default); ``poll_seconds``: how often the
+        tab asks for a running job's status."""
         self.store = store
         self.queue = JobQueue(store.engine)
         self.runs = RunStore(store.engine)
@@ -120,6 +121,7 @@ class JobBoard:
         self.start_worker = start_worker
         self.engine_options = dict(engine_options or {})
         self.worker_niceness = worker_niceness
+        self.poll_seconds = poll_seconds
 
     # -- data -------------------------------------------------------------------------
 

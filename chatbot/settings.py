@@ -46,6 +46,9 @@ class Settings:
     worker_nice: int = field(default=10, metadata={
         "help": "CPU priority the alignment job worker gives up, 0-19 (default 10: the chat goes first; "
                 "0 on a machine that only trains)"})
+    job_poll_seconds: float = field(default=2.0, metadata={
+        "help": "how often the Alignment tab refreshes a running job's progress and curves, in seconds "
+                "(default 2; 0.1-60)"})
 
     @property
     def database_url(self) -> str:
@@ -69,8 +72,11 @@ def _coerce(f, value):
     try:
         if kind == "int":
             return int(value)
+        if kind == "float":
+            return float(value)
         if kind == "Path":
             return Path(value).expanduser()
     except ValueError:
-        raise ValueError(f"setting {f.name}: expected an integer, got {value!r}") from None
+        raise ValueError(f"setting {f.name}: expected {'an integer' if kind == 'int' else 'a number'}, "
+                         f"got {value!r}") from None
     return value

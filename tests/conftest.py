@@ -26,6 +26,14 @@ from chatbot.personas import PersonaLibrary
 from chatbot.store import ChatStore
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Under xdist the workers share the cores: each worker's torch, and every process it starts (the app,
+# a job worker), gets its share of them instead of a thread per core. Two torch processes with two
+# threads each on two cores wait on each other's threads: a training job of 15 s alone took 3 min next
+# to a test that generated. Read by torch when it is imported, which conftest does not do.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 MODEL_CACHE = REPO / ".test-cache" / "data"
 # The PostgreSQL server the store tests use (`make test` and .ci/postgres.sh
 # set it). Read at import: _isolated_environment removes PERSONA_STUDIO_*
@@ -44,6 +52,36 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "checkpoint" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.model)
+    _slowest_files_first(items)
+
+
+# What a test costs, roughly, by its marks (seconds on this project's 2-core machine): a browser test
+# starts a server and Chromium, a model test generates or trains. A test far from its mark's
+# estimate says how long it takes with `@pytest.mark.seconds(N)`.
+COST = {"browser": 25.0, "model": 4.0}
+OTHER_COST = 0.3
+
+
+def _slowest_files_first(items: list) -> None:
+    """Order the test files by their estimated cost, dearest first, each file's tests kept in order.
+
+    `make test` hands whole files to its workers in this order (xdist's loadfile without its
+    reordering by test count): a long file started last would be the suite's tail, alone on one
+    worker while the other one idles.
+    """
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def seconds(test) -> float:
+        if (stated := test.get_closest_marker("seconds")) is not None:
+            return stated.args[0]
+        return next((COST[m] for m in COST if test.get_closest_marker(m)), OTHER_COST)
+
+    def cost(tests: list) -> float:
+        return sum(seconds(test) for test in tests)
+
+    items[:] = [item for tests in sorted(files.values(), key=cost, reverse=True) for item in tests]
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from browser_helpers import free_port, wait_until
 from fake_engine import FakeEngine
 
 from chatbot.chat import ChatService
+from chatbot.knowledge.retrieval import PersonaKnowledge
 from chatbot.cli.serve import build_server
 from chatbot.personas import PersonaLibrary
 from chatbot.settings import Settings
@@ -71,7 +72,8 @@ def running_in_process(data_dir: Path, personas_dir: Path = REPO / "personas", a
     data_dir.mkdir(parents=True, exist_ok=True)
     store = ChatStore.open(settings.database_url)
     engine = engine or FakeEngine()
-    service = ChatService(engine, PersonaLibrary(personas_dir), store)
+    # As `serve` builds it: a persona's documents are searched (the embedding model loads on first use).
+    service = ChatService(engine, PersonaLibrary(personas_dir), store, PersonaKnowledge(store.engine, personas_dir))
     identity = Identity.for_store(store, settings.user, auth, session_lifetime=settings.session_hours * 3600.0)
     # log_config=None: uvicorn's loggers propagate to the root logger, where ErrorRecords listens.
     server = uvicorn.Server(uvicorn.Config(build_server(service, identity, settings, auth), host=settings.host,
@@ -89,4 +91,4 @@ def running_in_process(data_dir: Path, personas_dir: Path = REPO / "personas", a
         server.should_exit = True
         thread.join(timeout=30)
         logging.getLogger().removeHandler(app.errors)
-        store.close()
+        service.close()  # the engine, the documents' index and the store

@@ -68,6 +68,7 @@ def run_job(page, recipe: str, text: str, number: int, part: str = "policy") -> 
     assert f'job {number}: finished: {{"run": ' in page.locator("#alignment-log textarea").input_value()
 
 
+@pytest.mark.seconds(70)
 def test_the_loop_from_the_tab_train_evaluate_promote_and_chat_with_it(seeded, tiny_model, tmp_path):
     """Train a judge and a DPO policy from the tab, evaluate the policy's version there, promote it,
     and a new chat's reply is recorded as that version's."""
@@ -75,7 +76,9 @@ def test_the_loop_from_the_tab_train_evaluate_promote_and_chat_with_it(seeded, t
     tiny = f"base_model: {tiny_model}\nsave_steps: 1000\nper_device_train_batch_size: 4\nlearning_rate: 1.0e-3\n"
     # The server serves the tiny model, so that a version trained on it can serve. Its worker keeps
     # normal priority: at the default 10 it waits behind whatever else keeps the CPU busy (make test-stress).
-    with running_app(data_dir, tmp_path / "server.log", "--model", str(tiny_model), "--worker-nice", "0") as url, \
+    # The tab polls 4 times a second, so that a job of a few seconds on an idle machine is seen moving.
+    with running_app(data_dir, tmp_path / "server.log", "--model", str(tiny_model), "--worker-nice", "0",
+                     "--job-poll-seconds", "0.25") as url, \
             browser_page(url) as page:
         page.get_by_role("tab", name="Alignment").click()
         summary = page.locator("#alignment-data")
@@ -84,9 +87,9 @@ def test_the_loop_from_the_tab_train_evaluate_promote_and_chat_with_it(seeded, t
         wait_until(lambda: "Same-context pairs: 30" in summary.inner_text(), what="the pirate's data")
         assert "People: 30 👍 / 30 👎" in summary.inner_text() and "SIMULATED: 0 👍 / 0 👎" in summary.inner_text()
 
-        # Long enough (a tiny model does ~20 steps/s) for a few of the page's polls to land mid-run.
-        run_job(page, "reward_cpu.yaml", tiny + "max_steps: 300\nmin_pairs: 4\n", 1, part="judge")
-        run_job(page, "dpo_cpu.yaml", tiny + "max_steps: 150\nmin_pairs: 4\n", 2)
+        # Long enough (a tiny model does 20 to 40 steps a second) for several of the page's polls to land mid-run.
+        run_job(page, "reward_cpu.yaml", tiny + "max_steps: 120\nmin_pairs: 4\n", 1, part="judge")
+        run_job(page, "dpo_cpu.yaml", tiny + "max_steps: 40\nmin_pairs: 4\n", 2)
 
         # Evaluate the DPO candidate: a job too; its report then shows in the tab.
         pick(page, "#alignment-version", "run 2")

@@ -1,7 +1,10 @@
-"""What a person does in the UI, in headless Chromium against a real app process.
+"""What a person does in the UI, in headless Chromium.
 
 Uses Debian's chromium (`make test` installs it) through Playwright's
-`executable_path`; Playwright never downloads a browser here.
+`executable_path`; Playwright never downloads a browser here. The first test
+runs the whole thing, `python app.py` on the bundled model; the others are
+about the page, not about what the model says, and run the app in this
+process answering from FakeEngine (tests/in_process_app.py).
 """
 
 from __future__ import annotations
@@ -20,23 +23,29 @@ from browser_helpers import (
     send,
     wait_until,
 )
+from fake_engine import FakeEngine
+from in_process_app import running_in_process
 
-pytestmark = [pytest.mark.browser, pytest.mark.model]
+pytestmark = pytest.mark.browser
 
-
-@pytest.fixture
-def app_url(data_dir, tmp_path):
-    with running_app(data_dir, tmp_path / "server.log") as url:
-        yield url
+STORY = " ".join(["Once upon a time a dragon and a knight met on a hill."] * 40)
 
 
 @pytest.fixture
-def page(app_url):
-    with browser_page(app_url) as page:
+def page(tmp_path):
+    """The page of an app in this process whose replies stream a long story, a word every 50 ms."""
+    with running_in_process(tmp_path / "data", engine=FakeEngine(default=STORY, delay=0.05)) as app, \
+            browser_page(app.url) as page:
         yield page
 
 
-def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(page, data_dir):
+@pytest.mark.model
+def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(data_dir, tmp_path):
+    with running_app(data_dir, tmp_path / "server.log") as url, browser_page(url) as page:
+        chat_stream_and_vote(page, data_dir)
+
+
+def chat_stream_and_vote(page, data_dir) -> None:
     pick_persona(page, "Captain Redbeard", "Arr, ahoy there")
     # The greeting picker starts the chat over with an alternate greeting, and back.
     pick_option(page, "#greeting-picker", "Avast", lambda: bot_texts(page)[0].startswith("Avast, User!"))
@@ -65,7 +74,8 @@ def test_pick_persona_chat_stream_and_thumbs_up_lands_in_sqlite(page, data_dir):
     wait_until(lambda: db_rows(data_dir, "select rating from feedback") == [(-1,)], what="the changed vote")
 
 
-def test_stop_keeps_the_partial_reply_retry_makes_a_sibling_undo_gives_the_message_back(page, data_dir):
+def test_stop_keeps_the_partial_reply_retry_makes_a_sibling_undo_gives_the_message_back(page, tmp_path):
+    data_dir = tmp_path / "data"
     send(page, "Write a long story about a dragon and a knight.")
     # Gradio's "Loading response" bubble is a bot message too (its text: "Loading content"): wait past it,
     # or Stop lands before the first token and the stopped reply is empty.
@@ -106,9 +116,10 @@ def test_stop_keeps_the_partial_reply_retry_makes_a_sibling_undo_gives_the_messa
     assert first_user == second_user, "the new message branches from the greeting"
 
 
-def test_a_reply_from_a_persona_with_documents_shows_its_sources(page, data_dir):
+def test_a_reply_from_a_persona_with_documents_shows_its_sources(page, tmp_path):
     """support_agent's policy document is indexed on the first message (the embedding model loads then);
     the passages found go into the prompt and are named under the reply, as stored with it."""
+    data_dir = tmp_path / "data"
     pick_persona(page, "Support Agent", "Hi, thanks for contacting")
     send(page, "How long does delivery take?")
     rows = wait_until(lambda: db_rows(data_dir, "select provenance from messages where role='assistant' "

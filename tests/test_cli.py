@@ -59,6 +59,13 @@ def test_worker_priority_out_of_range_is_one_line_error(data_dir):
     one_line_error(done, "--worker-nice 25: give 0 to 19")
 
 
+@pytest.mark.parametrize("given, said", [("0", "--job-poll-seconds 0: give 0.1 to 60"),
+                                         ("often", "setting job_poll_seconds: expected a number, got 'often'")])
+def test_a_bad_job_poll_interval_is_one_line_error(data_dir, given, said):
+    done = run("serve", "--data-dir", str(data_dir), "--port", "0", "--job-poll-seconds", given, timeout=60)
+    one_line_error(done, said)
+
+
 def test_unwritable_data_dir_is_one_line_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -28,6 +28,7 @@ def history_labels(page) -> list[str]:
     return page.locator("#history-list label").all_inner_texts()
 
 
+@pytest.mark.seconds(45)
 def test_history_versions_feedback_details_and_feedback_tab(page, data_dir):
     send(page, "First chat about cats.")
     wait_until(lambda: len(replies(data_dir)) == 1, what="the first reply",

@@ -58,6 +58,7 @@ def trait_count(texts: list[list[str]], pattern: str) -> tuple[int, list[str]]:
     return sum(hits), [text[:120] for text, hit in zip(flat, hits) if not hit]
 
 
+@pytest.mark.seconds(17)  # 18 replies of up to 120 tokens
 @pytest.mark.parametrize("persona_id", sorted(TRAITS))
 def test_persona_shows_its_trait_far_more_than_the_plain_assistant(service, persona_id):
     pattern, questions = TRAITS[persona_id]

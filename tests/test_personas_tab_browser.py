@@ -1,7 +1,8 @@
 """The Personas tab in headless Chromium: edit, try, save, and a new chat uses the edit.
 
 The app runs on a copy of the shipped personas folder, so the repository's
-files are never touched.
+files are never touched. Nothing here is about what the model says: the app
+runs in this process (tests/in_process_app.py), answering from FakeEngine.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from browser_helpers import (
     db_rows,
     pick_option,
     pick_persona,
-    running_app,
     send,
     wait_until,
 )
+from in_process_app import running_in_process
 
 from chatbot.personas import content_hash
 
-pytestmark = [pytest.mark.browser, pytest.mark.model]
+pytestmark = pytest.mark.browser
 
 NEW_PROMPT = ("You are Captain Bluebeard, a retired pirate who now grows tomatoes. "
               "Mention tomatoes in every answer.")
@@ -55,9 +56,14 @@ def personas_dir(tmp_path):
 
 
 @pytest.fixture
-def page(data_dir, personas_dir, tmp_path):
-    with running_app(data_dir, tmp_path / "server.log", "--personas-dir", str(personas_dir)) as url, \
-            browser_page(url, viewport={"width": 1400, "height": 1000}) as page:
+def data_dir(tmp_path):
+    return tmp_path / "data"  # no model in it: FakeEngine answers
+
+
+@pytest.fixture
+def page(data_dir, personas_dir):
+    with running_in_process(data_dir, personas_dir) as app, \
+            browser_page(app.url, viewport={"width": 1400, "height": 1000}) as page:
         yield page
 
 

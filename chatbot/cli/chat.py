@@ -15,7 +15,7 @@ from .options import add_settings, settings
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("chat", help="send one message and stream the reply to the terminal")
-    add_settings(parser, skip=("host", "port", "session_hours", "worker_nice"))  # no server here
+    add_settings(parser, skip=("host", "port", "session_hours", "worker_nice", "job_poll_seconds"))  # no server here
     parser.add_argument("--persona", required=True, help="persona id (file name without .yaml)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit in tokens")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")

@@ -63,7 +63,8 @@ def build_server(service, identity, settings: Settings, auth: str = "auto"):
     engine_options = {name: getattr(settings, name) for name in ("model", "engine", "engine_url", "dtype",
                                                                   "context_tokens")}
     board = JobBoard(service.store, settings.database_url, Path(settings.data_dir), settings.personas_dir,
-                     engine_options=engine_options, worker_niceness=settings.worker_nice)
+                     engine_options=engine_options, worker_niceness=settings.worker_nice,
+                     poll_seconds=settings.job_poll_seconds)
     board.resume_queue()  # a restart picks up what was queued: the worker starts if there is work
     blocks = build_app(service, identity, board)
     server = FastAPI(title="Persona Studio", docs_url=None, redoc_url=None, openapi_url=None)
@@ -96,6 +97,9 @@ def serve(settings: Settings, auth: str = "auto") -> None:
     if not 0 <= settings.worker_nice <= 19:
         raise StartupError(f"--worker-nice {settings.worker_nice}: give 0 to 19 (how much CPU priority "
                            "the job worker gives up)")
+    if not 0.1 <= settings.job_poll_seconds <= 60:
+        raise StartupError(f"--job-poll-seconds {settings.job_poll_seconds:g}: give 0.1 to 60 (how often the "
+                           "Alignment tab refreshes a running job)")
     service = build_service(settings)
     try:
         from ..ui.identity import Identity

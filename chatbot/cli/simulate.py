@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "simulate", help="SIMULATED feedback: rate replies by a rule, for demos, tests and benchmarks",
         description="Sends prompts through the real chat path and rates every reply by a declared "
                     "rule. The votes are marked simulated: they are not people's opinions.")
-    add_settings(parser, skip=("host", "port", "user", "worker_nice"))  # no server; the votes are the simulator's
+    add_settings(parser, skip=("host", "port", "user", "worker_nice", "job_poll_seconds"))  # no server; the votes are the simulator's
     parser.add_argument("--persona", required=True, help="persona id (file name without .yaml)")
     parser.add_argument("--rule", required=True, help=RULE_SPECS + " (short: 40 words)")
     parser.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line")
