@@ -15,7 +15,7 @@ calls in here.
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +223,11 @@ class JobBoard:
         job = self.queue.get(job_id)
         history = []
         if job.run_id is not None and job.kind in CURVES:
-            history = (self.runs.get_run(job.run_id).metrics or {}).get("history", [])
+            run = self.runs.get_run(job.run_id)
+            history = (run.metrics or {}).get("history", [])
+            if job.status == "running" and run.progress > job.progress:
+                # The run records every step; the job's copy only comes with the worker's heartbeat.
+                job = replace(job, progress=run.progress)
         return JobStatus(job, eta_seconds(job, utcnow()), curve_rows(job.kind, history), tail(job.log_path))
 
     def cancel(self, job_id: int) -> JobRecord:

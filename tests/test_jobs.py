@@ -108,6 +108,24 @@ def test_an_orphaned_job_and_its_run_are_interrupted_then_resume_from_the_run(qu
         queue.resume(again, requested_by="bob")
 
 
+def test_the_tab_shows_a_running_jobs_progress_as_of_its_last_step_not_its_last_heartbeat(any_db_url, tmp_path):
+    from alignment.board import JobBoard
+
+    store = ChatStore.open(any_db_url)
+    queue, runs = JobQueue(store.engine), RunStore(store.engine)
+    job = queue.enqueue("dpo", {"recipe": {"lora_r": 4}}, requested_by="ann", persona_id="pirate")
+    queue.claim_next(f"{os.uname().nodename}:{os.getpid()}")  # a live worker: not reaped as an orphan
+    run_id = runs.create_run("dpo", persona_id="pirate")
+    queue.heartbeat(job, 0.1, run_id=run_id)
+    runs.record_step(run_id, 0.4)  # steps since that heartbeat
+    board = JobBoard(store, any_db_url, tmp_path / "data", start_worker=False)
+    try:
+        assert queue.get(job).progress == pytest.approx(0.1)
+        assert board.status(job).job.progress == pytest.approx(0.4)
+    finally:
+        store.close()
+
+
 def test_a_job_on_another_host_is_orphaned_only_once_its_heartbeat_is_stale(queue):
     job = queue.enqueue("reward", {}, requested_by="ann")
     queue.claim_next("elsewhere:123")
