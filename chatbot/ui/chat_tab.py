@@ -15,7 +15,7 @@ from ..chat import MAX_COMMENT_CHARS, MAX_MESSAGE_CHARS, ChatError, ChatService,
 from ..engine import GenerationParams
 from ..personas import PersonaError
 from ..prompting import PromptTooLong
-from . import history_sidebar
+from . import history_sidebar, notices
 from .identity import Identity
 from .safe_markdown import literal, safe_markdown, safe_messages
 from .stop_signal import StopSignal
@@ -100,13 +100,13 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         """
         user = identity.current(request)
         if session is None:
-            raise gr.Error("The chat is still loading; try again in a moment.")
+            raise notices.error("The chat is still loading; try again in a moment.")
         if session.user_id != user.id:
-            raise gr.Error("This chat belongs to another sign-in; reload the page.")
+            raise notices.error("This chat belongs to another sign-in; reload the page.")
         try:
             service.check_access(session, user.is_admin)
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         return session
 
     with gr.Row():
@@ -155,7 +155,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         g = session.persona.persona.generation
         avatar = str(session.persona.avatar_path) if session.persona.avatar_path else None
         if service.unanswered(session) and not session.read_only:
-            gr.Info("Your last message has no reply: it was cut off. Press Send with the box empty to have "
+            notices.info("Your last message has no reply: it was cut off. Press Send with the box empty to have "
                     "it answered, or send another message in its place.")
         return (session, gr.Chatbot(value=history_of(session), avatar_images=(None, avatar)),
                 persona_info(service, session),
@@ -173,7 +173,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         try:
             session = service.new_session(user.id, persona_id, user.name, int(greeting or 0))
         except (ChatError, PersonaError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         return show(session, int(greeting or 0))
 
     def open_from_link(persona_id, request: gr.Request):
@@ -184,7 +184,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             try:
                 return show(service.resume(user.id, int(wanted), user.name, as_admin=user.is_admin), None)
             except ChatError as exc:
-                gr.Warning(str(exc))
+                notices.warning(str(exc))
         return start(persona_id, 0, request)
 
     app.load(open_from_link, persona_picker, show_outputs)
@@ -208,7 +208,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             for reply in replies:
                 yield history_of(session, reply.text)
         except (ChatError, PromptTooLong) as exc:
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         yield history_of(session)
 
     def on_send(text, session, signal, request: gr.Request, *values):
@@ -249,7 +249,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         try:
             text = service.undo(loaded(session, request))
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         return history_of(session), text, session, ""
 
     def on_select(session, request: gr.Request, data: gr.SelectData):
@@ -263,7 +263,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             try:
                 service.switch_sibling(session, turn, step)
             except ChatError as exc:
-                raise gr.Error(str(exc)) from None
+                raise notices.error(str(exc)) from None
             return history_of(session), session, versions_text(session, turn)
         return switch
 
@@ -273,7 +273,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         try:
             service.vote(loaded(session, request), data.index, rating)
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         if rating is None:
             return session, data.index, gr.Accordion(visible=False), gr.CheckboxGroup(), gr.Textbox()
         choices = LIKE_REASONS if rating > 0 else DISLIKE_REASONS
@@ -286,8 +286,8 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             service.vote(session, turn, service.current_vote(session, turn),
                          reason=",".join(chosen) or None, comment=text.strip() or None)
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
-        gr.Info("Thanks, your feedback was saved.")
+            raise notices.error(str(exc)) from None
+        notices.info("Thanks, your feedback was saved.")
         return gr.Accordion(open=False)
 
     refresh_history = history_sidebar.create(app, service, identity, session_state, show, show_outputs)

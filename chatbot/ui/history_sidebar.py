@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..chat import MAX_SEARCH_CHARS, ChatError, ChatService
+from . import notices
 from .identity import Identity
 
 
@@ -69,7 +70,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, session_sta
         try:
             conversations = service.conversations(user.id, query or "")
         except ChatError as exc:  # a search too long to run
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         current = session.conversation_id if session is not None else None
         ids = [c.id for c in conversations]
         return gr.Radio(choices=[(_label(c), c.id) for c in conversations],
@@ -85,30 +86,30 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, session_sta
             session = service.resume(user.id, conversation_id, user.name)
             title = service.conversation(user.id, session.conversation_id).title
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         return (*show(session, None), title or "")
 
     listing.input(on_pick, listing, [*show_outputs, title])
 
     def on_rename(conversation_id, new_title, query, session, request: gr.Request):
         if conversation_id is None:
-            raise gr.Error("Pick a conversation first.")
+            raise notices.error("Pick a conversation first.")
         try:
             service.rename(identity.current(request).id, conversation_id, new_title)
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         return refresh(query, session, request)
 
     rename.click(on_rename, [listing, title, search, session_state], listing)
 
     def on_delete(conversation_id, query, session, request: gr.Request):
         if conversation_id is None:
-            raise gr.Error("Pick a conversation first.")
+            raise notices.error("Pick a conversation first.")
         try:
             service.delete(identity.current(request).id, conversation_id)
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
-        gr.Info("Conversation deleted.")
+            raise notices.error(str(exc)) from None
+        notices.info("Conversation deleted.")
         return refresh(query, session, request), ""
 
     delete.click(on_delete, [listing, search, session_state], [listing, title],
@@ -117,11 +118,11 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity, session_sta
 
     def on_download(conversation_id, request: gr.Request):
         if conversation_id is None:
-            raise gr.Error("Pick a conversation first.")
+            raise notices.error("Pick a conversation first.")
         try:
             data = service.export_conversation(identity.current(request).id, conversation_id)
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
+            raise notices.error(str(exc)) from None
         return str(write_download(download.GRADIO_CACHE, f"conversation-{conversation_id}.json",
                                   json.dumps(data, ensure_ascii=False, indent=2)))
 

@@ -27,6 +27,7 @@ import gradio as gr
 
 from ..store import ChatStore
 from ..store.accounts import MAX_NAME_LENGTH, AccountStore
+from . import notices
 from .sessions import DEFAULT_LIFETIME, SessionTokens
 from .throttle import SignInThrottle
 
@@ -169,10 +170,10 @@ class Identity:
         assert self.accounts is not None
         username = getattr(request, "username", None)
         if not username:
-            raise gr.Error("Sign in first.")
+            raise notices.error("Sign in first.")
         account = self.accounts.get(username)
         if account is None or not account.can_sign_in:
-            raise gr.Error("This account no longer exists; sign in again.")
+            raise notices.error("This account no longer exists; sign in again.")
         return CurrentUser(account.id, account.name, account.role)
 
     def require_admin(self, request: gr.Request | None, action: str) -> CurrentUser:

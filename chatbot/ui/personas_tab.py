@@ -25,6 +25,7 @@ from ..persona_files import archive_persona, create_persona, duplicate_persona, 
 from ..persona_form import LORE_COLUMNS, Editing, broken_files, draft, form_values, open_for_editing, save_form
 from ..personas import LoadedPersona, PersonaError, PersonaLibrary, lore_for_message, render
 from ..prompting import PromptTooLong
+from . import notices
 from .identity import CurrentUser, Identity, NotAllowed
 from .persona_thumbnails import caption, thumbnail
 from .safe_markdown import literal, safe_markdown, safe_messages
@@ -68,7 +69,7 @@ def refusing(outputs: int):
             try:
                 return handler(*args)
             except REFUSALS as exc:
-                gr.Warning(str(exc), duration=WARNING_SECONDS)
+                notices.warning(str(exc), duration=WARNING_SECONDS)
                 return [gr.skip()] * outputs
         return guarded
     return decorate
@@ -253,10 +254,10 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         who = admin(request)
         result = save_form(library, require(editing, loadable=True), list(values))
         if not result.changes:
-            gr.Info("Nothing changed.")
+            notices.info("Nothing changed.")
             return show(editing.id, who)
         merged = " (merged with changes made to the file since you opened it)" if result.merged else ""
-        gr.Info(f"Saved {result.saved.path.name}: {', '.join(result.changes)}{merged}. New chats use it.")
+        notices.info(f"Saved {result.saved.path.name}: {', '.join(result.changes)}{merged}. New chats use it.")
         return show(result.saved.id, who)
 
     @refusing(len(view))
@@ -264,14 +265,14 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         who = admin(request)
         editing = require(editing)
         saved = save_persona(library, editing.id, text or "", expected_version=editing.version)
-        gr.Info(f"Saved {saved.path.name}. New chats use it.")
+        notices.info(f"Saved {saved.path.name}. New chats use it.")
         return show(saved.id, who)
 
     @refusing(1 + len(view))
     def on_new(request: gr.Request, persona_id):
         who = admin(request)
         created = create_persona(library, (persona_id or "").strip())
-        gr.Info(f"Created {created.path.name} from the template.")
+        notices.info(f"Created {created.path.name} from the template.")
         return ["", *show(created.id, who)]
 
     @refusing(1 + len(view))
@@ -279,7 +280,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         who = admin(request)
         editing = require(editing, loadable=True)
         copy = duplicate_persona(library, editing.id, (persona_id or "").strip())
-        gr.Info(f"Duplicated {editing.id} as {copy.path.name}.")
+        notices.info(f"Duplicated {editing.id} as {copy.path.name}.")
         return ["", *show(copy.id, who)]
 
     @refusing(len(view))
@@ -288,7 +289,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         if not persona_id:  # the confirmation was cancelled
             return [gr.skip()] * len(view)
         moved = archive_persona(library, persona_id)
-        gr.Info(f"Moved {persona_id}.yaml to {moved[0].parent.name}/{moved[0].name}; "
+        notices.info(f"Moved {persona_id}.yaml to {moved[0].parent.name}/{moved[0].name}; "
                 "move it back to restore it.")
         return show(None, who)
 
@@ -302,7 +303,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             for reply in service.try_draft(loaded, message or "", params_for(loaded), user, signal.event):
                 yield "", safe_messages(history + [{"role": "assistant", "content": reply.text}])
         except REFUSALS as exc:
-            gr.Warning(str(exc), duration=WARNING_SECONDS)
+            notices.warning(str(exc), duration=WARNING_SECONDS)
             yield gr.skip(), gr.skip()
 
     def on_stop(signal):
@@ -314,7 +315,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             loaded = draft(require(editing, loadable=True), values)
             return safe_markdown(lore_report(loaded, message or "", identity.current(request).name))
         except REFUSALS as exc:
-            gr.Warning(str(exc), duration=WARNING_SECONDS)
+            notices.warning(str(exc), duration=WARNING_SECONDS)
             return gr.skip()
 
     write_buttons = [save, save_raw, new, duplicate, delete]
