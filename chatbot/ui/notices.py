@@ -1,10 +1,10 @@
 """Toasts (gr.Error, gr.Warning, gr.Info) whose message shows as text.
 
 Gradio renders a toast's message as HTML. The messages here carry what people
-and files gave: an id typed into a form, the name in an imported card, a value
-a validator quotes back. So each is escaped first; otherwise
-``<img src=x onerror=...>`` in a card's name would run in the page of whoever
-imports it. Every toast of the UI goes through here.
+and files gave: an id typed into a form, a value from a persona file (one
+imported from a card, say) that the validator quotes back. So each is escaped
+first; otherwise ``<img src=x onerror=...>`` there would run in the page of
+whoever is shown the refusal. Every toast of the UI goes through here.
 """
 
 from __future__ import annotations

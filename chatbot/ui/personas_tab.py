@@ -57,6 +57,7 @@ def lore_report(loaded: LoadedPersona, message: str, user: str) -> str:
     rows += [f"| {literal(f.label)} | left out: over the token budget | |" for f in result.over_budget]
     return "\n".join(rows)
 
+
 def refusing(outputs: int):
     """Show a refusal as a warning and leave every output as it is.
 
