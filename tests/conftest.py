@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 MODEL_CACHE = REPO / ".test-cache" / "data"
 # The PostgreSQL server the store tests use (`make test` and .ci/postgres.sh
 # set it). Read at import: _isolated_environment removes PERSONA_STUDIO_*
