@@ -403,14 +403,10 @@ def file_prompts(path: Path, persona, user_name: str = "User", knowledge=None,
     return Prompts(rows, stats)
 
 
-def _rendered_file_prompts(store, path: Path, persona, personas, user_name: str, base_path: Path) -> Prompts:
+def _rendered_file_prompts(store, path: Path, persona, personas, user_name: str, tokenizer) -> Prompts:
     """file_prompts as the chat renders them for this persona: its documents searched on the
-    store's index, budgets counted with the base model's tokenizer."""
-    from transformers import AutoTokenizer
-
+    store's index, budgets counted with the base model's ``tokenizer``."""
     from chatbot.knowledge.retrieval import PersonaKnowledge
-
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -730,6 +726,7 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
     EvaluationError for anything the user asked that cannot be done.
     """
     from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
 
     from alignment.eval_report import write_outputs
     from chatbot.chat import params_for
@@ -748,13 +745,14 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
     baseline = baseline_of(store, options.baseline, run, candidate, personas)
     judge, judge_keys, judge_verdict = judge_of(runs, options.judge, run, rule_declared=rule is not None)
     persona = _persona(personas, run.persona_id)
+    base_path = _base_path(report, run, data_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
 
     if options.prompts_file is not None:
         if persona is None:
             raise EvaluationError(f"--prompts needs the run's persona to render them, and persona "
                                   f"{run.persona_id or '(none)'} is not in the persona library")
-        prompts = _rendered_file_prompts(store, options.prompts_file, persona, personas, user_name,
-                                         _base_path(report, run, data_dir))
+        prompts = _rendered_file_prompts(store, options.prompts_file, persona, personas, user_name, tokenizer)
     else:
         prompts = held_out_prompts(store, run)
     candidate_keys = train_keys(Path(run.output_dir), f"run {run.id}")
@@ -762,10 +760,9 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
         log.warning("run %s has no train_prompts.json: relying on its split alone to hold prompts out", run.id)
     prompts = drop_trained(prompts, judge_keys, candidate_keys)
 
-    base_path = _base_path(report, run, data_dir)
     params = params_for(persona) if persona is not None else GenerationParams()
     params = replace(params, max_new_tokens=options.max_new_tokens, seed=options.seed)
-    prompts = _drop_too_long(prompts, base_path, options.max_new_tokens)
+    prompts = _drop_too_long(prompts, base_path, tokenizer, options.max_new_tokens)
     if not prompts.rows:
         raise _no_prompts_left(prompts.stats, judge, run)
     if params.temperature == 0 and options.samples > 1:
@@ -817,14 +814,13 @@ def evaluate(store, run_id: int, options: EvalOptions = EvalOptions(), personas=
     return evaluation
 
 
-def _drop_too_long(prompts: Prompts, base_path: Path, max_new_tokens: int) -> Prompts:
+def _drop_too_long(prompts: Prompts, base_path: Path, tokenizer, max_new_tokens: int) -> Prompts:
     """Without prompts that leave no room for a max_new_tokens reply in the model's context."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     limit = getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", None)
     if not limit:
         return Prompts(prompts.rows, {**prompts.stats, "removed_too_long": 0})
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
     kept = [p for p in prompts.rows if len(encode_chat(tokenizer, p)) + max_new_tokens <= limit]
     removed = len(prompts.rows) - len(kept)
     return Prompts(kept, {**prompts.stats, "removed_too_long": removed, "used": len(kept)})
