@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from alignment.jobs import JOB_KINDS, JobError, checked_split, job_kind, reward_dir
+from chatbot.settings import Settings
 from chatbot.store.jobs import JobQueue, JobRecord
 from chatbot.store.runs import RunStore
 
@@ -109,7 +110,7 @@ class JobBoard:
 
     def __init__(self, store, database_url: str, data_dir: Path, personas_dir: Path | None = None,
                  start_worker: bool = True, engine_options: dict[str, Any] | None = None,
-                 worker_niceness: int | None = None, poll_seconds: float = 2.0):
+                 worker_niceness: int | None = None, poll_seconds: float = Settings.job_poll_seconds):
         """``engine_options``: the server's model settings (model, engine, dtype, ...), so that a
         simulation generates with the model the chat serves; ``worker_niceness``: the CPU priority
         the worker it starts gives up (None: the worker's default); ``poll_seconds``: how often the

@@ -15,10 +15,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from ..settings import Settings
 from .identity import Identity, NotAllowed
 from .safe_markdown import literal, safe_markdown
 
-POLL_SECONDS = 2.0
 ACTION = "run alignment jobs"
 
 
@@ -134,7 +134,7 @@ def create(app: gr.Blocks, service, board, identity: Identity, tab: gr.Tab) -> N
                                         "people after", "evaluation predicted", "gate"],
                                interactive=False, wrap=True, label="Promotion log: people's like rate before "
                                "and after, next to what the evaluation predicted", elem_id="alignment-history")
-    timer = gr.Timer(board.poll_seconds if board is not None else POLL_SECONDS, active=False)
+    timer = gr.Timer(board.poll_seconds if board is not None else Settings.job_poll_seconds, active=False)
 
     def refused(exc: Exception) -> str:
         return f"**{literal(str(exc))}**"
