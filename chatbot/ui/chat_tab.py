@@ -156,7 +156,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
         avatar = str(session.persona.avatar_path) if session.persona.avatar_path else None
         if service.unanswered(session) and not session.read_only:
             notices.info("Your last message has no reply: it was cut off. Press Send with the box empty to have "
-                    "it answered, or send another message in its place.")
+                         "it answered, or send another message in its place.")
         return (session, gr.Chatbot(value=history_of(session), avatar_images=(None, avatar)),
                 persona_info(service, session),
                 gr.Dropdown(choices=_persona_choices(service), value=session.persona.id),

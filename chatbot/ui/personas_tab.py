@@ -291,7 +291,7 @@ def create(app: gr.Blocks, service: ChatService, identity: Identity) -> None:
             return [gr.skip()] * len(view)
         moved = archive_persona(library, persona_id)
         notices.info(f"Moved {persona_id}.yaml to {moved[0].parent.name}/{moved[0].name}; "
-                "move it back to restore it.")
+                     "move it back to restore it.")
         return show(None, who)
 
     def on_try(request: gr.Request, message, editing, signal, *values):
