@@ -18,7 +18,6 @@ from chatbot.chat import ChatService, params_for
 from chatbot.knowledge.embedding import TransformerEmbedder
 from chatbot.knowledge.retrieval import PersonaKnowledge
 from chatbot.personas import PersonaLibrary
-from chatbot.store import ChatStore
 from chatbot.ui.chat_tab import history_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,13 +38,16 @@ def folder(tmp_path) -> Path:
 
 
 @pytest.fixture
-def service(tmp_path, folder, embedder):
-    store = ChatStore.open(f"sqlite:///{tmp_path / 'chat.db'}")
-    service = ChatService(FakeEngine(), PersonaLibrary(folder), store,
-                          PersonaKnowledge(store.engine, folder, load_embedder=lambda: embedder))
-    yield service
-    service.knowledge.close()
-    store.close()
+def knowledge(store, folder, embedder):
+    """The documents' index on the test's SQLite file (conftest's ``store``)."""
+    knowledge = PersonaKnowledge(store.engine, folder, load_embedder=lambda: embedder)
+    yield knowledge
+    knowledge.close()
+
+
+@pytest.fixture
+def service(store, folder, knowledge):
+    return ChatService(FakeEngine(), PersonaLibrary(folder), store, knowledge)
 
 
 def ask(service, session, text: str):
@@ -114,29 +116,23 @@ def test_the_documents_are_searched_once_per_message(service, monkeypatch):
     assert searches == ["Do you ship to Canada?", "Is a gift card refundable?"]
 
 
-def test_evaluation_prompts_from_a_file_carry_the_passages_the_chat_would_send(tmp_path, folder, embedder):
+def test_evaluation_prompts_from_a_file_carry_the_passages_the_chat_would_send(tmp_path, folder, knowledge):
     from alignment.evaluate import file_prompts
 
-    store = ChatStore.open(f"sqlite:///{tmp_path / 'chat.db'}")
-    knowledge = PersonaKnowledge(store.engine, folder, load_embedder=lambda: embedder)
     persona = PersonaLibrary(folder).get("support_agent")
     questions = tmp_path / "questions.txt"
     questions.write_text("How many business days until my parcel gets here?\nWho painted the Mona Lisa?\n")
-    try:
-        prompts = file_prompts(questions, persona, "Sam", knowledge)
-        parcel, painting = (row[0]["content"] for row in prompts.rows)
-        assert "3 to 5 business days" in parcel and "3 to 5 business days" not in painting
-        assert prompts.stats["with_passages"] == 1
-        # Without the index the same file renders without passages, and says it could not look.
-        bare = file_prompts(questions, persona, "Sam")
-        assert "3 to 5 business days" not in bare.rows[0][0]["content"]
-        assert bare.stats["with_passages"] is None
-    finally:
-        knowledge.close()
-        store.close()
+    prompts = file_prompts(questions, persona, "Sam", knowledge)
+    parcel, painting = (row[0]["content"] for row in prompts.rows)
+    assert "3 to 5 business days" in parcel and "3 to 5 business days" not in painting
+    assert prompts.stats["with_passages"] == 1
+    # Without the index the same file renders without passages, and says it could not look.
+    bare = file_prompts(questions, persona, "Sam")
+    assert "3 to 5 business days" not in bare.rows[0][0]["content"]
+    assert bare.stats["with_passages"] is None
 
 
-def test_the_policy_section_that_answers_a_held_out_question_is_found(tmp_path, folder, embedder):
+def test_the_policy_section_that_answers_a_held_out_question_is_found(folder, knowledge):
     """bench/policy_adherence.py's nine questions, whose answers are only in the policy document: the
     section holding the answer is among the passages for at least 8 (measured: 8; "my mug arrived
     broken" scores under the 0.35 threshold)."""
@@ -147,14 +143,8 @@ def test_the_policy_section_that_answers_a_held_out_question_is_found(tmp_path, 
 
     from chatbot.prompting import estimate_tokens
 
-    store = ChatStore.open(f"sqlite:///{tmp_path / 'chat.db'}")
-    knowledge = PersonaKnowledge(store.engine, folder, load_embedder=lambda: embedder)
     settings = PersonaLibrary(folder).get("support_agent").persona.knowledge
-    try:
-        missed = [question for question, _, section in QUESTIONS
-                  if not any(section in (hit.heading or "")
-                             for hit in knowledge.retrieve("support_agent", settings, question, estimate_tokens).used)]
-    finally:
-        knowledge.close()
-        store.close()
+    missed = [question for question, _, section in QUESTIONS
+              if not any(section in (hit.heading or "")
+                         for hit in knowledge.retrieve("support_agent", settings, question, estimate_tokens).used)]
     assert len(QUESTIONS) == 9 and len(missed) <= 1, missed
