@@ -42,8 +42,9 @@ def check_data_dir(path: Path) -> None:
         raise StartupError(f"data directory {path} is not writable: {exc.strerror or exc}") from None
 
 
-def build_service(settings: Settings):
-    """Open the store, load the personas and the model: the shared services."""
+def build_service(settings: Settings, engine=None):
+    """Open the store, load the personas and the model: the shared services. ``engine``: one already
+    open to answer with instead of the settings' model (the tests' FakeEngine)."""
     from .chat import ChatService
     from .default_model import ModelLoadError
     from .engine import EngineUnavailable
@@ -55,7 +56,7 @@ def build_service(settings: Settings):
         personas = PersonaLibrary(settings.personas_dir)
         for problem in personas.errors:
             print(f"warning: persona skipped: {problem}", file=sys.stderr)
-        engine = open_engine(settings)
+        engine = engine or open_engine(settings)
     except (StoreError, PersonaError, ModelLoadError, EngineUnavailable, ValueError) as exc:
         # ValueError: a setting no engine accepts (`--engine tgi`)
         raise StartupError(str(exc)) from None

@@ -23,11 +23,9 @@ from browser_helpers import free_port, wait_until
 from fake_engine import FakeEngine
 
 from chatbot.chat import ChatService
-from chatbot.knowledge.retrieval import PersonaKnowledge
 from chatbot.cli.serve import build_server
-from chatbot.personas import PersonaLibrary
 from chatbot.settings import Settings
-from chatbot.store import ChatStore
+from chatbot.startup import build_service
 from chatbot.ui.identity import Identity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,11 +68,9 @@ def running_in_process(data_dir: Path, personas_dir: Path = REPO / "personas", a
     """
     settings = Settings(data_dir=data_dir, personas_dir=personas_dir, port=free_port())
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = ChatStore.open(settings.database_url)
     engine = engine or FakeEngine()
-    # As `serve` builds it: a persona's documents are searched (the embedding model loads on first use).
-    service = ChatService(engine, PersonaLibrary(personas_dir), store, PersonaKnowledge(store.engine, personas_dir))
-    identity = Identity.for_store(store, settings.user, auth, session_lifetime=settings.session_hours * 3600.0)
+    service = build_service(settings, engine)  # as `serve` builds it, documents' index included
+    identity = Identity.for_store(service.store, settings.user, auth, session_lifetime=settings.session_hours * 3600.0)
     # log_config=None: uvicorn's loggers propagate to the root logger, where ErrorRecords listens.
     server = uvicorn.Server(uvicorn.Config(build_server(service, identity, settings, auth), host=settings.host,
                                            port=settings.port, log_level="warning", log_config=None,

@@ -204,7 +204,7 @@ def test_the_lorebook_tester_says_which_entries_fire_and_on_which_key(page):
 
 def test_markup_in_a_refused_value_shows_as_text_in_the_toast(page):
     """Gradio renders a toast's message as HTML, and a refusal quotes what was given (here an id typed
-    into the form; as well a name from an imported card): chatbot/ui/notices.py escapes it."""
+    into the form; as well a value from a persona file): chatbot/ui/notices.py escapes it."""
     page.get_by_role("tab", name="Personas").click()
     page.locator("#persona-new-id textarea").fill('<img id="planted" src="x"><b id="bold">x</b>')
     page.locator("#persona-new").click()
