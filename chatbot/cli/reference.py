@@ -44,7 +44,7 @@ def render() -> str:
     head = ("# `persona-studio` command reference\n\n"
             f"Generated from the command's argparse parsers by `{REGENERATE}` (`make cli-docs`);\n"
             "do not edit by hand. Every option named after a setting also reads\n"
-            "`PERSONA_STUDIO_<NAME>` (see the README's settings table); a flag wins over it.\n")
+            "`PERSONA_STUDIO_<NAME>` (see [settings.md](settings.md)); a flag wins over it.\n")
     return "\n".join([head, *sections])
 
 
